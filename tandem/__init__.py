@@ -1,0 +1,3 @@
+"""Tandem: lossless speculative decoding with MTP drafters."""
+
+__version__ = "0.1.0"

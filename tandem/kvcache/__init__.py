@@ -1,0 +1,3 @@
+from tandem.kvcache.cache import KVCache
+
+__all__ = ["KVCache"]
