@@ -1,0 +1,145 @@
+"""The generation loop. The engine is the only place that moves cache lengths.
+
+generate() runs one request on one slot: prefill, then plain decode steps or speculative rounds, yielding
+Token events and one Finished event. Batched serving builds on the same pieces (tandem.engine.batch).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from tandem.config import SamplingParams, SpecConfig
+from tandem.engine.events import Finished, GenStats, Token
+from tandem.engine.stops import StopMatcher
+from tandem.errors import RequestError
+from tandem.kvcache import KVCache
+from tandem.sampling import make_generator, process_logits, sample
+
+PREFILL_CHUNK = 512
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, max_len: int = 4096, n_slots: int = 1,
+                 cache_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 drafter: Any = None, spec: SpecConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.cache = KVCache(model.kv_specs(), n_slots, max_len, cache_dtype, self.device)
+        self.drafter = drafter
+        self.spec = spec or SpecConfig(enabled=drafter is not None)
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    # -- target forwards -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: list[int], start: int = 0):
+        """Run ids at positions start.. into the slot's cache; returns the Output of the last chunk."""
+        out = None
+        for c in range(0, len(ids), PREFILL_CHUNK):
+            chunk = ids[c:c + PREFILL_CHUNK]
+            toks = torch.tensor([chunk], device=self.device)
+            pos = torch.arange(start + c, start + c + len(chunk), device=self.device)[None]
+            out = self.model(toks, pos, self.cache, torch.tensor([slot], device=self.device), logit_rows=slice(-1, None))
+        self.cache.set_length(slot, start + len(ids))
+        return out
+
+    @torch.inference_mode()
+    def forward_rows(self, slot: int, ids: list[int], logit_rows=None):
+        """Forward ids at the slot's next positions (decode: 1 row; verify: k+1 rows) and extend the length."""
+        n = self.cache.lengths[slot]
+        toks = torch.tensor([ids], device=self.device)
+        pos = torch.arange(n, n + len(ids), device=self.device)[None]
+        out = self.model(toks, pos, self.cache, torch.tensor([slot], device=self.device), logit_rows=logit_rows)
+        self.cache.set_length(slot, n + len(ids))
+        return out
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this engine has no tokenizer: pass token ids")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise RequestError("the prompt is empty (0 tokens)")
+        if len(ids) >= self.max_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; the context holds {self.max_len} "
+                               f"(prompt + generated tokens must fit)")
+        return ids
+
+    def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                 spec: SpecConfig | None = None, slot: int = 0, request_id: str | None = None,
+                 add_special_tokens: bool = True) -> Iterator[Token | Finished]:
+        sampling = sampling or SamplingParams()
+        spec = spec if spec is not None else self.spec
+        ids = self.encode(prompt, add_special_tokens)
+        stats = GenStats(prompt_n=len(ids))
+        gen = make_generator(sampling.seed, "cpu")
+        eos = set() if sampling.ignore_eos or self.tokenizer is None else set(self.tokenizer.eos_ids)
+        stops = StopMatcher(sampling.stop)
+        detok = self.tokenizer.stream_decoder() if self.tokenizer is not None else None
+        budget = min(sampling.max_tokens, self.max_len - len(ids))
+
+        t0 = time.perf_counter()
+        out = self.prefill(slot, ids)
+        stats.prompt_ms = 1000 * (time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        use_spec = spec.enabled and self.drafter is not None
+        if use_spec:
+            from tandem.engine.speculative import speculative_tokens
+            stream = speculative_tokens(self, slot, ids, out, sampling, spec, gen, stats, request_id)
+        else:
+            stream = self._plain_tokens(slot, out, sampling, gen)
+        reason = "length"
+        try:
+            for tok, from_draft in stream:
+                stats.predicted_n += 1
+                if tok in eos:
+                    reason = "stop"
+                    break
+                piece = detok.push(tok) if detok is not None else ""
+                text, hit = stops.push(piece)
+                if hit:
+                    reason = "stop"
+                    if text:
+                        yield Token(tok, text, from_draft)
+                    break
+                yield Token(tok, text, from_draft)
+                if stats.predicted_n >= budget:
+                    break
+        finally:
+            stream.close()
+        if reason == "length" and detok is not None:
+            tail = stops.push(detok.flush())[0] + stops.flush()
+            if tail:
+                yield Token(-1, tail, False)
+        stats.predicted_ms = 1000 * (time.perf_counter() - t1)
+        yield Finished(reason, stats, stops.text)
+
+    def _plain_tokens(self, slot: int, out, sampling: SamplingParams, gen: torch.Generator):
+        """Plain decoding: sample from the last logits, feed the token back, repeat."""
+        logits = out.logits[:, -1]
+        while True:
+            tok = int(sample(process_logits(logits, sampling), gen)[0])
+            yield tok, False
+            if self.cache.lengths[slot] >= self.max_len:
+                return
+            logits = self.forward_rows(slot, [tok]).logits[:, -1]
+
+    def complete(self, prompt: str | list[int], sampling: SamplingParams | None = None, **kw) -> tuple[list[int], Finished]:
+        """Run to the end; returns (token ids, Finished)."""
+        toks, fin = [], None
+        for ev in self.generate(prompt, sampling, **kw):
+            if isinstance(ev, Token) and ev.id >= 0:
+                toks.append(ev.id)
+            elif isinstance(ev, Finished):
+                fin = ev
+        return toks, fin
