@@ -1,3 +1,3 @@
 from tandem.cli import main
 
-main()
+raise SystemExit(main())

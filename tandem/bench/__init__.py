@@ -1,0 +1,29 @@
+"""`tandem bench`: core speed (prefill, decode, k-forward cost) and the speculative form (per-category prompts)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_bench_args(p) -> None:
+    p.add_argument("--spec", action="store_true", help="speculative form: prompts per category, with/without drafter")
+    p.add_argument("--compare", default=None, choices=["llama.cpp"], help="also run llama-cpp-python on the GGUF")
+    p.add_argument("--context", type=int, default=256, help="context length for decode and the k-cost table")
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--ks", default="1,2,4,8", help="k values for the k-forward cost table")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--max-tokens", type=int, default=128, help="(spec form) tokens per prompt")
+    p.add_argument("--categories", default=None, help="(spec form) comma-separated subset")
+    p.add_argument("--out", default=None, help="(spec form) directory for the JSON and PNG plot")
+
+
+def cmd_bench(a) -> int:
+    if a.spec:
+        from tandem.bench.spec_bench import run_spec_bench
+        result = run_spec_bench(a)
+    else:
+        from tandem.bench.core_bench import run_core_bench
+        result = run_core_bench(a)
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
