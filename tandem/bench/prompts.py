@@ -1,0 +1,63 @@
+"""Bench prompts in the nine mtp-bench categories (our own text; completion-style, the default model is a base LM)."""
+
+PROMPTS: dict[str, list[str]] = {
+    "code_python": [
+        "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number using iteration.\"\"\"\n",
+        "# Python: read a CSV file and print the average of the 'price' column\nimport csv\n\n",
+        "class Stack:\n    \"\"\"A simple LIFO stack backed by a list.\"\"\"\n\n    def __init__(self):\n",
+    ],
+    "code_cpp": [
+        "// C++: return the index of target in a sorted vector, or -1\n#include <vector>\n\nint binary_search(",
+        "#include <iostream>\n#include <string>\n\n// Reverse a string in place\nvoid reverse(std::string& s) {\n",
+        "// A minimal RAII wrapper around a FILE*\n#include <cstdio>\n\nclass File {\npublic:\n",
+    ],
+    "explain_concept": [
+        "Photosynthesis is the process by which plants",
+        "In computer science, a hash table is a data structure that",
+        "The theory of supply and demand explains how prices",
+    ],
+    "summarize": [
+        "Article: The city council met on Tuesday to discuss the new bicycle lanes planned for the downtown area. "
+        "Supporters said the lanes would reduce traffic and improve safety, while some shop owners worried about "
+        "losing parking spaces. After two hours of debate, the council voted to build a trial lane on Main Street "
+        "for six months.\n\nSummary:",
+        "Text: Researchers found that people who slept fewer than six hours a night were more likely to catch colds "
+        "after being exposed to the virus than those who slept seven hours or more. The study followed 164 adults "
+        "for one week.\n\nIn one sentence, the text says that",
+        "Meeting notes: The team agreed to move the release to next Friday because two tests still fail on Windows. "
+        "Anna will fix the path handling, Ben will update the documentation, and everyone will review the changelog "
+        "on Thursday.\n\nShort summary:",
+    ],
+    "qa_factual": [
+        "Question: What is the capital of Japan?\nAnswer:",
+        "Question: How many planets are in the Solar System?\nAnswer:",
+        "Question: Who wrote the play Romeo and Juliet?\nAnswer:",
+    ],
+    "translation": [
+        "English: Good morning, how are you today?\nFrench:",
+        "English: The train leaves at seven o'clock.\nGerman:",
+        "English: I would like a cup of coffee, please.\nSpanish:",
+    ],
+    "creative_short": [
+        "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+        "The robot opened its eyes for the first time and",
+        "Write a short poem about autumn leaves:\n\n",
+    ],
+    "stepwise_math": [
+        "Question: A shop sells pencils at 3 dollars each. How much do 7 pencils cost?\nLet's think step by step.",
+        "Question: If a train travels 60 km per hour for 2.5 hours, how far does it go?\nSolution:",
+        "Question: What is 15% of 240?\nStep 1:",
+    ],
+    "long_code_review": [
+        "Review the following Python function and list its problems.\n\n"
+        "def process(items):\n    result = []\n    for i in range(len(items)):\n        if items[i] != None:\n"
+        "            result.append(items[i] * 2)\n    return result\n\ndef load(path):\n    f = open(path)\n"
+        "    data = f.read()\n    return data.split(',')\n\nReview:\n1.",
+        "Code review of this C function:\n\nint sum(int *a, int n) {\n    int s;\n    for (int i = 0; i <= n; i++)\n"
+        "        s += a[i];\n    return s;\n}\n\nProblems found:\n-",
+        "Here is a JavaScript snippet:\n\nfunction getUser(id) {\n  var user = users.find(u => u.id == id)\n"
+        "  return user.name\n}\n\nA careful reviewer would point out that",
+    ],
+}
+
+CATEGORIES = list(PROMPTS)
