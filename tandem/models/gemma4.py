@@ -20,8 +20,11 @@ from tandem.errors import ConfigError
 from tandem.kvcache import KVCache
 from tandem.models.base import BaseConfig, Output, RMSNorm, apply_rope, embed_scale, rope_cos_sin, softcap
 
-ACTIVATIONS = {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu_new":
-               lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "silu": F.silu}
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu_pytorch_tanh": _gelu_tanh, "gelu_new": _gelu_tanh, "gelu": F.gelu, "silu": F.silu}
 
 
 @dataclass
@@ -336,7 +339,7 @@ class Model(nn.Module):
             if k.startswith(drop) or k.startswith(tuple("model." + p for p in drop)):
                 continue
             k = k.replace("model.language_model.", "model.").replace("language_model.model.", "model.")
-            if not k.startswith(shared):
+            if not k.startswith(shared) and "rotary_emb." not in k:
                 out[k] = v
         if self.args.tie_word_embeddings and "model.embed_tokens.weight" in out:
             out.setdefault("lm_head.weight", out["model.embed_tokens.weight"])  # tied: checkpoints often omit it
