@@ -1,0 +1,348 @@
+"""Gemma 4 assistant (HF model_type `gemma4_assistant`): the multi-token-prediction drafter of Gemma 4.
+
+One draft step, as HF's Gemma4AssistantForCausalLM + SinglePositionMultiTokenCandidateGenerator do it:
+
+    x = pre_projection(concat(target.embed(last_token), h))     # [B, 1, 2*Db] -> [B, 1, D]
+    x = decoder layers (Gemma 4 text layers that own NO K/V)      # Q attends to the TARGET's cache
+    y = norm(x)
+    logits = lm_head(y)  or the centroid-routed sparse head      # [B, 1, V]
+    h' = post_projection(y)                                      # [B, 1, Db], the `h` of the next step
+
+`h` is the target's final-norm hidden state of the row that produced `last_token` for the first step of a round,
+then the assistant's own projected state. Every step of a round uses ONE RoPE position: that of `last_token`
+(p, not yet in the target cache). Its queries read the target cache of the last cache-owning sliding and full
+attention layers, seeing exactly the accepted prefix: mask position p - 1 (entries j <= p - 1). Sliding layers
+see `sliding_window + 1` entries (HF's bidirectional sliding mask is inclusive: |q - kv| <= window), i.e.
+j >= p - 1 - window. Attention scale is 1 (q_norm replaces it), no attention softcap, no final logit softcap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tandem.errors import ConfigError, ModelLoadError
+from tandem.kvcache import KVCache
+from tandem.models.base import BaseConfig, Output, RMSNorm, apply_rope, rope_cos_sin
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_ACT = {"gelu_pytorch_tanh": _gelu_tanh, "gelu_new": _gelu_tanh, "gelu": F.gelu, "silu": F.silu}
+
+
+@dataclass
+class ModelArgs(BaseConfig):
+    """The assistant config flattened: top-level fields plus those of its `text_config` (a gemma4_text config)."""
+
+    model_type: str = "gemma4_assistant"
+    backbone_hidden_size: int = 1536
+    use_ordered_embeddings: bool = False
+    num_centroids: int = 2048
+    centroid_intermediate_top_k: int = 32
+    tie_word_embeddings: bool = True
+    # text_config
+    vocab_size: int = 262144
+    hidden_size: int = 256
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 1
+    head_dim: int = 256
+    global_head_dim: int = 512
+    num_global_key_value_heads: int | None = None
+    per_layer_config: dict | None = None
+    attention_k_eq_v: bool = False
+    hidden_activation: str = "gelu_pytorch_tanh"
+    rms_norm_eps: float = 1e-6
+    sliding_window: int = 512
+    layer_types: list[str] | None = None
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    hidden_size_per_layer_input: int | None = 0
+    enable_moe_block: bool = False
+    use_double_wide_mlp: bool = False
+    num_kv_shared_layers: int = 0
+    use_bidirectional_attention: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Accepts the HF config.json ({..., "text_config": {...}}) or an already flattened dict."""
+        tc = d.get("text_config")
+        if isinstance(tc, dict):
+            d = {**tc, **{k: v for k, v in d.items() if k != "text_config"}}
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except TypeError as e:
+            raise ConfigError(f"{cls.__name__}: {e}") from None
+
+    def __post_init__(self):
+        n = self.num_hidden_layers
+        if self.layer_types is None:
+            self.layer_types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != n or set(self.layer_types) - set(LAYER_TYPES):
+            raise ConfigError(f"gemma4_assistant: layer_types must be {n} of {LAYER_TYPES}, got {self.layer_types}")
+        # the checks HF's Gemma4AssistantConfig.validate_architecture makes
+        for name, bad in (("hidden_size_per_layer_input", bool(self.hidden_size_per_layer_input)),
+                          ("enable_moe_block", self.enable_moe_block),
+                          ("use_double_wide_mlp", self.use_double_wide_mlp)):
+            if bad:
+                raise ConfigError(f"gemma4_assistant: {name} must be 0/False, got {getattr(self, name)!r}")
+        if self.num_kv_shared_layers not in (0, n):
+            raise ConfigError(f"gemma4_assistant: all {n} layers must be KV-shared, "
+                              f"got num_kv_shared_layers={self.num_kv_shared_layers}")
+        if self.use_bidirectional_attention == "all":
+            raise ConfigError("gemma4_assistant: use_bidirectional_attention='all' unsupported")
+        if self.hidden_activation not in _ACT:
+            raise ConfigError(f"gemma4_assistant: hidden_activation {self.hidden_activation!r} not in {sorted(_ACT)}")
+        if self.use_ordered_embeddings and self.vocab_size % self.num_centroids:
+            raise ConfigError(f"gemma4_assistant: vocab_size {self.vocab_size} not divisible by "
+                              f"num_centroids {self.num_centroids}")
+        if self.rope_parameters is None:
+            self.rope_parameters = {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                   "rope_theta": 1_000_000.0}}
+        if self.per_layer_config is None:  # as Gemma4TextConfig.__post_init__ resolves it
+            over = {"head_dim": self.global_head_dim}
+            if self.attention_k_eq_v and self.num_global_key_value_heads is not None:
+                over["num_key_value_heads"] = self.num_global_key_value_heads
+            plc = {i: over for i, t in enumerate(self.layer_types) if t == "full_attention"}
+        else:
+            plc = {int(i): o for i, o in self.per_layer_config.items()}
+        self._dims = [(plc.get(i, {}).get("num_key_value_heads", self.num_key_value_heads),
+                       plc.get(i, {}).get("head_dim", self.head_dim)) for i in range(n)]
+        for t in set(self.layer_types):  # one K/V layout per type: all layers of a type read the same cache
+            dims = {self._dims[i] for i in range(n) if self.layer_types[i] == t}
+            if len(dims) > 1:
+                raise ConfigError(f"gemma4_assistant: {t} layers disagree on (kv heads, head_dim): {sorted(dims)}")
+
+    def attn_dims(self, i: int) -> tuple[int, int]:
+        """(num_key_value_heads of the target layer read, head_dim) of layer i."""
+        return self._dims[i]
+
+    def dims_of_type(self, layer_type: str) -> tuple[int, int]:
+        return self._dims[self.layer_types.index(layer_type)]
+
+    def inv_freq(self, layer_type: str) -> torch.Tensor:
+        """RoPE inverse frequencies [head_dim/2] (Gemma 4 default, or proportional partial RoPE)."""
+        rp = self.rope_parameters[layer_type]
+        kind, theta = rp.get("rope_type", "default"), float(rp["rope_theta"])
+        hd = self.dims_of_type(layer_type)[1]
+        if kind == "default":
+            return 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+        if kind == "proportional":
+            rot = int(rp.get("partial_rotary_factor", 1.0) * hd // 2)
+            f = 1.0 / theta ** (torch.arange(0, 2 * rot, 2, dtype=torch.int64).float() / hd)
+            return torch.cat([f, torch.zeros(hd // 2 - rot)]) / float(rp.get("factor", 1.0))
+        raise ConfigError(f"gemma4_assistant: rope_type {kind!r} for {layer_type} unsupported")
+
+
+def _norm(dim: int, args: ModelArgs) -> RMSNorm:
+    return RMSNorm(dim, args.rms_norm_eps, unit_offset=False)
+
+
+class AssistantAttention(nn.Module):
+    """Query-only attention over the target's cache (HF: a KV-shared Gemma4TextAttention)."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.layer_type = args.layer_types[layer_idx]
+        # HF's bidirectional sliding mask allows |q - kv| <= window: window + 1 entries ending at p - 1
+        self.window = args.sliding_window + 1 if self.layer_type == "sliding_attention" else None
+        self.n_heads = args.num_attention_heads
+        self.n_kv, self.head_dim = args.attn_dims(layer_idx)
+        d, hd, bias = args.hidden_size, self.head_dim, args.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
+        self.q_norm = _norm(hd, args)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias)
+
+    def forward(self, x, cos_sin, cache: KVCache, target_layer: int, slots, kv_positions) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)), *cos_sin)
+        out = cache.attend(target_layer, q, slots, kv_positions, self.window, 1.0, None)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class AssistantMLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.act = _ACT[args.hidden_activation]
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class AssistantDecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        d = args.hidden_size
+        self.layer_type = args.layer_types[layer_idx]
+        self.self_attn = AssistantAttention(args, layer_idx)
+        self.mlp = AssistantMLP(args)
+        self.input_layernorm = _norm(d, args)
+        self.post_attention_layernorm = _norm(d, args)
+        self.pre_feedforward_layernorm = _norm(d, args)
+        self.post_feedforward_layernorm = _norm(d, args)
+        self.register_buffer("layer_scalar", torch.ones(1))
+
+    def forward(self, x, cos_sin, cache, target_layer, slots, kv_positions):
+        h = self.self_attn(self.input_layernorm(x), cos_sin, cache, target_layer, slots, kv_positions)
+        x = x + self.post_attention_layernorm(h)
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x * self.layer_scalar
+
+
+class MaskedEmbedder(nn.Module):
+    """Centroid-routed sparse LM head (HF Gemma4AssistantMaskedEmbedder).
+
+    The vocabulary is split into `num_centroids` clusters of V/C tokens (`token_ordering` lists the token ids of
+    cluster c at [c*V/C, (c+1)*V/C)). Only the top-k clusters by `centroids(h)` get real logits (dot products with
+    the tied embedding rows); every other token gets (row minimum of the real logits) - 1. HF takes that minimum
+    over the whole batch; we take it per row (identical for one row, and batch invariant).
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.centroid_intermediate_top_k
+        self.num_centroids = args.num_centroids
+        self.vocab_size = args.vocab_size
+        self.centroids = nn.Linear(args.hidden_size, args.num_centroids, bias=False)
+        self.register_buffer("token_ordering", torch.arange(args.vocab_size, dtype=torch.long))
+
+    def forward(self, h: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
+        """h [B, T, D] -> logits [B, T, V]."""
+        B, T, D = h.shape
+        top = torch.topk(self.centroids(h), self.top_k, dim=-1).indices  # [B, T, K]
+        clusters = self.token_ordering.long().view(self.num_centroids, -1)  # [C, V/C]
+        ids = clusters[top].reshape(B, T, -1)  # [B, T, K*V/C] token ids
+        w = lm_head_weight[ids.reshape(-1)].view(B, T, -1, D)
+        sel = (h.unsqueeze(-2) @ w.transpose(-1, -2)).squeeze(-2)  # [B, T, K*V/C]
+        fill = sel.amin(-1, keepdim=True) - 1.0
+        out = fill.expand(B, T, self.vocab_size).clone()
+        return out.scatter_(-1, ids, sel)
+
+
+class AssistantTextModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)  # only as the tied LM head
+        self.layers = nn.ModuleList([AssistantDecoderLayer(args, i) for i in range(args.num_hidden_layers)])
+        self.norm = _norm(args.hidden_size, args)
+
+
+class Model(nn.Module):
+    """Gemma4AssistantForCausalLM. Owns no cache: `forward` reads the target's cache through `cache.attend`.
+
+    bind(target) checks the fit and records which target layers are read; until bound, `target_layers` maps
+    each layer type to a target layer index and can be set by hand (tests).
+    """
+
+    owns_kv = False
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = AssistantTextModel(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.pre_projection = nn.Linear(2 * args.backbone_hidden_size, args.hidden_size, bias=False)
+        self.post_projection = nn.Linear(args.hidden_size, args.backbone_hidden_size, bias=False)
+        self.masked_embedding = MaskedEmbedder(args) if args.use_ordered_embeddings else None
+        self._inv_freq = {lt: args.inv_freq(lt) for lt in set(args.layer_types)}
+        self.target_layers: dict[str, int] = {}
+
+    def kv_specs(self) -> dict[int, tuple[int, int, int]]:
+        return {}  # no K/V of its own
+
+    # -- fit with a target --------------------------------------------------------------------------------------
+    def check_fit(self, target: nn.Module, target_name: str = "target", name: str = "assistant") -> dict[str, int]:
+        """Raise ModelLoadError naming both sources unless `target` can feed this assistant; returns
+        {layer type: target cache layer read}. Any target works that exposes `embed()`, a final hidden state of
+        size backbone_hidden_size, the same vocabulary, `kv_specs()` and cache-owning layers of each needed type
+        whose (kv heads, head_dim) match."""
+        a = self.args
+
+        def fail(msg: str):
+            raise ModelLoadError(f"drafter {name} does not fit target {target_name}: {msg}")
+
+        targs = getattr(target, "args", None)
+        if targs is None or not hasattr(target, "embed") or not hasattr(target, "kv_specs"):
+            fail("the target exposes no args/embed()/kv_specs() (not a tandem model)")
+        if targs.hidden_size != a.backbone_hidden_size:
+            fail(f"assistant backbone_hidden_size {a.backbone_hidden_size} != target hidden_size {targs.hidden_size}")
+        if targs.vocab_size != a.vocab_size:
+            fail(f"assistant vocab_size {a.vocab_size} != target vocab_size {targs.vocab_size}")
+        specs = target.kv_specs()
+        ttypes = list(getattr(targs, "layer_types", None) or [])
+        out = {}
+        for lt in sorted(set(a.layer_types)):
+            owners = [i for i, t in enumerate(ttypes) if t == lt and i in specs]
+            if not owners:
+                fail(f"assistant has {lt} layers but the target has no cache-owning {lt} layer "
+                     f"(target layer types: {sorted(set(ttypes))})")
+            layer = max(owners)  # HF: the last non-KV-shared layer of the type ("store" layer)
+            h_kv, dk, dv = specs[layer]
+            n_kv, hd = a.dims_of_type(lt)
+            if dk != hd or dv != hd:
+                fail(f"{lt}: assistant head_dim {hd} != target layer {layer} K/V head dims ({dk}, {dv})")
+            if a.num_attention_heads % h_kv:
+                fail(f"{lt}: assistant num_attention_heads {a.num_attention_heads} is not a multiple of target "
+                     f"layer {layer} num_key_value_heads {h_kv}")
+            out[lt] = layer
+        return out
+
+    def bind(self, target: nn.Module, target_name: str = "target", name: str = "assistant") -> "Model":
+        self.target_layers = self.check_fit(target, target_name, name)
+        return self
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor | None = None,
+                logit_rows: torch.Tensor | slice | None = None, kv_positions: torch.Tensor | None = None) -> Output:
+        """x = concat(target.embed(last token), h) [B, T, 2*Db]; positions [B, T] = RoPE position of the last
+        token; kv_positions [B, T] = last cache entry visible (default positions - 1). Returns Output(logits
+        [B, R, V] fp32, hidden = post_projection(norm(x)) [B, T, Db])."""
+        if not self.target_layers:
+            raise RuntimeError("gemma4_assistant: call bind(target) (or set target_layers) before forward")
+        if slots is None:
+            slots = torch.arange(x.shape[0], device=x.device)
+        if kv_positions is None:
+            kv_positions = positions - 1
+        h = self.pre_projection(x)
+        cs = {lt: rope_cos_sin(positions, f, h.dtype) for lt, f in self._inv_freq.items()}
+        for layer in self.model.layers:
+            h = layer(h, cs[layer.layer_type], cache, self.target_layers[layer.layer_type], slots, kv_positions)
+        y = self.model.norm(h)
+        projected = self.post_projection(y)
+        ys = y if logit_rows is None else y[:, logit_rows]
+        return Output(self.logits(ys), projected)
+
+    def logits(self, y: torch.Tensor) -> torch.Tensor:
+        if self.masked_embedding is not None:
+            return self.masked_embedding(y, self.lm_head.weight).float()
+        return self.lm_head(y).float()
+
+    def sanitize(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """HF names are ours already; drop RoPE buffers, fill the tied head, keep token_ordering as long."""
+        out = {k: v for k, v in weights.items() if "rotary_emb." not in k}
+        if self.args.tie_word_embeddings and "model.embed_tokens.weight" in out:
+            out.setdefault("lm_head.weight", out["model.embed_tokens.weight"])
+        if "masked_embedding.token_ordering" in out:
+            out["masked_embedding.token_ordering"] = out["masked_embedding.token_ordering"].long()
+        return out

@@ -1,0 +1,101 @@
+"""Verification of a draft against the target: the one function every speculative method goes through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.config import SamplingParams
+from tandem.sampling import process_logits
+
+
+@dataclass
+class Verdict:
+    """tokens [B, k+1] long: per row, n_accepted[b] accepted draft tokens, then ONE recovered or bonus token, then
+    -1 padding. n_accepted [B] long. Row b emits tokens[b, :n_accepted[b] + 1]."""
+
+    tokens: torch.Tensor
+    n_accepted: torch.Tensor
+
+    def emitted(self, b: int = 0) -> list[int]:
+        return self.tokens[b, : int(self.n_accepted[b]) + 1].tolist()
+
+
+def verify(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, target_logits: torch.Tensor,
+           sampling: SamplingParams, generator: torch.Generator | None = None) -> Verdict:
+    """Decide which draft tokens the target keeps, and the token that follows them. Lossless.
+
+    Shapes:  draft_tokens  [B, k]        d_1..d_k, drafted after the last emitted token x
+             draft_probs   [B, k, V]     q_i: the distribution d_i was sampled from, or None (deterministic drafts)
+             target_logits [B, k+1, V]   row i = target logits after [x, d_1..d_i] (row 0: after x alone)
+             -> Verdict(tokens [B, k+1], n_accepted [B])
+
+    Terms (as in vLLM's rejection sampler):
+      accepted  -- draft tokens d_1..d_a that the target keeps (a = n_accepted, 0 <= a <= k).
+      recovered -- when d_{a+1} is rejected (a < k): the token emitted in its place, drawn from the target at row a
+                   (greedy: its argmax; sampled: see below). Always emitted, never a draft token.
+      bonus     -- when all k are accepted: the token drawn from the target's last row k (free: same forward).
+      Every round therefore emits a + 1 tokens: tokens[:, :a+1] = [d_1..d_a, recovered | bonus].
+
+    The target distribution p_i = tandem.sampling.process_logits(target_logits[:, i], sampling): exactly the
+    temperature -> top-k -> top-p -> min-p processing plain sampling uses, so speculative output is distributed
+    as plain output.
+      greedy (T = 0): accept while d_i == argmax p_i (exact equality); then the target's own argmax.
+      T > 0, draft_probs None (deterministic drafts, q = one-hot(d_i)) -- sample-and-compare: draw y_i ~ p_i;
+          accept if y_i == d_i, else emit y_i as the recovered token. (= p/q rejection with one-hot q: accept with
+          probability p_i(d_i); a rejection's y_i is p_i conditioned on != d_i = norm(max(0, p_i - q_i)).)
+      T > 0, draft_probs given (sampled drafts) -- p/q rejection: accept d_i with probability
+          min(1, p_i(d_i) / q_i(d_i)); on rejection emit a token from norm(max(0, p_i - q_i)).
+      bonus (all accepted): a token from p_k.
+    Randomness comes only from `generator`, in a fixed order (per row i: the comparison draw, then the
+    recovered/bonus draw when needed), so a seeded run is reproducible.
+    """
+    B, k = draft_tokens.shape
+    V = target_logits.shape[-1]
+    assert target_logits.shape[:2] == (B, k + 1), (tuple(target_logits.shape), B, k)
+    device = target_logits.device
+    draft_tokens = draft_tokens.to(device)
+    out = torch.full((B, k + 1), -1, dtype=torch.long, device=device)
+    n_acc = torch.zeros(B, dtype=torch.long, device=device)
+
+    if sampling.greedy:
+        target = target_logits.float().argmax(-1)  # [B, k+1]
+        match = (draft_tokens == target[:, :k]).long()  # [B, k]
+        n_acc = match.cumprod(-1).sum(-1) if k else n_acc  # length of the all-equal prefix
+        for b in range(B):
+            a = int(n_acc[b])
+            out[b, :a] = draft_tokens[b, :a]
+            out[b, a] = target[b, a]
+        return Verdict(out, n_acc)
+
+    p = process_logits(target_logits.reshape(B * (k + 1), V), sampling).view(B, k + 1, V)
+    for b in range(B):
+        a = 0
+        emitted = None
+        for i in range(k):
+            d = int(draft_tokens[b, i])
+            if draft_probs is None:  # sample-and-compare
+                y = int(torch.multinomial(p[b, i], 1, generator=generator))
+                if y == d:
+                    a += 1
+                    continue
+                emitted = y
+                break
+            q = draft_probs[b, i].to(device).float()
+            u = float(torch.rand((), generator=generator, device=device))
+            pd, qd = float(p[b, i, d]), float(q[d])
+            if qd > 0 and u * qd <= pd:  # u <= p/q, i.e. accept with min(1, p/q)
+                a += 1
+                continue
+            residual = (p[b, i] - q).clamp(min=0)
+            s = float(residual.sum())
+            dist = residual / s if s > 0 else p[b, i]  # s == 0 only if p == q (then rejection has prob 0)
+            emitted = int(torch.multinomial(dist, 1, generator=generator))
+            break
+        if emitted is None:  # all k accepted: bonus from the last row
+            emitted = int(torch.multinomial(p[b, k], 1, generator=generator))
+        out[b, :a] = draft_tokens[b, :a]
+        out[b, a] = emitted
+        n_acc[b] = a
+    return Verdict(out, n_acc)
