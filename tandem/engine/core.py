@@ -22,6 +22,60 @@ from tandem.sampling import make_generator, process_logits, sample
 PREFILL_CHUNK = 512
 
 
+def sample_token(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator) -> int:
+    """One token from logits [1, V] (plain decoding; the batch scheduler uses the same function per slot)."""
+    return int(sample(process_logits(logits, sampling), gen)[0])
+
+
+def _stream_decoder(tokenizer: Any):
+    """The tokenizer's incremental decoder (`stream_decoder()`, or `stream()` in tandem.tokenizer)."""
+    make = getattr(tokenizer, "stream_decoder", None) or tokenizer.stream
+    return make()
+
+
+class RequestOutput:
+    """What happens to each generated token of one request: EOS, detokenization, stop strings, the token budget.
+
+    Shared by Engine.generate and the batch scheduler (tandem.engine.batch) so both emit the same events.
+    push() returns the Token event to emit (or None) and sets `reason` once the request is finished.
+    """
+
+    def __init__(self, tokenizer: Any, sampling: SamplingParams, prompt_n: int, max_len: int):
+        self.stats = GenStats(prompt_n=prompt_n)
+        self.eos = set() if sampling.ignore_eos or tokenizer is None else set(tokenizer.eos_ids)
+        self.stops = StopMatcher(sampling.stop)
+        self.detok = _stream_decoder(tokenizer) if tokenizer is not None else None
+        self.budget = min(sampling.max_tokens, max_len - prompt_n)
+        self.reason: str | None = None
+        if self.detok is not None:
+            self._detok_push = getattr(self.detok, "push", None) or self.detok.put
+
+    def push(self, tok: int, from_draft: bool = False) -> Token | None:
+        self.stats.predicted_n += 1
+        if tok in self.eos:
+            self.reason = "stop"
+            return None
+        piece = self._detok_push(tok) if self.detok is not None else ""
+        text, hit = self.stops.push(piece)
+        if hit:
+            self.reason = "stop"
+            return Token(tok, text, from_draft) if text else None
+        if self.stats.predicted_n >= self.budget:
+            self.reason = "length"
+        return Token(tok, text, from_draft)
+
+    def finish(self) -> list[Token | Finished]:
+        """The closing events: pending text (when not stopped) and Finished. A stream that ended early = "length"."""
+        reason = self.reason or "length"
+        out: list[Token | Finished] = []
+        if reason == "length" and self.detok is not None:
+            tail = self.stops.push(self.detok.flush())[0] + self.stops.flush()
+            if tail:
+                out.append(Token(-1, tail, False))
+        out.append(Finished(reason, self.stats, self.stops.text))
+        return out
+
+
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, max_len: int = 4096, n_slots: int = 1,
                  cache_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -81,12 +135,9 @@ class Engine:
         sampling = sampling or SamplingParams()
         spec = spec if spec is not None else self.spec
         ids = self.encode(prompt, add_special_tokens)
-        stats = GenStats(prompt_n=len(ids))
+        req = RequestOutput(self.tokenizer, sampling, len(ids), self.max_len)
+        stats = req.stats
         gen = make_generator(sampling.seed, "cpu")
-        eos = set() if sampling.ignore_eos or self.tokenizer is None else set(self.tokenizer.eos_ids)
-        stops = StopMatcher(sampling.stop)
-        detok = self.tokenizer.stream_decoder() if self.tokenizer is not None else None
-        budget = min(sampling.max_tokens, self.max_len - len(ids))
 
         t0 = time.perf_counter()
         out = self.prefill(slot, ids)
@@ -98,37 +149,23 @@ class Engine:
             stream = speculative_tokens(self, slot, ids, out, sampling, spec, gen, stats, request_id)
         else:
             stream = self._plain_tokens(slot, out, sampling, gen)
-        reason = "length"
         try:
             for tok, from_draft in stream:
-                stats.predicted_n += 1
-                if tok in eos:
-                    reason = "stop"
-                    break
-                piece = detok.push(tok) if detok is not None else ""
-                text, hit = stops.push(piece)
-                if hit:
-                    reason = "stop"
-                    if text:
-                        yield Token(tok, text, from_draft)
-                    break
-                yield Token(tok, text, from_draft)
-                if stats.predicted_n >= budget:
+                ev = req.push(tok, from_draft)
+                if ev is not None:
+                    yield ev
+                if req.reason is not None:
                     break
         finally:
             stream.close()
-        if reason == "length" and detok is not None:
-            tail = stops.push(detok.flush())[0] + stops.flush()
-            if tail:
-                yield Token(-1, tail, False)
         stats.predicted_ms = 1000 * (time.perf_counter() - t1)
-        yield Finished(reason, stats, stops.text)
+        yield from req.finish()
 
     def _plain_tokens(self, slot: int, out, sampling: SamplingParams, gen: torch.Generator):
         """Plain decoding: sample from the last logits, feed the token back, repeat."""
         logits = out.logits[:, -1]
         while True:
-            tok = int(sample(process_logits(logits, sampling), gen)[0])
+            tok = sample_token(logits, sampling, gen)
             yield tok, False
             if self.cache.lengths[slot] >= self.max_len:
                 return
