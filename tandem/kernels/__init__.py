@@ -1,10 +1,45 @@
 """Compute kernels behind one small API. The reference paths are plain torch; fast paths may replace them.
 
 attend(): every attention read goes through here (via the KV cache), so cache formats and kernels meet in one place.
+  On CPU with fp32/bf16 caches it runs the batch-invariant C++ kernel (tandem/kernels/attention.py), elsewhere the
+  reference. Set TANDEM_NO_EXT=1 to force the reference everywhere.
+prepare(model, weight_format): swaps every nn.Linear for a batch-invariant PackedLinear (tandem/kernels/linear.py)
+  and the tied input embedding for a PackedEmbedding that reads rows from the packed LM head.
 """
 
+from __future__ import annotations
+
+import torch.nn as nn
+
+from tandem.kernels.attention import attend_cpu
+from tandem.kernels.linear import FORMATS, PackedEmbedding, PackedLinear, check_format
 from tandem.kernels.reference import attend_reference
 
-attend = attend_reference
+attend = attend_cpu
 
-__all__ = ["attend", "attend_reference"]
+
+def prepare(model: nn.Module, weight_format: str = "bf16") -> nn.Module:
+    """Swap every nn.Linear of `model` for a PackedLinear in `weight_format` in place (module names kept).
+
+    A tied input embedding (nn.Embedding sharing its weight with a Linear) becomes a PackedEmbedding reading
+    dequantised rows from that packed Linear, so no full-precision copy of the table stays referenced.
+    weight_format="fp32" keeps the exact reference path (plain F.linear on the original fp32 weights).
+    """
+    check_format(weight_format)
+    packed: dict[int, PackedLinear] = {}  # id(weight Parameter) -> PackedLinear (tied weights packed once)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                key = id(child.weight)
+                if key not in packed:
+                    packed[key] = PackedLinear.from_linear(child, weight_format)
+                setattr(parent, name, packed[key])
+    if weight_format != "fp32":
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Embedding) and id(child.weight) in packed:
+                    setattr(parent, name, PackedEmbedding(packed[id(child.weight)]))
+    return model
+
+
+__all__ = ["attend", "attend_reference", "prepare", "PackedLinear", "PackedEmbedding", "FORMATS"]

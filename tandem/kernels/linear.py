@@ -1,0 +1,215 @@
+"""Batch-invariant packed linears for small-M decode/verify on CPU.
+
+PackedLinear computes y = x @ W^T with fp32 accumulation where every output element is one fp32 FMA chain over
+k = 0..K-1 (see csrc/small_gemm.cpp): a row's result is bitwise the same whether it is computed alone or among
+any number of rows, so speculative verification (T = k+1 rows) reproduces plain decode (T = 1) exactly. The same
+kernel serves every M (prefill included), so prefill is invariant too; it is register-tiled (6x64) and
+multithreaded over 64-column panels and 48-row blocks, never over K.
+
+Formats (by name):
+  fp32 : exact reference path, plain F.linear on the original weight (stock BLAS; not batch-invariant).
+  bf16 : weights rounded to bf16 (2 B/weight), activations stay fp32.
+  q8_0 : GGUF Q8_0 blocks of 32 along K (int8 + fp16 scale, 1.0625 B/weight; bit-identical values to llama.cpp's
+         Q8_0 quantiser / a Q8_0 GGUF tensor), dequantised exactly to fp32 in registers; activations stay fp32.
+Without the compiled extension the packed formats fall back to per-row torch calls (slow, still invariant).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tandem.kernels._ext import ext
+
+FORMATS = ("fp32", "bf16", "q8_0")
+PACKED_FORMATS = ("bf16", "q8_0")
+NB = 64       # columns per panel (must match csrc/small_gemm.cpp)
+QBLOCK = 32   # Q8_0 block along K
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    return fmt
+
+
+def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (q int8 [N, K], d fp16 [N, K/32]) as llama.cpp's quantize_row_q8_0_ref:
+    d = amax/127, q = round(x / d) (half away from zero), d stored as fp16."""
+    N, K = w.shape
+    if K % QBLOCK:
+        raise ValueError(f"q8_0 needs in_features % {QBLOCK} == 0, got {K}")
+    out_q = torch.empty(N, K, dtype=torch.int8)
+    out_d = torch.empty(N, K // QBLOCK, dtype=torch.float16)
+    for n0 in range(0, N, 8192):  # chunked: no full fp32 temporaries of huge tables
+        b = w[n0:n0 + 8192].float().reshape(-1, K // QBLOCK, QBLOCK)
+        d = b.abs().amax(-1) / 127.0
+        idv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+        x = b * idv[..., None]
+        out_q[n0:n0 + 8192] = (torch.sign(x) * torch.floor(x.abs() + 0.5)).clamp(-127, 127).to(torch.int8).reshape(-1, K)
+        out_d[n0:n0 + 8192] = d.to(torch.float16)
+    return out_q, out_d
+
+
+def _panelize(w: torch.Tensor) -> torch.Tensor:
+    """[N, C] -> [ceil(N/64), C, 64] contiguous, zero-padded rows (panel-major layout of the kernels)."""
+    N, C = w.shape
+    P = (N + NB - 1) // NB
+    out = torch.zeros(P, C, NB, dtype=w.dtype)
+    for p0 in range(0, P, 256):
+        p1 = min(P, p0 + 256)
+        blk = w[p0 * NB:p1 * NB]
+        if blk.shape[0] < (p1 - p0) * NB:
+            blk = torch.cat([blk, blk.new_zeros((p1 - p0) * NB - blk.shape[0], C)])
+        out[p0:p1] = blk.reshape(p1 - p0, NB, C).transpose(1, 2)
+    return out
+
+
+def _unpanelize(wp: torch.Tensor, N: int) -> torch.Tensor:
+    P, C, _ = wp.shape
+    return wp.transpose(1, 2).reshape(P * NB, C)[:N]
+
+
+class PackedLinear(nn.Module):
+    """Drop-in for a bias-free or biased nn.Linear with weights held in a packed format (see module doc)."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, tensors: dict[str, torch.Tensor],
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, check_format(fmt)
+        for k, v in tensors.items():
+            if isinstance(v, nn.Parameter):  # fp32: the original Parameter itself (keeps weight tying intact)
+                self.register_parameter(k, v)
+            else:
+                self.register_buffer(k, v, persistent=True)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, fmt: str = "bf16") -> "PackedLinear":
+        if check_format(fmt) == "fp32" and lin.weight.dtype == torch.float32:
+            return cls(lin.in_features, lin.out_features, "fp32", {"weight": lin.weight}, lin.bias)
+        return cls.from_weight(lin.weight.detach(), fmt, lin.bias)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, fmt: str = "bf16", bias: torch.Tensor | None = None) -> "PackedLinear":
+        check_format(fmt)
+        N, K = w.shape
+        w = w.detach().cpu()
+        if fmt == "fp32":
+            t = {"weight": w.float().contiguous()}
+        elif fmt == "bf16":
+            t = {"w_bf16": _panelize(w.to(torch.bfloat16))}
+        else:
+            q, d = quantize_q8_0(w)
+            t = cls._q8_tensors(q, d)
+        return cls(K, N, fmt, t, bias)
+
+    @classmethod
+    def from_q8_0(cls, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> "PackedLinear":
+        """From Q8_0 values as stored in GGUF: q int8 [N, K], d fp16 [N, K/32] (no requantisation)."""
+        N, K = q.shape
+        return cls(K, N, "q8_0", cls._q8_tensors(q.to(torch.int8), d.to(torch.float16)), bias)
+
+    @staticmethod
+    def _q8_tensors(q, d):
+        return {"q8": _panelize(q), "d16": _panelize(d)}
+
+    # ---------------------------------------------------------------------------------------------------------
+    @property
+    def weight_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The exact fp32 values the kernel multiplies by, [N, K] (tests, fallback)."""
+        if self.fmt == "fp32":
+            return self.weight
+        if self.fmt == "bf16":
+            return _unpanelize(self.w_bf16, self.out_features).float()
+        q = _unpanelize(self.q8, self.out_features).float()
+        d = _unpanelize(self.d16, self.out_features).float()
+        return (q.reshape(self.out_features, -1, QBLOCK) * d[..., None]).reshape(self.out_features, -1)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` (any shape, int) of the dequantised weight as fp32 [*idx.shape, K] (tied embedding lookup)."""
+        flat = idx.reshape(-1).to(torch.int64).cpu().contiguous()
+        m = ext()
+        if self.fmt == "fp32":
+            out = self.weight.index_select(0, flat)
+        elif m is not None and self.fmt == "bf16":
+            out = m.rows_bf16(self.w_bf16, flat, self.in_features)
+        elif m is not None:
+            out = m.rows_q8_0(self.q8, self.d16, flat, self.in_features)
+        else:
+            P = flat // NB
+            C = flat % NB
+            if self.fmt == "bf16":
+                out = self.w_bf16[P, :, C].float()
+            else:
+                q = self.q8[P, :, C].float()
+                d = self.d16[P, :, C].float()
+                out = (q.reshape(len(flat), -1, QBLOCK) * d[..., None]).reshape(len(flat), -1)
+        return out.reshape(*idx.shape, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt == "fp32":
+            return F.linear(x, self.weight, self.bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        m = ext()
+        if m is not None and x2.device.type == "cpu":
+            if self.fmt == "bf16":
+                y = m.gemm_bf16(x2, self.w_bf16, self.out_features)
+            else:
+                y = m.gemm_q8_0(x2, self.q8, self.d16, self.out_features)
+        else:
+            y = self._fallback(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        y = y.reshape(*lead, self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
+        # row by row (each row the same M=1 call) so that results stay independent of M; weights dequantised
+        # in chunks of panels to bound memory
+        outs = []
+        for p0 in range(0, self.out_features, 16384):
+            p1 = min(self.out_features, p0 + 16384)
+            w = self._dequant_range(p0, p1).to(x2.device)
+            outs.append(torch.cat([F.linear(x2[i:i + 1], w) for i in range(x2.shape[0])]))
+        return torch.cat(outs, dim=1)
+
+    def _dequant_range(self, n0: int, n1: int) -> torch.Tensor:
+        return self.rows(torch.arange(n0, n1))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+class PackedEmbedding(nn.Module):
+    """Embedding that reads its rows from a (tied) PackedLinear: no separate full-precision table in memory.
+
+    `.weight` is a tiny descriptor with the dtype (fp32: rows come back dequantised to fp32) and device of the
+    table, which is all Model.embed reads from it.
+    """
+
+    class _WeightInfo:
+        def __init__(self, num, dim):
+            self.dtype, self.device, self.shape = torch.float32, torch.device("cpu"), torch.Size([num, dim])
+
+    def __init__(self, linear: PackedLinear):
+        super().__init__()
+        self.linear = linear  # registered submodule: shares buffers with the LM head (same object)
+        self.num_embeddings, self.embedding_dim = linear.out_features, linear.in_features
+
+    @property
+    def weight(self):
+        return PackedEmbedding._WeightInfo(self.num_embeddings, self.embedding_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.linear.rows(tokens)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, tied to a {self.linear.fmt} PackedLinear"
