@@ -318,20 +318,25 @@ class Model(nn.Module):
         """x = concat(target.embed(last token), h) [B, T, 2*Db]; positions [B, T] = RoPE position of the last
         token; kv_positions [B, T] = last cache entry visible (default positions - 1). Returns Output(logits
         [B, R, V] fp32, hidden = post_projection(norm(x)) [B, T, Db])."""
-        if not self.target_layers:
-            raise RuntimeError("gemma4_assistant: call bind(target) (or set target_layers) before forward")
         if slots is None:
             slots = torch.arange(x.shape[0], device=x.device)
         if kv_positions is None:
             kv_positions = positions - 1
+        y = self.trunk(x, positions, cache, slots, kv_positions)
+        projected = self.post_projection(y)
+        ys = y if logit_rows is None else y[:, logit_rows]
+        return Output(self.logits(ys), projected)
+
+    def trunk(self, x: torch.Tensor, positions: torch.Tensor, cache, slots: torch.Tensor,
+              kv_positions: torch.Tensor) -> torch.Tensor:
+        """pre_projection -> KV-less layers -> final norm: y [B, T, D] (training reads y for its sampled head)."""
+        if not self.target_layers:
+            raise RuntimeError("gemma4_assistant: call bind(target) (or set target_layers) before forward")
         h = self.pre_projection(x)
         cs = {lt: rope_cos_sin(positions, f, h.dtype) for lt, f in self._inv_freq.items()}
         for layer in self.model.layers:
             h = layer(h, cs[layer.layer_type], cache, self.target_layers[layer.layer_type], slots, kv_positions)
-        y = self.model.norm(h)
-        projected = self.post_projection(y)
-        ys = y if logit_rows is None else y[:, logit_rows]
-        return Output(self.logits(ys), projected)
+        return self.model.norm(h)
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         if self.masked_embedding is not None:
