@@ -160,6 +160,7 @@ class BatchScheduler:
     # -- public API ----------------------------------------------------------------------------------------------
     def start(self) -> "BatchScheduler":
         if self._thread is None:
+            self._stop = False
             self._thread = threading.Thread(target=self._run, name="tandem-batch", daemon=True)
             self._thread.start()
         return self

@@ -1,0 +1,82 @@
+"""Chat templates: the model's own (GGUF/HF metadata) or a built-in Gemma one, rendered in a jinja2 sandbox."""
+
+from __future__ import annotations
+
+import datetime
+from functools import lru_cache
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from tandem.server.protocol import APIError
+
+# Gemma turn format: system/developer text is put in front of the first user turn; assistant turns are "model".
+GEMMA_TEMPLATE = """{{- bos_token -}}
+{%- set ns = namespace(system='') -%}
+{%- for m in messages -%}
+{%- if m['role'] in ['system', 'developer'] -%}
+{%- set ns.system = ns.system + (m['content'] | trim) + '\n\n' -%}
+{%- else -%}
+{%- set role = 'model' if m['role'] == 'assistant' else 'user' -%}
+{{- '<start_of_turn>' ~ role ~ '\n' -}}
+{%- if role == 'user' and ns.system -%}{{- ns.system -}}{%- set ns.system = '' -%}{%- endif -%}
+{{- m['content'] | trim -}}
+{{- '<end_of_turn>\n' -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if ns.system -%}{{- '<start_of_turn>user\n' ~ ns.system | trim ~ '<end_of_turn>\n' -}}{%- endif -%}
+{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}
+"""
+
+
+def _raise(message: str):
+    raise TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str):
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+class ChatTemplate:
+    def __init__(self, source: str | None, bos_token: str = "<bos>", eos_token: str = "<eos>"):
+        self.builtin = not source
+        self.source = source or GEMMA_TEMPLATE
+        self.bos_token, self.eos_token = bos_token, eos_token
+        try:
+            self.template = _compile(self.source)
+        except TemplateError:
+            # a model template our sandbox cannot compile: fall back to the built-in one rather than fail every chat
+            self.builtin, self.source = True, GEMMA_TEMPLATE
+            self.template = _compile(self.source)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos_token, eos_token=self.eos_token)
+        except TemplateError as e:
+            raise APIError(400, f"chat template: {e}", "messages") from None
+        except Exception as e:  # noqa: BLE001 - a template is user-supplied code: any failure is a bad request
+            raise APIError(400, f"chat template failed on these messages: {type(e).__name__}: {e}",
+                           "messages") from None
+
+
+def template_for(loaded, tokenizer) -> ChatTemplate:
+    source = getattr(loaded, "chat_template", None) if loaded is not None else None
+    bos, eos = "<bos>", "<eos>"
+    if tokenizer is not None:
+        piece = getattr(tokenizer, "id_to_piece", None)
+        if piece is not None:
+            if getattr(tokenizer, "bos_id", None) is not None:
+                bos = piece(tokenizer.bos_id) or bos
+            eos_ids = getattr(tokenizer, "eos_ids", None) or []
+            if eos_ids:
+                eos = piece(eos_ids[0]) or eos
+    return ChatTemplate(source, bos, eos)

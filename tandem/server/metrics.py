@@ -1,0 +1,93 @@
+"""Server counters in Prometheus text format. Speculative counters use vLLM's names (prefix `tandem:`)."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+PREFIX = "tandem:"
+
+
+def _esc(v: str) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Metrics:
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self._lock = threading.Lock()
+        self.requests = defaultdict(int)  # (endpoint, status) -> count, every API request answered
+        self.finished = defaultdict(int)  # finish reason -> count
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.draft_generation_tokens = 0  # emitted tokens that were accepted drafts
+        self.prompt_ms = 0.0
+        self.predicted_ms = 0.0
+        self.num_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.accepted_per_pos: list[int] = []
+        self.drafted_per_pos: list[int] = []
+
+    def record_request(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self.requests[(endpoint, status)] += 1
+
+    def record_finish(self, reason: str, stats, draft_tokens_emitted: int = 0) -> None:
+        with self._lock:
+            self.finished[reason] += 1
+            self.prompt_tokens += stats.prompt_n
+            self.generation_tokens += stats.predicted_n
+            self.prompt_ms += stats.prompt_ms
+            self.predicted_ms += stats.predicted_ms
+            self.draft_generation_tokens += draft_tokens_emitted
+            sp = stats.spec
+            if sp is not None:
+                self.num_drafts += sp.drafts
+                self.num_draft_tokens += sp.drafted
+                self.num_accepted_tokens += sp.accepted
+                for mine, theirs in ((self.accepted_per_pos, sp.accepted_at), (self.drafted_per_pos, sp.drafted_at)):
+                    if len(mine) < len(theirs):
+                        mine.extend([0] * (len(theirs) - len(mine)))
+                    for i, v in enumerate(theirs):
+                        mine[i] += v
+
+    def render(self, running: int, waiting: int, n_slots: int, spec_n_max: int) -> str:
+        m = f'model_name="{_esc(self.model_name)}"'
+        lines: list[str] = []
+
+        def metric(name, kind, help_, samples):
+            lines.append(f"# HELP {PREFIX}{name} {help_}")
+            lines.append(f"# TYPE {PREFIX}{name} {kind}")
+            for labels, value in samples:
+                lab = ",".join(x for x in (labels, ) if x)
+                lines.append(f"{PREFIX}{name}{{{lab}}} {value}" if lab else f"{PREFIX}{name} {value}")
+
+        with self._lock:
+            metric("requests_total", "counter", "API requests answered, by endpoint and HTTP status",
+                   [(f'endpoint="{_esc(e)}",status="{s}"', n) for (e, s), n in sorted(self.requests.items())]
+                   or [("", 0)])
+            metric("request_success_total", "counter", "finished generations by finish reason",
+                   [(f'{m},finished_reason="{r}"', self.finished.get(r, 0)) for r in ("stop", "length")])
+            metric("prompt_tokens_total", "counter", "prefilled prompt tokens", [(m, self.prompt_tokens)])
+            metric("generation_tokens_total", "counter", "generated tokens", [(m, self.generation_tokens)])
+            metric("prompt_seconds_total", "counter", "time spent in prefill",
+                   [(m, round(self.prompt_ms / 1000, 6))])
+            metric("generation_seconds_total", "counter", "time from first token to finish, summed over requests",
+                   [(m, round(self.predicted_ms / 1000, 6))])
+            metric("num_requests_running", "gauge", "requests holding a slot", [(m, running)])
+            metric("num_requests_waiting", "gauge", "requests waiting for a slot", [(m, waiting)])
+            metric("num_slots", "gauge", "slots (parallel requests)", [(m, n_slots)])
+            metric("spec_decode_num_drafts", "counter", "verification rounds with a non-empty draft",
+                   [(m, self.num_drafts)])
+            metric("spec_decode_num_draft_tokens", "counter", "draft tokens verified", [(m, self.num_draft_tokens)])
+            metric("spec_decode_num_accepted_tokens", "counter", "draft tokens accepted",
+                   [(m, self.num_accepted_tokens)])
+            n_pos = max(spec_n_max, len(self.accepted_per_pos))
+            acc = self.accepted_per_pos + [0] * (n_pos - len(self.accepted_per_pos))
+            metric("spec_decode_num_accepted_tokens_per_pos", "counter", "draft tokens accepted at each position",
+                   [(f'position="{i}"', v) for i, v in enumerate(acc)])
+            dr = self.drafted_per_pos + [0] * (n_pos - len(self.drafted_per_pos))
+            metric("spec_decode_num_draft_tokens_per_pos", "counter", "draft tokens verified at each position",
+                   [(f'position="{i}"', v) for i, v in enumerate(dr)])
+        return "\n".join(lines) + "\n"
