@@ -209,3 +209,21 @@ def test_fit_with_gemma3_target():
                                       sliding_window_pattern=2))
     a = ga.Model(ga.ModelArgs.from_dict(dict(backbone_hidden_size=48, text_config={**ASSIST, "global_head_dim": 16})))
     assert a.check_fit(t) == {S: 2, F: 3}
+
+
+def test_load_drafter_from_hf_dir(target, tmp_path):
+    """save_pretrained -> tandem.spec.load_drafter (through tandem.loading) -> same step as HF."""
+    from tandem.spec import load_drafter
+    hf_t, ours_t = target
+    hf_a, _ = make_assistant(True)
+    hf_a.save_pretrained(tmp_path)
+    d = load_drafter(str(tmp_path), target=ours_t, weight_format="fp32")
+    assert isinstance(d, MTPAssistantDrafter) and d.assistant.args.backbone_hidden_size == TARGET["hidden_size"]
+    ids = list(range(1, 9))
+    hidden, kv = _hf_prefix(hf_t, ids[:7])
+    cache = _cache_from_hf(ours_t, kv, 7)
+    with torch.no_grad():
+        o_hf = hf_a(inputs_embeds=torch.cat([hf_t.get_input_embeddings()(torch.tensor([[8]])), hidden[:, -1:]], -1),
+                    position_ids=torch.tensor([[7]]), shared_kv_states=kv)
+        o = d.assistant(torch.cat([ours_t.embed(torch.tensor([[8]])), hidden[:, -1:]], -1), torch.tensor([[7]]), cache)
+    assert (o.logits - o_hf.logits).abs().max() < TOL

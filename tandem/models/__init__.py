@@ -29,5 +29,7 @@ def build(config: dict, device="cpu", dtype=None):
     model_type = config.get("model_type", "")
     family = get_family(model_type)
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    if getattr(family, "FULL_CONFIG", False):  # e.g. gemma4_assistant: top-level fields + its text_config
+        text = config
     args = family.ModelArgs.from_dict(text)
     return family.Model(args)

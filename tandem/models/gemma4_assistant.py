@@ -31,6 +31,7 @@ from tandem.kvcache import KVCache
 from tandem.models.base import BaseConfig, Output, RMSNorm, apply_rope, rope_cos_sin
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
+FULL_CONFIG = True  # tandem.models.build passes the whole config (top-level fields + text_config), not text_config
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -343,11 +344,11 @@ class Model(nn.Module):
             return self.masked_embedding(y, self.lm_head.weight).float()
         return self.lm_head(y).float()
 
-    def sanitize(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """HF names are ours already; drop RoPE buffers, fill the tied head, keep token_ordering as long."""
+    @staticmethod
+    def sanitize(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """HF names are ours already: drop RoPE buffers, keep token_ordering integral. The tied head needs no
+        entry (the loader fills tie groups from one member); a checkpoint's lm_head.weight is kept."""
         out = {k: v for k, v in weights.items() if "rotary_emb." not in k}
-        if self.args.tie_word_embeddings and "model.embed_tokens.weight" in out:
-            out.setdefault("lm_head.weight", out["model.embed_tokens.weight"])
         if "masked_embedding.token_ordering" in out:
             out["masked_embedding.token_ordering"] = out["masked_embedding.token_ordering"].long()
         return out

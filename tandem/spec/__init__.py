@@ -46,7 +46,7 @@ def load_drafter(drafter: str | None, *, target: Any, target_loaded: Any = None,
 
     from tandem import loading
 
-    loaded = loading.load(drafter, device=device, dtype=torch.float32)
+    loaded = loading.load(drafter, device=device, dtype=torch.float32, tokenizer=False)
     model = loaded.model.eval()
     if weight_format != "fp32":
         from tandem import kernels

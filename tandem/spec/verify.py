@@ -48,8 +48,9 @@ def verify(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, target_
       T > 0, draft_probs given (sampled drafts) -- p/q rejection: accept d_i with probability
           min(1, p_i(d_i) / q_i(d_i)); on rejection emit a token from norm(max(0, p_i - q_i)).
       bonus (all accepted): a token from p_k.
-    Randomness comes only from `generator`, in a fixed order (per row i: the comparison draw, then the
-    recovered/bonus draw when needed), so a seeded run is reproducible.
+    Randomness comes only from `generator`, in a fixed order (per draft position, for all rows at once: the
+    comparison draw, then the recovered draws of the rows rejected there; last the bonus draws), so a seeded run
+    is reproducible. Greedy verification draws nothing.
     """
     B, k = draft_tokens.shape
     V = target_logits.shape[-1]
@@ -63,39 +64,39 @@ def verify(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, target_
         target = target_logits.float().argmax(-1)  # [B, k+1]
         match = (draft_tokens == target[:, :k]).long()  # [B, k]
         n_acc = match.cumprod(-1).sum(-1) if k else n_acc  # length of the all-equal prefix
-        for b in range(B):
-            a = int(n_acc[b])
-            out[b, :a] = draft_tokens[b, :a]
-            out[b, a] = target[b, a]
+        keep = torch.arange(k, device=device)[None] < n_acc[:, None]
+        out[:, :k] = torch.where(keep, draft_tokens, out[:, :k])
+        out.scatter_(1, n_acc[:, None], target.gather(1, n_acc[:, None]))  # recovered or bonus
         return Verdict(out, n_acc)
 
     p = process_logits(target_logits.reshape(B * (k + 1), V), sampling).view(B, k + 1, V)
-    for b in range(B):
-        a = 0
-        emitted = None
-        for i in range(k):
-            d = int(draft_tokens[b, i])
-            if draft_probs is None:  # sample-and-compare
-                y = int(torch.multinomial(p[b, i], 1, generator=generator))
-                if y == d:
-                    a += 1
-                    continue
-                emitted = y
-                break
-            q = draft_probs[b, i].to(device).float()
-            u = float(torch.rand((), generator=generator, device=device))
-            pd, qd = float(p[b, i, d]), float(q[d])
-            if qd > 0 and u * qd <= pd:  # u <= p/q, i.e. accept with min(1, p/q)
-                a += 1
-                continue
-            residual = (p[b, i] - q).clamp(min=0)
-            s = float(residual.sum())
-            dist = residual / s if s > 0 else p[b, i]  # s == 0 only if p == q (then rejection has prob 0)
-            emitted = int(torch.multinomial(dist, 1, generator=generator))
+    alive = torch.ones(B, dtype=torch.bool, device=device)  # rows whose drafts were all accepted so far
+    for i in range(k):
+        d = draft_tokens[:, i]
+        if draft_probs is None:  # sample-and-compare
+            y = torch.multinomial(p[:, i], 1, generator=generator).squeeze(1)
+            ok = y == d
+            rejected = alive & ~ok
+            out[rejected, i] = y[rejected]
+        else:  # p/q rejection
+            q = draft_probs[:, i].to(device).float()
+            u = torch.rand(B, generator=generator, device=device)
+            pd = p[:, i].gather(1, d[:, None]).squeeze(1)
+            qd = q.gather(1, d[:, None]).squeeze(1)
+            ok = (qd > 0) & (u * qd <= pd)  # u <= p/q: accept with probability min(1, p/q)
+            rejected = alive & ~ok
+            if bool(rejected.any()):
+                residual = (p[rejected, i] - q[rejected]).clamp(min=0)
+                s = residual.sum(-1, keepdim=True)
+                # s == 0 only when p == q, where rejection has probability 0; fall back to p to stay defined
+                dist = torch.where(s > 0, residual / s.clamp(min=1e-30), p[rejected, i])
+                out[rejected, i] = torch.multinomial(dist, 1, generator=generator).squeeze(1)
+        accepted = alive & ok
+        out[accepted, i] = d[accepted]
+        n_acc += accepted.long()
+        alive = accepted
+        if not bool(alive.any()):
             break
-        if emitted is None:  # all k accepted: bonus from the last row
-            emitted = int(torch.multinomial(p[b, k], 1, generator=generator))
-        out[b, :a] = draft_tokens[b, :a]
-        out[b, a] = emitted
-        n_acc[b] = a
+    if bool(alive.any()):  # bonus from the last row
+        out[alive, k] = torch.multinomial(p[alive, k], 1, generator=generator).squeeze(1)
     return Verdict(out, n_acc)

@@ -1,0 +1,306 @@
+"""Speculative decoding is lossless.
+
+- T = 0: over 60 random prompts and n_max in {1, 3, 5}, speculative output == plain output token for token, with
+  the Gemma 4 assistant drafter and with a noisy copy of the target (partial acceptances at every position).
+- T > 0: verify()'s next-token distribution == the target's processed distribution (chi-square at alpha = 1e-3,
+  20k samples, fixed seed), for deterministic drafts (sample-and-compare) and sampled drafts (p/q rejection),
+  under temperature / top-k / top-p / min-p; an end-to-end sampled run matches plain sampling's distribution.
+- A drafter equal to the target is accepted 100 %.
+- Rollback: after every round the cache length is the accepted prefix and its entries equal plain decoding's.
+"""
+
+import pytest
+import torch
+
+from tandem.config import SamplingParams, SpecConfig
+from tandem.engine import Engine
+from tandem.kvcache import KVCache
+from tandem.models import gemma3
+from tandem.models import gemma4_assistant as ga
+from tandem.sampling import process_logits, sample
+from tandem.spec import Draft, Drafter, MTPAssistantDrafter, SpecStats, register, verify
+
+V = 16
+S, F = "sliding_attention", "full_attention"
+
+
+def _randomize(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in m.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    return m
+
+
+def tiny_target(seed=0):
+    args = gemma3.ModelArgs(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                            sliding_window_pattern=2, query_pre_attn_scalar=16)
+    return _randomize(gemma3.Model(args), seed).eval()
+
+
+def tiny_assistant(seed=1):
+    args = ga.ModelArgs.from_dict(dict(backbone_hidden_size=32, text_config=dict(
+        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, global_head_dim=16, sliding_window=4, layer_types=[S, F])))
+    m = _randomize(ga.Model(args), seed).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(0.5)  # plain-weight norms (no 1 + w)
+    return m
+
+
+@register("test_copy")
+@register("test_copy_sample", sample_drafts=True)
+class TargetCopyDrafter(Drafter):
+    """Drafts with the target itself on its own cache; `corrupt` replaces each drafted token with probability c by
+    another one (deterministic drafts only), so partial acceptances happen at every draft position."""
+
+    max_draft = 16
+
+    def __init__(self, target, max_len=256, n_slots=1, corrupt=0.0, seed=0):
+        self.target, self.corrupt = target, corrupt
+        self.cache = KVCache(target.kv_specs(), n_slots, max_len)
+        self.rng = torch.Generator().manual_seed(seed)
+        self.hist, self.valid, self.last = {}, {}, {}
+
+    def begin(self, slot, prompt_state):
+        self.hist[slot], self.valid[slot] = list(prompt_state.ids), 0
+
+    @torch.inference_mode()
+    def propose(self, ctx):
+        s, n = ctx.slot, ctx.position
+        assert len(self.hist[s]) == n
+        feed = self.hist[s][self.valid[s]:] + [ctx.last_token]
+        pos = torch.arange(self.valid[s], n + 1)[None]
+        logits = self.target(torch.tensor([feed]), pos, self.cache, torch.tensor([s])).logits[:, -1]
+        self.valid[s] = n + 1
+        toks, probs = [], []
+        for i in range(ctx.k_max):
+            if ctx.sample_drafts:
+                q = process_logits(logits, ctx.sampling)
+                t = int(sample(q, ctx.generator)[0])
+                probs.append(q[0])
+            else:
+                t = int(logits.argmax(-1))
+                if self.corrupt and float(torch.rand((), generator=self.rng)) < self.corrupt:
+                    t = (t + 1 + int(torch.randint(0, V - 1, (), generator=self.rng))) % V
+            toks.append(t)
+            if i + 1 < ctx.k_max:
+                logits = self.target(torch.tensor([[t]]), torch.tensor([[n + 1 + i]]), self.cache,
+                                     torch.tensor([s])).logits[:, -1]
+        self.last[s] = (ctx.last_token, toks)
+        return Draft(torch.tensor([toks], dtype=torch.long), torch.stack(probs)[None] if probs else None)
+
+    def accept(self, slot, n_accepted, target_hidden):
+        x, toks = self.last.pop(slot)
+        self.hist[slot] += [x] + toks[:n_accepted]
+
+
+N_PROMPTS = 60
+MAX_TOKENS = 14
+
+
+@pytest.fixture(scope="module")
+def setup():
+    target = tiny_target()
+    g = torch.Generator().manual_seed(123)
+    prompts = [torch.randint(0, V, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(N_PROMPTS)]
+    plain = Engine(target, max_len=64)
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    ref = [plain.complete(p, greedy)[0] for p in prompts]
+    return target, prompts, ref
+
+
+@pytest.mark.parametrize("n_max", [1, 3, 5])
+@pytest.mark.parametrize("kind", ["mtp", "noisy_copy"])
+def test_greedy_equals_plain(setup, n_max, kind):
+    target, prompts, ref = setup
+    if kind == "mtp":
+        drafter, method = MTPAssistantDrafter(tiny_assistant(), target), "mtp"
+    else:
+        drafter, method = TargetCopyDrafter(target, corrupt=0.3), "test_copy"
+    eng = Engine(target, max_len=64, drafter=drafter, spec=SpecConfig(method=method, n_max=n_max))
+    total = SpecStats()
+    for p, want in zip(prompts, ref):
+        got, fin = eng.complete(p, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+        assert got == want, p
+        total.merge(fin.stats.spec)
+    assert total.drafts > 0
+    if kind == "noisy_copy":  # partial acceptances at every draft position
+        assert 0 < total.acceptance_rate < 1
+        assert all(0 < a < d for a, d in zip(total.accepted_at, total.drafted_at))
+    else:
+        assert total.accepted > 0, total.line()
+
+
+def test_drafter_equal_to_target_is_fully_accepted(setup):
+    target, prompts, ref = setup
+    for method, sampling in (("test_copy", SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)),
+                             ("test_copy_sample", SamplingParams(temperature=0.9, top_k=8, seed=3,
+                                                                 max_tokens=MAX_TOKENS, ignore_eos=True))):
+        eng = Engine(target, max_len=64, drafter=TargetCopyDrafter(target),
+                     spec=SpecConfig(method=method, n_max=4))
+        total = SpecStats()
+        for p in prompts[:10]:
+            total.merge(eng.complete(p, sampling)[1].stats.spec)
+        assert total.drafted > 0 and total.accepted == total.drafted, (method, total.line())
+        assert total.acceptance_rate == 1.0
+
+
+def test_rollback_keeps_exactly_the_accepted_prefix(setup):
+    target, prompts, ref = setup
+    plain = Engine(target, max_len=64)
+
+    class Checked(TargetCopyDrafter):
+        def accept(self, slot, n_accepted, target_hidden):
+            x, toks = self.last[slot]
+            super().accept(slot, n_accepted, target_hidden)
+            L = len(self.hist[slot])  # prompt + emitted tokens whose K/V the target holds
+            assert eng.cache.lengths[slot] == L
+            m = min(L, plain.cache.lengths[0])
+            for layer in eng.cache.k:
+                torch.testing.assert_close(eng.cache.k[layer][slot, :, :m], plain.cache.k[layer][0, :, :m],
+                                           rtol=0, atol=1e-5)
+                torch.testing.assert_close(eng.cache.v[layer][slot, :, :m], plain.cache.v[layer][0, :, :m],
+                                           rtol=0, atol=1e-5)
+            self.rounds += 1
+
+    drafter = Checked(target, corrupt=0.3)
+    drafter.rounds = 0
+    eng = Engine(target, max_len=64, drafter=drafter, spec=SpecConfig(method="test_copy", n_max=3))
+    for p, want in zip(prompts[:15], ref):
+        plain.complete(p, SamplingParams(max_tokens=MAX_TOKENS + 4, ignore_eos=True))
+        got, _ = eng.complete(p, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+        assert got == want
+    assert drafter.rounds > 30
+
+
+def test_p_min_and_n_min(setup):
+    target, prompts, ref = setup
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    d = MTPAssistantDrafter(tiny_assistant(), target)
+    never = Engine(target, max_len=64, drafter=d, spec=SpecConfig(n_max=3, p_min=1.0))
+    got, fin = never.complete(prompts[0], greedy)
+    assert got == ref[0] and fin.stats.spec.drafts == 0 and fin.stats.spec.rounds == MAX_TOKENS - 1
+    all_or_none = Engine(target, max_len=64, drafter=d, spec=SpecConfig(n_max=3, n_min=3, p_min=0.15))
+    st = SpecStats()
+    for p, want in zip(prompts[:10], ref):
+        got, fin = all_or_none.complete(p, greedy)
+        assert got == want
+        st.merge(fin.stats.spec)
+    assert st.drafts > 0 and st.drafts < st.rounds  # some drafts cut by p_min, then dropped by n_min
+    assert st.drafted == 3 * st.drafts  # every verified draft has exactly n_min = 3 tokens
+
+
+# -- verify() distribution at T > 0 --------------------------------------------------------------------------------
+
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59,
+            11: 31.26}
+SAMPLINGS = [SamplingParams(temperature=0.8), SamplingParams(temperature=1.3, top_k=4),
+             SamplingParams(temperature=1.0, top_p=0.8), SamplingParams(temperature=0.9, min_p=0.1)]
+NS = 20_000
+VV = 8
+
+
+def _chi2_same(samples: torch.Tensor, probs: torch.Tensor):
+    counts = torch.bincount(samples, minlength=VV).double()
+    n = counts.sum()
+    support = probs > 0
+    assert counts[~support].sum() == 0, "a token the target's processed distribution excludes was emitted"
+    exp = probs[support].double() * n
+    chi2 = float(((counts[support] - exp) ** 2 / exp).sum())
+    df = int(support.sum()) - 1
+    if df > 0:
+        assert chi2 < CHI2_999[df], (chi2, df, counts.tolist(), (probs * n).tolist())
+    tv = 0.5 * float((counts / n - probs.double()).abs().sum())
+    assert tv < 0.02, tv
+
+
+@pytest.mark.parametrize("sampled_drafts", [False, True], ids=["sample_and_compare", "p_over_q"])
+@pytest.mark.parametrize("si", range(len(SAMPLINGS)))
+def test_verify_distribution_equals_target(sampled_drafts, si):
+    sampling = SAMPLINGS[si]
+    g = torch.Generator().manual_seed(1000 + si)
+    k = 2
+    t_logits = torch.randn(1, k + 1, VV, generator=g) * 1.5
+    p = process_logits(t_logits[0], sampling)  # [k+1, V]
+    gen = torch.Generator().manual_seed(7)
+    if sampled_drafts:  # drafts drawn from q (a different model's processed distribution), as a drafter would
+        q1 = process_logits(torch.randn(1, VV, generator=g) * 1.5, sampling)[0]
+        q2 = process_logits(torch.randn(1, VV, generator=g) * 1.5, sampling)[0]
+        d1 = torch.multinomial(q1, NS, replacement=True, generator=gen)
+        d2 = torch.multinomial(q2, NS, replacement=True, generator=gen)
+        draft = torch.stack([d1, d2], 1)
+        probs = torch.stack([q1, q2])[None].expand(NS, k, VV)
+    else:  # a fixed deterministic draft: the target's 2nd most likely token, then its most likely one
+        d = torch.tensor([int(p[0].argsort(descending=True)[1]), int(p[1].argmax())])
+        draft, probs = d[None].expand(NS, k), None
+    verdict = verify(draft, probs, t_logits.expand(NS, k + 1, VV), sampling, gen)
+    first = verdict.tokens[:, 0]
+    _chi2_same(first, p[0])
+    # given the first token was accepted (== d1), the second one is distributed as p_1
+    acc = verdict.n_accepted >= 1
+    assert torch.equal(acc, first == draft[:, 0])
+    if sampled_drafts:  # condition on one draft value so p_1 is the right reference
+        d1v = int(torch.mode(draft[acc, 0]).values)
+        acc = acc & (draft[:, 0] == d1v)
+    assert int(acc.sum()) > 2000
+    _chi2_same(verdict.tokens[acc, 1], p[1])
+    assert (verdict.tokens[torch.arange(NS), verdict.n_accepted] >= 0).all()
+    assert (verdict.n_accepted < k).logical_or(verdict.tokens[:, k] >= 0).all()
+
+
+def test_verify_greedy_terms():
+    logits = torch.full((1, 4, 5), -1.0)
+    logits[0, 0, 2] = logits[0, 1, 3] = logits[0, 2, 1] = logits[0, 3, 4] = 1.0  # argmax rows: 2, 3, 1, 4
+    g = SamplingParams()
+    v = verify(torch.tensor([[2, 3, 0]]), None, logits, g)  # 2 accepted, 0 rejected -> recovered 1
+    assert v.n_accepted.tolist() == [2] and v.tokens.tolist() == [[2, 3, 1, -1]]
+    v = verify(torch.tensor([[2, 3, 1]]), None, logits, g)  # all accepted -> bonus 4
+    assert v.n_accepted.tolist() == [3] and v.tokens.tolist() == [[2, 3, 1, 4]]
+    v = verify(torch.zeros(1, 0, dtype=torch.long), None, logits[:, :1], g)  # no draft: the plain step
+    assert v.tokens.tolist() == [[2]]
+
+
+@pytest.mark.parametrize("method", ["mtp", "mtp_sample"])
+def test_end_to_end_sampling_matches_target_distribution(setup, method):
+    """The 2nd generated token (the first one a verify round emits) of sampled speculative runs is distributed as
+    the target's exact 2nd-token marginal sum_t1 p(t1) p(. | t1); chi-square at alpha = 1e-3."""
+    target, prompts, _ = setup
+    sp = dict(temperature=1.0, top_k=5, max_tokens=4, ignore_eos=True)
+    prompt = prompts[1]
+    plain = Engine(target, max_len=64)
+    p1 = process_logits(plain.prefill(0, prompt).logits[:, -1], SamplingParams(**sp))[0]
+    marg = torch.zeros(V)
+    for t1 in range(V):
+        if p1[t1] > 0:
+            marg += p1[t1] * process_logits(plain.prefill(0, prompt + [t1]).logits[:, -1], SamplingParams(**sp))[0]
+    eng = Engine(target, max_len=64, drafter=MTPAssistantDrafter(tiny_assistant(), target),
+                 spec=SpecConfig(method=method, n_max=2))
+    n = 400
+    seconds = torch.tensor([eng.complete(prompt, SamplingParams(**sp, seed=s))[0][1] for s in range(n)])
+    counts = torch.bincount(seconds, minlength=V).double()
+    support = marg > 1e-12
+    assert counts[~support].sum() == 0
+    exp = marg[support].double() * n
+    chi2 = float(((counts[support] - exp) ** 2 / exp).sum())
+    assert chi2 < {4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59, 11: 31.26, 12: 32.91,
+                   13: 34.53, 14: 36.12, 15: 37.70}[int(support.sum()) - 1], chi2
+
+
+def test_stats_line_and_merge():
+    a, b = SpecStats(), SpecStats()
+    a.record(3, 2)
+    a.record(3, 0)
+    b.record(2, 2)
+    b.record(0, 0)
+    m = a + b
+    assert (m.drafts, m.drafted, m.accepted, m.rounds, m.emitted) == (3, 8, 4, 4, 8)
+    assert m.acceptance_by_position == [2 / 3, 2 / 3, 0.0]
+    assert m.line() == "draft acceptance = 0.50 (4 accepted / 8 generated), mean len = 2.3"
