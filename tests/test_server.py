@@ -2,6 +2,8 @@
 
 Talks to it with the official `openai` client (sync, streaming, chat, completions) and plain HTTP (timings,
 /metrics, error bodies). One module-scoped server; short max_tokens keep the whole file to about a minute.
+The default model has no trained drafter, so speculation uses test_batch.SelfDrafter (the target drafting for
+itself, greedy, every third round spoiled): rounds accept several tokens, and some reject.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ uvicorn = pytest.importorskip("uvicorn")
 KEY = "test-key"
 N_CTX = 384
 MAX_TOKENS_LIMIT = 64
+N_SLOTS = 8
 
 
 class ServerThread:
@@ -62,7 +65,12 @@ def default_engine(n_slots: int, max_len: int):
 def server():
     from tandem.server import create_app
 
-    eng = default_engine(n_slots=4, max_len=N_CTX)
+    from tandem.config import SpecConfig
+    from test_batch import SelfDrafter
+
+    eng = default_engine(n_slots=N_SLOTS, max_len=N_CTX)
+    eng.drafter = SelfDrafter(eng.model, N_SLOTS, N_CTX, dtype=eng.cache.dtype)
+    eng.spec = SpecConfig(enabled=True, method="test-self", n_max=3)
     app = create_app(eng, api_key=KEY, max_tokens_limit=MAX_TOKENS_LIMIT)
     with ServerThread(app) as srv:
         srv.engine = eng
@@ -99,7 +107,7 @@ def test_models_and_health(server, client):
     assert [m.id for m in models.data] == [server.model]
     assert client.models.retrieve(server.model).id == server.model
     h = httpx.get(server.url + "/health").json()
-    assert h["status"] == "ok" and h["slots_idle"] + h["slots_processing"] == 4
+    assert h["status"] == "ok" and h["slots_idle"] + h["slots_processing"] == N_SLOTS
 
 
 def test_chat_sync_and_stream_agree(server, client):
@@ -159,9 +167,12 @@ def test_raw_sse_format_and_timings(server):
               "draft_n", "draft_n_accepted", "draft_acceptance_per_position"):
         assert k in t, k
     assert t["predicted_n"] == 6 and t["prompt_n"] == usage["usage"]["prompt_tokens"]
-    assert last["speculative"]["n_max"] == 2 and last["speculative"]["p_min"] == 0.5
-    # no drafter for the default model: speculation is reported as off
-    assert last["speculative"]["enabled"] is False
+    assert last["speculative"] == {"enabled": True, "method": "test-self", "n_max": 2, "n_min": 1, "p_min": 0.5}
+    assert t["draft_n"] >= 2 and 0 < t["draft_n_accepted"] <= t["draft_n"]
+    assert 1 <= len(t["draft_acceptance_per_position"]) <= 2
+    # rounds that accept several tokens still stream one chunk per token
+    content = [e for e in events[:-2] if e["choices"][0]["text"]]
+    assert len(content) == 6
 
     r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
                                               "speculative": {"enabled": False}})
@@ -169,6 +180,7 @@ def test_raw_sse_format_and_timings(server):
     j = r.json()
     assert j["timings"]["predicted_n"] == j["usage"]["completion_tokens"]
     assert j["timings"]["prompt_ms"] > 0 and j["speculative"]["enabled"] is False
+    assert j["timings"]["draft_n"] == 0 and j["timings"]["draft_acceptance_per_position"] == []
 
 
 def test_utf8_multibyte_stream(server, client):
@@ -205,14 +217,15 @@ def _request(i: int) -> dict:
 def _stream_text(server, kw) -> tuple[str, dict]:
     c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
     stream = c.completions.create(model=server.model, stream=True, stream_options={"include_usage": True}, **kw)
-    text, reason, usage = "", None, None
+    text, reason, usage, timings = "", None, None, None
     for ch in stream:
         if ch.choices:
             text += ch.choices[0].text
             reason = ch.choices[0].finish_reason or reason
         if ch.usage:
             usage = ch.usage.completion_tokens
-    return text, {"reason": reason, "n": usage}
+            timings = ch.model_extra["timings"]
+    return text, {"reason": reason, "n": usage}, timings
 
 
 def test_16_concurrent_streams_equal_alone(server, client):
@@ -221,9 +234,14 @@ def test_16_concurrent_streams_equal_alone(server, client):
         r = client.completions.create(model=server.model, **_request(i))
         alone.append((r.choices[0].text, {"reason": r.choices[0].finish_reason, "n": r.usage.completion_tokens}))
     with cf.ThreadPoolExecutor(16) as ex:
-        together = list(ex.map(lambda i: _stream_text(server, _request(i)), range(16)))
+        results = list(ex.map(lambda i: _stream_text(server, _request(i)), range(16)))
+    together = [r[:2] for r in results]
     for i, (a, b) in enumerate(zip(alone, together)):
         assert a == b, (i, _request(i), a, b)
+    spec_on = [r[2] for i, r in enumerate(results) if i % 2 == 0 and r[1]["n"] > 1]
+    assert spec_on and all(t["draft_n"] > 0 for t in spec_on)
+    assert sum(t["draft_n_accepted"] for t in spec_on) > 0
+    assert all(r[2]["draft_n"] == 0 for i, r in enumerate(results) if i % 2 == 1)
     assert httpx.get(server.url + "/health").json()["slots_processing"] == 0
 
 
@@ -248,7 +266,7 @@ def test_cancelled_stream_frees_slot(server):
 # -- metrics ---------------------------------------------------------------------------------------------------------
 
 def test_metrics(server, client):
-    client.completions.create(model=server.model, prompt="Hello", max_tokens=3, temperature=0)
+    client.completions.create(model=server.model, prompt="Hello", max_tokens=8, temperature=0)
     r = httpx.get(server.url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
@@ -264,6 +282,10 @@ def test_metrics(server, client):
     assert 'tandem:spec_decode_num_accepted_tokens_per_pos{position="0"}' in values
     assert any(k.startswith("tandem:request_success_total") for k in values)
     assert "# TYPE tandem:spec_decode_num_drafts counter" in text
+    drafts = [v for k, v in values.items() if k.startswith("tandem:spec_decode_num_drafts{")][0]
+    accepted = [v for k, v in values.items() if k.startswith("tandem:spec_decode_num_accepted_tokens{")][0]
+    assert drafts >= 1 and accepted >= 1
+    assert values['tandem:spec_decode_num_accepted_tokens_per_pos{position="0"}'] >= 1
 
 
 # -- errors: OpenAI-style JSON with the right 4xx; the server stays up -----------------------------------------------
