@@ -1,0 +1,86 @@
+"""A gemma4_assistant config and initial weights for any tandem target.
+
+The assistant's hidden size equals the target's, so its tied LM head IS the target's embedding matrix: nothing of
+the 262k-row table is trained or shipped (`tandem.shared_target_embeddings` in config.json says so).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tandem.errors import ConfigError
+from tandem.models import gemma4_assistant
+
+
+def assistant_config(target, *, layers: int = 2, intermediate: int = 1024, heads: int | None = None,
+                     centroids: int = 1024, top_k_clusters: int = 32) -> dict:
+    """HF-style config.json dict (model_type gemma4_assistant with a gemma4_text text_config) fitted to target."""
+    ta = target.args
+    specs = target.kv_specs()
+    types = ["sliding_attention", "full_attention"][:1] * (layers - 1) + ["full_attention"] if layers > 1 \
+        else ["full_attention"]
+    rope, dims = {}, {}
+    for lt in set(types):
+        layer = target.last_layer_of_type(lt)
+        h_kv, dk, dv = specs[layer]
+        if dk != dv:
+            raise ConfigError(f"target layer {layer} ({lt}) has K dim {dk} != V dim {dv}; the assistant needs equal")
+        dims[lt] = (h_kv, dk)
+        f = target._inv_freq[lt]
+        theta = float(1.0 / f[1]) ** (dk / 2.0) if f.numel() > 1 else 10_000.0
+        rope[lt] = {"rope_type": "default", "rope_theta": round(theta, 3)}
+    n_heads = heads or getattr(ta, "num_attention_heads", 4)
+    sw = getattr(ta, "sliding_window", 512) or 512
+    text = {
+        "model_type": "gemma4_text", "vocab_size": ta.vocab_size, "hidden_size": ta.hidden_size,
+        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": n_heads,
+        "num_key_value_heads": dims.get("sliding_attention", dims["full_attention"])[0],
+        "head_dim": dims.get("sliding_attention", dims["full_attention"])[1],
+        "global_head_dim": dims["full_attention"][1], "layer_types": types, "rope_parameters": rope,
+        # HF's assistant sliding mask is inclusive (window + 1 entries); keep the target's reach
+        "sliding_window": max(1, sw - 1), "hidden_size_per_layer_input": 0, "num_kv_shared_layers": layers,
+        "rms_norm_eps": getattr(ta, "rms_norm_eps", 1e-6), "tie_word_embeddings": True,
+        "hidden_activation": "gelu_pytorch_tanh", "attention_k_eq_v": False, "enable_moe_block": False,
+        "max_position_embeddings": getattr(ta, "max_position_embeddings", 32768),
+    }
+    return {
+        "model_type": "gemma4_assistant", "architectures": ["Gemma4AssistantForCausalLM"],
+        "backbone_hidden_size": ta.hidden_size, "use_ordered_embeddings": centroids > 0,
+        "num_centroids": max(centroids, 1), "centroid_intermediate_top_k": top_k_clusters,
+        "tie_word_embeddings": True, "text_config": text,
+        "tandem": {"shared_target_embeddings": True},
+    }
+
+
+def build_assistant(config: dict, target, seed: int = 0) -> gemma4_assistant.Model:
+    """Fresh assistant bound to target, its LM head tied to the target's embedding (frozen)."""
+    torch.manual_seed(seed)
+    args = gemma4_assistant.ModelArgs.from_dict(config)
+    m = gemma4_assistant.Model(args)
+    for name, p in m.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.ones_(p)
+        elif p.dim() == 2 and "embed_tokens" not in name:
+            torch.nn.init.normal_(p, std=1.0 / math.sqrt(p.shape[1]))
+    # the target scales scores by ~1/sqrt(head_dim); start the assistant's q_norm there (it uses scale 1)
+    for layer in m.model.layers:
+        torch.nn.init.constant_(layer.self_attn.q_norm.weight, layer.self_attn.head_dim ** -0.5)
+    share_target_embeddings(m, target)
+    m.bind(target)
+    for lt, layer in m.target_layers.items():
+        if not torch.allclose(m._inv_freq[lt], target._inv_freq[lt], rtol=1e-4):
+            raise ConfigError(f"assistant RoPE for {lt} does not match target layer {layer}")
+    return m
+
+
+def share_target_embeddings(assistant, target) -> None:
+    """Point the assistant's tied embedding/LM head at the target's input embedding (no copy, frozen)."""
+    w = target.model.embed_tokens.weight
+    if tuple(w.shape) != (assistant.args.vocab_size, assistant.args.hidden_size):
+        raise ConfigError(f"target embedding {tuple(w.shape)} does not fit assistant "
+                          f"({assistant.args.vocab_size}, {assistant.args.hidden_size})")
+    assistant.model.embed_tokens.weight = w
+    assistant.lm_head.weight = w
+    w.requires_grad_(False)
