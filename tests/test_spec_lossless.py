@@ -42,11 +42,14 @@ def tiny_target(seed=0):
     return _randomize(gemma3.Model(args), seed).eval()
 
 
-def tiny_assistant(seed=1):
-    args = ga.ModelArgs.from_dict(dict(backbone_hidden_size=32, text_config=dict(
+def tiny_assistant(seed=1, centroids=False):
+    extra = dict(use_ordered_embeddings=True, num_centroids=4, centroid_intermediate_top_k=2) if centroids else {}
+    args = ga.ModelArgs.from_dict(dict(backbone_hidden_size=32, **extra, text_config=dict(
         vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, global_head_dim=16, sliding_window=4, layer_types=[S, F])))
     m = _randomize(ga.Model(args), seed).eval()
+    if centroids:
+        m.masked_embedding.token_ordering.copy_(torch.randperm(V, generator=torch.Generator().manual_seed(seed)))
     with torch.no_grad():
         for n, p in m.named_parameters():
             if n.endswith("norm.weight"):
@@ -304,3 +307,22 @@ def test_stats_line_and_merge():
     assert (m.drafts, m.drafted, m.accepted, m.rounds, m.emitted) == (3, 8, 4, 4, 8)
     assert m.acceptance_by_position == [2 / 3, 2 / 3, 0.0]
     assert m.line() == "draft acceptance = 0.50 (4 accepted / 8 generated), mean len = 2.3"
+
+
+@pytest.mark.parametrize("centroids", [False, True], ids=["tied_head", "centroid_head"])
+def test_greedy_equals_plain_with_packed_weights(setup, centroids):
+    """Target and drafter packed by tandem.kernels.prepare (batch-invariant kernels): the k+1-row verify forward
+    gives the plain 1-row results, so greedy speculation still equals plain decoding exactly."""
+    from tandem import kernels
+    _, prompts, _ = setup
+    target = kernels.prepare(tiny_target(), "bf16")
+    drafter = MTPAssistantDrafter(kernels.prepare(tiny_assistant(centroids=centroids), "bf16"), target)
+    plain = Engine(target, max_len=64)
+    eng = Engine(target, max_len=64, drafter=drafter, spec=SpecConfig(n_max=3))
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    total = SpecStats()
+    for p in prompts[:15]:
+        got, fin = eng.complete(p, greedy)
+        assert got == plain.complete(p, greedy)[0], p
+        total.merge(fin.stats.spec)
+    assert total.drafts > 0

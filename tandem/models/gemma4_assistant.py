@@ -226,14 +226,16 @@ class MaskedEmbedder(nn.Module):
         self.centroids = nn.Linear(args.hidden_size, args.num_centroids, bias=False)
         self.register_buffer("token_ordering", torch.arange(args.vocab_size, dtype=torch.long))
 
-    def forward(self, h: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
-        """h [B, T, D] -> logits [B, T, V]."""
+    def forward(self, h: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """h [B, T, D] -> logits [B, T, V]; rows of the tied head are read through `lm_head` (an nn.Linear, or a
+        packed one from tandem.kernels.prepare exposing rows())."""
         B, T, D = h.shape
         top = torch.topk(self.centroids(h), self.top_k, dim=-1).indices  # [B, T, K]
         clusters = self.token_ordering.long().view(self.num_centroids, -1)  # [C, V/C]
         ids = clusters[top].reshape(B, T, -1)  # [B, T, K*V/C] token ids
-        w = lm_head_weight[ids.reshape(-1)].view(B, T, -1, D)
-        sel = (h.unsqueeze(-2) @ w.transpose(-1, -2)).squeeze(-2)  # [B, T, K*V/C]
+        rows = getattr(lm_head, "rows", None)
+        w = rows(ids) if rows is not None else lm_head.weight[ids.reshape(-1)].view(B, T, -1, D)
+        sel = (h.unsqueeze(-2) @ w.to(h.dtype).transpose(-1, -2)).squeeze(-2)  # [B, T, K*V/C]
         fill = sel.amin(-1, keepdim=True) - 1.0
         out = fill.expand(B, T, self.vocab_size).clone()
         return out.scatter_(-1, ids, sel)
@@ -341,7 +343,7 @@ class Model(nn.Module):
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         if self.masked_embedding is not None:
-            return self.masked_embedding(y, self.lm_head.weight).float()
+            return self.masked_embedding(y, self.lm_head).float()
         return self.lm_head(y).float()
 
     @staticmethod

@@ -47,7 +47,7 @@ class MTPAssistantDrafter(Drafter):
         dev = self._hidden[ctx.slot].device
         if ctx.k_max <= 0:
             return Draft.empty(1, dev)
-        h = self._hidden[ctx.slot][:, None].to(self.assistant.pre_projection.weight.dtype)  # [1, 1, Db]
+        h = self._hidden[ctx.slot][:, None]  # [1, 1, Db]
         pos = torch.tensor([[ctx.position]], device=dev)
         kv_pos = pos - 1  # the accepted prefix, and nothing else
         slots = torch.tensor([ctx.slot], device=dev)
