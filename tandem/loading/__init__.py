@@ -1,0 +1,173 @@
+"""Load a model (our nn.Module), its HF-style config, tokenizer and chat template from a GGUF or an HF directory.
+
+    from tandem.loading import load
+    m = load(None)             # the embedded default (google/gemma-3-270m, Q4_K_M GGUF dequantized to fp32)
+    m = load("x.gguf")         # any GGUF of a supported architecture
+    m = load("path/to/hf_dir") # config.json + model.safetensors / sharded index (+ tokenizer.json)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from tandem.errors import ModelLoadError
+
+__all__ = ["Loaded", "load", "load_state_into", "detect_kind"]
+
+
+@dataclass
+class Loaded:
+    model: nn.Module  # eval mode, on `device`, parameters in `dtype`, requires_grad False
+    config: dict[str, Any]  # HF config.json-style dict
+    tokenizer: Any  # tandem.tokenizer.Tokenizer or None
+    chat_template: str | None
+    path: str  # the file or directory the weights came from
+    kind: str  # "gguf" | "hf"
+
+
+def detect_kind(path: str) -> str:
+    p = Path(path)
+    if p.is_dir():
+        return "hf"
+    if not p.exists():
+        raise ModelLoadError(f"{path}: no such file or directory")
+    if p.name == "config.json":
+        return "hf"
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    if magic == b"GGUF" or p.suffix.lower() == ".gguf":
+        return "gguf"
+    raise ModelLoadError(f"{path}: not a GGUF file (magic {magic!r}) nor an HF model directory")
+
+
+_INIT_FNS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+             "xavier_normal_", "zeros_", "ones_", "constant_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip random initialisation while building a model whose every weight is about to be replaced."""
+    saved = {n: getattr(nn.init, n) for n in _INIT_FNS if hasattr(nn.init, n)}
+    try:
+        for n in saved:
+            setattr(nn.init, n, lambda t, *a, **k: t)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def _set_param(model: nn.Module, name: str, p: nn.Parameter) -> None:
+    mod_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(mod_name) if mod_name else model, leaf, p)
+
+
+def load_state_into(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Strict, zero-copy (assign) load of HF-named weights into `model`, keeping tied parameters tied.
+
+    A tie group (parameters that are the same object, e.g. lm_head.weight / embed_tokens.weight) needs just one
+    member in `weights`; all members end up sharing the loaded tensor."""
+    groups: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(n)
+    tied = [names for names in groups.values() if len(names) > 1]
+    weights = dict(weights)
+    for names in tied:
+        present = [n for n in names if n in weights]
+        if present:
+            for n in names:
+                weights[n] = weights[present[0]]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        raise ModelLoadError(f"{source}: weights do not match the model: missing {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                             f"{' ...' if len(unexpected) > 8 else ''}")
+    bad = [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+           if tuple(weights[k].shape) != tuple(v.shape)]
+    if bad:
+        raise ModelLoadError(f"{source}: tensor shape mismatch: {bad[:4]}")
+    model.load_state_dict(weights, strict=True, assign=True)
+    for names in tied:
+        p = model.get_parameter(names[0])
+        for n in names[1:]:
+            _set_param(model, n, p)
+    return model
+
+
+def _tokenizer_cache_path(gguf_path: str) -> Path | None:
+    from tandem.loading.default import cache_dir
+    try:
+        st = os.stat(gguf_path)
+    except OSError:
+        return None
+    key = hashlib.sha256(f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:24]
+    return cache_dir() / "tokenizers" / f"{key}.json"
+
+
+def _gguf_tokenizer(f, cache: bool):
+    """The file's tokenizer; the derived tokenizer.json is cached (building Gemma's merges takes seconds)."""
+    from tandem.tokenizer import Tokenizer
+    if "tokenizer.ggml.tokens" not in f.fields:
+        return None
+    cp = _tokenizer_cache_path(f.path) if cache else None
+    if cp is not None and cp.is_file():
+        try:
+            return Tokenizer.load_saved(cp)
+        except Exception:
+            pass  # stale or broken cache: rebuild
+    tok = Tokenizer.from_gguf_metadata(f.tokenizer_metadata(), f.architecture, source=f.path)
+    if cp is not None:
+        try:
+            cp.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cp.with_suffix(f".{os.getpid()}.tmp")
+            tok.save(tmp)
+            os.replace(str(tmp) + ".tandem.json", str(cp) + ".tandem.json")
+            os.replace(tmp, cp)
+        except OSError:
+            pass
+    return tok
+
+
+def load(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+         dtype: torch.dtype = torch.float32, tokenizer: bool = True, tokenizer_cache: bool = True) -> Loaded:
+    """Load a model; `path=None` is the embedded default model (assembled into the cache on first use)."""
+    from tandem.models import build, get_family
+
+    if path is None:
+        from tandem.loading.default import default_model_path
+        path = default_model_path()
+    path = str(path)
+    kind = detect_kind(path)
+    if kind == "gguf":
+        from tandem.loading.gguf import GGUFFile
+        f = GGUFFile(path)
+        config = f.config()
+        weights = f.state_dict(dtype=dtype)
+        tok = _gguf_tokenizer(f, tokenizer_cache) if tokenizer else None
+        template = f.chat_template
+    else:
+        from tandem.loading import hf
+        if Path(path).name == "config.json":
+            path = str(Path(path).parent)
+        config = hf.read_config(path)
+        weights = hf.state_dict(path, dtype=dtype)
+        tok, template = hf.read_tokenizer(path, config) if tokenizer else (None, None)
+    family = get_family(config.get("model_type", ""))
+    with _no_init():
+        model = build(config)
+    weights = family.Model.sanitize(weights)
+    load_state_into(model, weights, path)
+    model.requires_grad_(False)
+    model.to(device=device)
+    model.eval()
+    return Loaded(model=model, config=config, tokenizer=tok, chat_template=template, path=path, kind=kind)
