@@ -221,3 +221,15 @@ def test_failure_reaches_the_request_and_scheduler_survives(engine):
         assert isinstance(evs[-1], Failed)
         ok = events_of(sch.submit([1, 2, 3], SamplingParams(max_tokens=3)))
         assert ok[-1][0] == "fin"
+
+
+def test_chunked_prefill_interleaves_and_matches_alone(engine, monkeypatch):
+    import tandem.engine.batch as batch
+    import tandem.engine.core as core
+    monkeypatch.setattr(core, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(batch, "PREFILL_CHUNK", 8)
+    reqs = random_requests(8, engine.model.args.vocab_size, seed=3, spec=True)
+    alone = [events_of(engine.generate(p, sp, sc)) for p, sp, sc in reqs]
+    with BatchScheduler(engine) as sch:
+        together = [events_of(h) for h in [sch.submit(p, sp, sc) for p, sp, sc in reqs]]
+    assert together == alone

@@ -282,6 +282,7 @@ def test_metrics(server, client):
     assert 'tandem:spec_decode_num_accepted_tokens_per_pos{position="0"}' in values
     assert any(k.startswith("tandem:request_success_total") for k in values)
     assert "# TYPE tandem:spec_decode_num_drafts counter" in text
+    assert values['tandem:requests_total{endpoint="/v1/completions",status="200"}'] >= 1
     drafts = [v for k, v in values.items() if k.startswith("tandem:spec_decode_num_drafts{")][0]
     accepted = [v for k, v in values.items() if k.startswith("tandem:spec_decode_num_accepted_tokens{")][0]
     assert drafts >= 1 and accepted >= 1
@@ -318,6 +319,8 @@ def test_error_cases(server, client):
     _err(post(server, chat, {"messages": msgs, "speculative": {"enabled": "yes"}}), 400, "speculative.enabled")
     _err(post(server, chat, {"messages": msgs, "speculative": {"bogus": 1}}), 400, "speculative.bogus")
     _err(post(server, chat, {"messages": msgs, "speculative": {"n_max": 2, "n_min": 3}}), 400, "speculative.n_min")
+    _err(post(server, chat, {"messages": msgs, "speculative": {"method": "bogus"}}), 400, "speculative.method")
+    _err(post(server, chat, {"messages": msgs, "speculative": {"method": "mtp"}}), 400, "speculative.method")
     _err(post(server, chat, {"messages": msgs, "n": 2}), 400, "n")
     e = _err(post(server, chat, {"messages": msgs, "logprobs": True}), 400, "logprobs")
     assert "not supported" in e["message"]

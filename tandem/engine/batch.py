@@ -1,7 +1,8 @@
 """Continuous batching: a scheduler over the engine's N cache slots, in a background thread.
 
-Requests wait in a queue until a slot is free; admission prefills the prompt into the slot (alone, exactly as
-Engine.generate does) and samples the first token. Then every step runs ONE target forward over all active slots:
+Requests wait in a queue until a slot is free; the prompt is then prefilled into the slot (alone, in the chunks
+Engine.generate uses, at most PREFILL_CHUNK prompt tokens per scheduler iteration so decoding slots keep moving)
+and the first token sampled. Then every step runs ONE target forward over all active slots:
 tokens/positions [B, T_max], padded with position -1; a plain slot contributes 1 row (its pending token), a
 speculating slot its k+1 verify rows (pending token + the drafter's proposals). Each slot gets its own rows'
 logits and runs its own sampling / verification with its own generator, and its tokens go through the same
@@ -28,7 +29,7 @@ from typing import Any, AsyncIterator, Iterator
 import torch
 
 from tandem.config import SamplingParams, SpecConfig
-from tandem.engine.core import Engine, RequestOutput, sample_token
+from tandem.engine.core import PREFILL_CHUNK, Engine, RequestOutput, sample_token
 from tandem.engine.events import Finished, Token
 from tandem.errors import RequestError
 from tandem.sampling import make_generator
@@ -135,6 +136,8 @@ class _Slot:
         self.pending: int | None = None  # sampled and emitted, not yet fed to the target
         self.t1 = 0.0
         self.spec = None  # per-slot speculative state, when speculating
+        self.prefilling = True
+        self.prefill_pos = 0  # prompt tokens already in the cache
 
     @property
     def handle(self) -> RequestHandle:
@@ -229,7 +232,8 @@ class BatchScheduler:
             self._free_cancelled()
             try:
                 self._admit()
-                if any(self._slots):
+                self._prefill_some()
+                if any(s is not None and not s.prefilling for s in self._slots):
                     self._step()
             except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
                 log.exception("batch step failed")
@@ -264,6 +268,7 @@ class BatchScheduler:
             r.handle._deliver([Failed(message)])
 
     def _admit(self) -> None:
+        """Give free slots to waiting requests (oldest first); their prompts are prefilled by _prefill_some()."""
         while True:
             free = [i for i, s in enumerate(self._slots) if s is None]
             with self._cv:
@@ -272,21 +277,39 @@ class BatchScheduler:
                     return
                 req = self._waiting.popleft()
             i = free[0]
-            slot = _Slot(self.engine, i, req)
             req.handle.slot = i
-            self._slots[i] = slot
-            try:
-                self._prefill(slot)
-            except Exception as e:  # noqa: BLE001
-                log.exception("prefill failed")
-                self._release(i)
-                req.handle._deliver([Failed(f"internal error in prefill: {type(e).__name__}: {e}")])
+            self._slots[i] = _Slot(self.engine, i, req)
 
-    def _prefill(self, s: _Slot) -> None:
+    def _prefill_some(self) -> None:
+        """Prefill chunks (Engine.prefill's chunking, so the cache ends up exactly as in Engine.generate) for up to
+        PREFILL_CHUNK prompt tokens per scheduler iteration, oldest request first: a long prompt does not stall
+        the decoding slots for its whole prefill."""
+        budget = PREFILL_CHUNK
+        pending = sorted((s for s in self._slots if s is not None and s.prefilling),
+                         key=lambda s: s.req.submitted)
+        for s in pending:
+            if budget <= 0:
+                return
+            ids = s.req.ids
+            c = s.prefill_pos
+            chunk = ids[c:c + PREFILL_CHUNK]
+            try:
+                t0 = time.perf_counter()
+                out = self.engine.prefill(s.idx, chunk, start=c)
+                s.out.stats.prompt_ms += 1000 * (time.perf_counter() - t0)
+                s.prefill_pos += len(chunk)
+                budget -= len(chunk)
+                if s.prefill_pos >= len(ids):
+                    self._start_decoding(s, out)
+            except Exception as e:  # noqa: BLE001 - fail this request only
+                log.exception("prefill failed")
+                self._release(s.idx)
+                s.handle._deliver([Failed(f"internal error in prefill: {type(e).__name__}: {e}")])
+
+    def _start_decoding(self, s: _Slot, out) -> None:
+        """After the last prefill chunk: speculative state (if any) and the first token, as Engine.generate."""
         eng = self.engine
-        t0 = time.perf_counter()
-        out = eng.prefill(s.idx, s.req.ids)
-        s.out.stats.prompt_ms = 1000 * (time.perf_counter() - t0)
+        s.prefilling = False
         s.t1 = time.perf_counter()
         if s.req.spec.enabled and eng.drafter is not None:
             s.spec = self._spec_state(s, out)
@@ -328,7 +351,7 @@ class BatchScheduler:
 
     def _step(self) -> None:
         eng = self.engine
-        active = [s for s in self._slots if s is not None]
+        active = [s for s in self._slots if s is not None and not s.prefilling]
         rows = [s.spec.rows(s.pending) if s.spec is not None else [s.pending] for s in active]
         B, T = len(active), max(len(r) for r in rows)
         tokens = torch.zeros(B, T, dtype=torch.long)

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tandem.config import SpecConfig
 from tandem.engine.batch import BatchScheduler, Failed, RequestHandle
 from tandem.engine.events import Finished, GenStats, Token
+from tandem.errors import RequestError
 from tandem.server.chat import ChatTemplate, template_for
 from tandem.server.metrics import Metrics
 from tandem.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, check_unsupported,
@@ -105,10 +106,6 @@ def usage_of(stats: GenStats) -> dict:
             "total_tokens": stats.prompt_n + stats.predicted_n}
 
 
-def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(APIError(status, message, param, code).body(), status_code=status)
-
-
 def create_app(engine, *, loaded: Any = None, alias: str | None = None, api_key: str | None = None,
                max_tokens_limit: int | None = None, scheduler: BatchScheduler | None = None,
                max_waiting: int | None = 1024) -> FastAPI:
@@ -134,19 +131,24 @@ def create_app(engine, *, loaded: Any = None, alias: str | None = None, api_key:
     sched.start()
 
     # -- errors: always OpenAI-style JSON, never an HTML page or a bare 500 -----------------------------------------
+    def _error_response(request: Request, status: int, body: dict, headers=None) -> JSONResponse:
+        if request.url.path.startswith("/v1"):
+            state.metrics.record_request(request.url.path, status)
+        return JSONResponse(body, status_code=status, headers=headers)
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return _error_response(request, e.status, e.body())
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
         errs = e.errors()
         if not errs:
-            return _error(400, "invalid request body")
+            return _error_response(request, 400, APIError(400, "invalid request body").body())
         err = errs[0]
         if err.get("type") == "json_invalid":
-            return _error(400, f"the request body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(
-                ": "))
+            msg = f"the request body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(": ")
+            return _error_response(request, 400, APIError(400, msg).body())
         param = param_of(err.get("loc", ()))
         msg = err.get("msg", "invalid value")
         if err.get("type") == "missing":
@@ -157,19 +159,21 @@ def create_app(engine, *, loaded: Any = None, alias: str | None = None, api_key:
         elif err.get("type") in ("model_type", "dict_type") and param is None:
             msg = "the request body must be a JSON object"
         extra = f" ({len(errs) - 1} more error{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
-        return _error(400, f"{param or 'body'}: {msg}{extra}", param, "invalid_value")
+        return _error_response(request, 400, APIError(400, f"{param or 'body'}: {msg}{extra}", param,
+                                                      "invalid_value").body())
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         msg = f"{request.method} {request.url.path}: {e.detail}"
-        return JSONResponse(APIError(e.status_code, msg, None, code).body(), status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
+        return _error_response(request, e.status_code, APIError(e.status_code, msg, None, code).body(),
+                               getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, e: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, f"internal server error: {type(e).__name__}", None, "internal_error")
+        return _error_response(request, 500, APIError(500, f"internal server error: {type(e).__name__}", None,
+                                                      "internal_error").body())
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -234,7 +238,7 @@ def create_app(engine, *, loaded: Any = None, alias: str | None = None, api_key:
                                 f"{max_param}", max_param, "context_length_exceeded")
         max_tokens = requested_max or min(state.max_tokens_limit, state.n_ctx - n)
         sampling = sampling_of(req, max_tokens)
-        spec = spec_of(req, state.spec_default, state.spec_available)
+        spec = spec_of(req, state.spec_default, engine.drafter)
         return sampling, spec
 
     def encode_text(text: str, add_special: bool) -> list[int]:
@@ -246,7 +250,11 @@ def create_app(engine, *, loaded: Any = None, alias: str | None = None, api_key:
     async def run(request: Request, endpoint: str, req, ids: list[int], requested_max: int | None, max_param: str):
         sampling, spec = prepare(req, ids, requested_max, max_param)
         rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        handle = sched.submit(ids, sampling, spec, request_id=rid, add_special_tokens=False)
+        try:
+            handle = sched.submit(ids, sampling, spec, request_id=rid, add_special_tokens=False)
+        except RequestError as e:
+            busy = "busy" in str(e)
+            raise APIError(503 if busy else 400, str(e), None, "server_busy" if busy else None) from None
         created = int(time.time())
         ctx = dict(id=rid, created=created, model=req.model or state.model_id, spec=spec_echo(spec))
         if req.stream:

@@ -173,8 +173,9 @@ def sampling_of(req: _Common, max_tokens: int) -> SamplingParams:
         raise APIError(400, msg, field if field in FIELD_NAMES else None) from None
 
 
-def spec_of(req: _Common, default: SpecConfig, available: bool) -> SpecConfig:
+def spec_of(req: _Common, default: SpecConfig, drafter: Any) -> SpecConfig:
     """The request's speculative settings over the server's defaults; disabled when no drafter is loaded."""
+    available = drafter is not None
     o = req.speculative
     changes = {} if o is None else {k: v for k, v in o.model_dump().items() if v is not None}
     if "p_min" in changes:
@@ -189,9 +190,12 @@ def spec_of(req: _Common, default: SpecConfig, available: bool) -> SpecConfig:
     if spec.enabled and available and "method" in changes:
         from tandem.spec import get_method
         try:
-            get_method(spec.method)
+            method = get_method(spec.method)
         except ConfigError as e:
             raise APIError(400, str(e), "speculative.method") from None
+        if not isinstance(drafter, method.drafter_cls):
+            raise APIError(400, f"speculative.method {spec.method!r} needs a {method.drafter_cls.__name__} drafter; "
+                                f"this server has a {type(drafter).__name__}", "speculative.method")
     if not available and spec.enabled:
         spec = dataclasses.replace(spec, enabled=False)
     return spec
