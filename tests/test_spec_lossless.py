@@ -326,3 +326,20 @@ def test_greedy_equals_plain_with_packed_weights(setup, centroids):
         assert got == plain.complete(p, greedy)[0], p
         total.merge(fin.stats.spec)
     assert total.drafts > 0
+
+
+def test_context_full_and_budget_edges(setup):
+    """Drafts are capped by the context (k <= max_len - n - 1) and the token budget; output still equals plain."""
+    target, prompts, _ = setup
+    for max_len, max_tokens in ((16, 100), (40, 3), (40, 1)):
+        plain = Engine(target, max_len=max_len)
+        eng = Engine(target, max_len=max_len, drafter=TargetCopyDrafter(target, max_len=max_len, corrupt=0.2),
+                     spec=SpecConfig(method="test_copy", n_max=5))
+        for p in prompts[:8]:
+            if len(p) >= max_len:
+                continue
+            sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+            want, fin_p = plain.complete(p, sp)
+            got, fin = eng.complete(p, sp)
+            assert got == want and fin.reason == fin_p.reason
+            assert eng.cache.lengths[0] <= max_len
