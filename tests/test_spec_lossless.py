@@ -343,3 +343,34 @@ def test_context_full_and_budget_edges(setup):
             got, fin = eng.complete(p, sp)
             assert got == want and fin.reason == fin_p.reason
             assert eng.cache.lengths[0] <= max_len
+
+
+def test_trace_ndjson(setup, tmp_path, monkeypatch):
+    """TANDEM_TRACE=FILE: one JSON line per draft and per verification, consistent with the stats."""
+    import json
+
+    from tandem.spec import set_tracer
+    target, prompts, ref = setup
+    path = tmp_path / "trace.ndjson"
+    set_tracer(None)
+    monkeypatch.setenv("TANDEM_TRACE", str(path))
+    try:
+        eng = Engine(target, max_len=64, drafter=TargetCopyDrafter(target, corrupt=0.3),
+                     spec=SpecConfig(method="test_copy", n_max=3))
+        toks, fin = eng.complete(prompts[0], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True),
+                                 request_id="req-7")
+    finally:
+        monkeypatch.delenv("TANDEM_TRACE")
+        set_tracer(None)
+    ev = [json.loads(line) for line in path.read_text().splitlines()]
+    drafts = [e for e in ev if e["event"] == "draft"]
+    verifs = [e for e in ev if e["event"] == "verify"]
+    assert len(drafts) == len(verifs) == fin.stats.spec.rounds
+    assert all(e["req"] == "req-7" for e in ev)
+    assert [e["round"] for e in verifs] == list(range(len(verifs)))
+    assert sum(e["accepted"] for e in verifs) == fin.stats.spec.accepted
+    for d, v in zip(drafts, verifs):
+        assert d["pos"] == v["pos"] and len(d["tokens"]) == v["n_draft"] and v["tokens"][:v["accepted"]] == \
+            d["tokens"][:v["accepted"]] and "ms" in d and "ms" in v
+    emitted = [t for v in verifs for t in v["tokens"]]
+    assert toks[1:] == emitted[:len(toks) - 1]

@@ -49,25 +49,29 @@ class Tracer:
 
 
 _tracer: Tracer | None = None
-_env_checked = False
+_explicit = False  # set_tracer() was called: the environment no longer decides
+_env_path: str | None = None
 
 
 def set_tracer(target: str | IO[str] | Callable[[dict], Any] | Tracer | None) -> Tracer | None:
-    """Install the process-wide tracer (None turns tracing off); returns it."""
-    global _tracer, _env_checked
+    """Install the process-wide tracer (None turns tracing off and hands control back to TANDEM_TRACE)."""
+    global _tracer, _explicit, _env_path
     if _tracer is not None and _tracer is not target:
         _tracer.close()
     _tracer = target if (target is None or isinstance(target, Tracer)) else Tracer(target)
-    _env_checked = True
+    _explicit = _tracer is not None
+    _env_path = None
     return _tracer
 
 
 def get_tracer() -> Tracer | None:
-    """The active tracer; on first use TANDEM_TRACE=FILE installs one."""
-    global _env_checked
-    if not _env_checked:
-        _env_checked = True
-        path = os.environ.get("TANDEM_TRACE")
-        if path:
-            set_tracer(path)
+    """The active tracer: the one set_tracer() installed, else one appending to $TANDEM_TRACE (if set)."""
+    global _tracer, _env_path
+    if not _explicit:
+        path = os.environ.get("TANDEM_TRACE") or None
+        if path != _env_path:
+            if _tracer is not None:
+                _tracer.close()
+            _tracer = Tracer(path) if path else None
+            _env_path = path
     return _tracer
