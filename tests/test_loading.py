@@ -209,7 +209,7 @@ def test_gguf_roundtrip_weights(tiny_gguf):
     assert m.kind == "gguf"
     cfg = m.config
     assert cfg["model_type"] == "gemma3_text" and cfg["tie_word_embeddings"] is True
-    assert cfg["rms_norm_eps"] == 1e-6 or abs(cfg["rms_norm_eps"] - 1e-6) < 1e-12
+    assert cfg["rms_norm_eps"] == 1e-6 and cfg["rope_theta"] == 1e6
     assert cfg["head_dim"] == 16 and cfg["query_pre_attn_scalar"] == 16 and cfg["sliding_window"] == 4
     sd = m.model.state_dict()
     for k, v in expected.items():
@@ -219,6 +219,12 @@ def test_gguf_roundtrip_weights(tiny_gguf):
     assert not m.model.training
     assert m.chat_template.startswith("{{ bos_token }}")
     assert m.tokenizer.bos_id == 2 and 1 in m.tokenizer.eos_ids and 6 in m.tokenizer.eos_ids
+
+
+def test_dir_with_one_gguf(tiny_gguf):
+    p, _ = tiny_gguf
+    m = load(str(p.parent), tokenizer_cache=False)
+    assert m.kind == "gguf" and m.path == str(p)
 
 
 def test_gguf_untied_head(tmp_path):

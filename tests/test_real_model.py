@@ -48,6 +48,17 @@ def test_config_and_tie(ours):
     assert info["token_embd.weight"] == ("Q8_0", (262144, 640))
 
 
+def test_config_matches_transformers(ours, theirs):
+    ref = theirs.config
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "sliding_window", "query_pre_attn_scalar", "layer_types", "vocab_size",
+              "max_position_embeddings", "final_logit_softcapping", "attn_logit_softcapping", "tie_word_embeddings"):
+        assert ours.config[k] == getattr(ref, k), k
+    assert abs(ours.config["rms_norm_eps"] - ref.rms_norm_eps) < 1e-12
+    for lt in ("full_attention", "sliding_attention"):
+        assert ours.model.args.rope(lt) == (ref.rope_parameters[lt]["rope_theta"], 1.0), lt
+
+
 def test_weights_equal_transformers(ours, theirs):
     mine = ours.model.state_dict()
     ref = theirs.state_dict()

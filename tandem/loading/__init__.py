@@ -36,6 +36,10 @@ class Loaded:
 def detect_kind(path: str) -> str:
     p = Path(path)
     if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return "gguf"
         return "hf"
     if not p.exists():
         raise ModelLoadError(f"{path}: no such file or directory")
@@ -148,6 +152,8 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
         path = default_model_path()
     path = str(path)
     kind = detect_kind(path)
+    if kind == "gguf" and Path(path).is_dir():  # a directory holding one .gguf and no config.json
+        path = str(next(Path(path).glob("*.gguf")))
     if kind == "gguf":
         from tandem.loading.gguf import GGUFFile
         f = GGUFFile(path)

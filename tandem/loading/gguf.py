@@ -159,7 +159,6 @@ ARCHS: dict[str, GGUFArch] = {
             "attention_bias": False,
             "attention_dropout": 0.0,
             "use_bidirectional_attention": False,
-            "torch_dtype": "float32",
         },
         tensors=_GEMMA_TENSORS,
         optional={"output.weight"},
@@ -208,7 +207,7 @@ def _fast_dequant_impl(data: np.ndarray, qtype) -> torch.Tensor | None:
         blocks = torch.from_numpy(raw.reshape(-1, 34))
         d = blocks[:, :2].contiguous().view(torch.float16).float()
         q = blocks[:, 2:].contiguous().view(torch.int8).float()
-        return (q * d).reshape(*rows, -1)
+        return q.mul_(d).reshape(*rows, -1)  # in place: one fp32 copy of the (large) embedding at a time
     return None
 
 
@@ -334,6 +333,8 @@ class GGUFFile:
         cfg.update(spec.config_defaults)
         for gk, hk in spec.config_keys.items():
             v = self.meta(f"{a}.{gk}")
+            if isinstance(v, float):  # stored as float32: 1e-6 reads back as 9.99999997e-07; keep config.json's
+                v = float(str(np.float32(v)))
             if v is not None:
                 cfg[hk] = v
         if "vocab_size" not in cfg:
