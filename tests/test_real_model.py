@@ -29,7 +29,7 @@ def theirs(ours):
 
     from transformers import AutoModelForCausalLM
     d, name = os.path.split(ours.path)
-    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, torch_dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
     return m.eval()
 
 
