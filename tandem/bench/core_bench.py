@@ -92,14 +92,14 @@ def run_core_bench(a) -> dict:
     eng_ctx = max(a.context + a.decode_tokens + max(ks) + 8, 0)
     if eng.max_len < eng_ctx:
         raise SystemExit(f"--ctx-size {eng.max_len} too small for --context {a.context}; need {eng_ctx}")
-    res = {"model": str(eng.loaded.source), "weight_format": a.weight_format, "threads": threads,
+    res = {"model": str(eng.loaded.path), "weight_format": a.weight_format, "threads": threads,
            "context": a.context}
     res.update(measure_engine(eng, a.context, a.decode_tokens, ks, a.reps))
     if a.compare == "llama.cpp":
         if eng.loaded.kind != "gguf":
             raise SystemExit("--compare llama.cpp needs a GGUF model")
         ids = text_of_tokens(eng.tokenizer, a.context)
-        res.update(measure_llama_cpp(str(eng.loaded.source), threads, a.context, a.decode_tokens, a.reps, ids))
+        res.update(measure_llama_cpp(str(eng.loaded.path), threads, a.context, a.decode_tokens, a.reps, ids))
         res["decode_ratio_vs_llama_cpp"] = round(res["decode_tok_s"] / res["llama_cpp_decode_tok_s"], 3)
         res["prefill_ratio_vs_llama_cpp"] = round(res["prefill_tok_s"] / res["llama_cpp_prefill_tok_s"], 3)
     res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -101,7 +101,7 @@ def cmd_train(a) -> int:
     report.update({
         "command": "tandem " + " ".join(shlex.quote(x) for x in sys.argv[1:]) if sys.argv[0].endswith("tandem")
         else " ".join(shlex.quote(x) for x in sys.argv),
-        "target": str(loaded.source), "data_sources": a.data or ["stdlib"], "corpus": corpus.describe(),
+        "target": str(loaded.path), "data_sources": a.data or ["stdlib"], "corpus": corpus.describe(),
         "teacher_sequences": {"text": a.n_text, "generated": a.n_gen, "held_out_generated": a.n_eval,
                               "seq_len": a.seq_len},
         "total_wall_s": round(time.time() - t_start, 1), "machine": platform.platform(),
