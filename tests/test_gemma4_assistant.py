@@ -5,7 +5,13 @@
     for prompt lengths around the sliding window;
 (b) whole speculative runs with our Gemma 4 target: every round's draft equals what HF's
     SinglePositionMultiTokenCandidateGenerator drafts from HF's own target run over the same accepted prefix;
-(c) the fit check names both models and the mismatch.
+(c) the fit check names both models and the mismatch; (d) loading from an HF directory through tandem.loading.
+
+Why (b) drives HF's candidate generator instead of comparing with HF's generate(assistant_model=...): after a
+partially accepted round HF slices the target's shared K/V to `input_ids.shape[1]` entries, which includes the K/V
+of the REJECTED draft at the new token's own position (checked: query position p sees p + 1 entries in every round
+after the first); and on these tiny configs HF's assisted greedy output itself differs from HF's plain greedy output
+for some prompts. We attend to exactly the accepted prefix (entries < p) and stay token-identical to plain decoding.
 """
 
 from types import SimpleNamespace
@@ -154,7 +160,7 @@ def test_rounds_match_hf_candidate_generator(target, centroids, n_max):
     events = []
     set_tracer(events.append)
     try:
-        rounds = accepted = 0
+        rounds = 0
         for seed in range(4):
             g = torch.Generator().manual_seed(seed)
             prompt = torch.randint(0, V, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
@@ -174,7 +180,6 @@ def test_rounds_match_hf_candidate_generator(target, centroids, n_max):
                 hf_draft = cand[0, p + 1:].tolist()
                 assert ev["tokens"] == hf_draft[:len(ev["tokens"])], (seed, p)
                 rounds += 1
-            accepted += fin.stats.spec.accepted
         assert rounds > 10
     finally:
         set_tracer(None)

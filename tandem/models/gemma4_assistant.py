@@ -14,6 +14,11 @@ then the assistant's own projected state. Every step of a round uses ONE RoPE po
 attention layers, seeing exactly the accepted prefix: mask position p - 1 (entries j <= p - 1). Sliding layers
 see `sliding_window + 1` entries (HF's bidirectional sliding mask is inclusive: |q - kv| <= window), i.e.
 j >= p - 1 - window. Attention scale is 1 (q_norm replaces it), no attention softcap, no final logit softcap.
+
+Known difference from transformers' generate(assistant_model=...): after a partially accepted round HF's
+SinglePositionMultiTokenCandidateGenerator slices the shared K/V to `input_ids.shape[1]` entries, so its query at
+position p also sees entry p, the K/V of the rejected draft token. We never read past the accepted prefix; given
+the same prefix state, our drafts equal HF's candidate generator's (tests/test_gemma4_assistant.py).
 """
 
 from __future__ import annotations
