@@ -28,8 +28,10 @@ def add_train_args(p) -> None:
     p.add_argument("--n-text", type=int, default=256, help="text windows for the teacher passes")
     p.add_argument("--n-gen", type=int, default=256, help="target greedy generations for the teacher passes")
     p.add_argument("--n-eval", type=int, default=16, help="held-out target generations for the report")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--data-cache", default=None, help="save/load the collected teacher data here")
+    p.add_argument("--prompt-len", type=int, default=32, help="tokens of corpus text used as a generation prompt")
+    p.add_argument("--prompts", default=None, help="JSONL file ({'prompt': ...} per line) of generation prompts")
+    p.add_argument("--gen-batch", type=int, default=16, help="sequences generated together")
+    p.add_argument("--work-dir", default=None, help="teacher data + checkpoints (default: OUT/../.OUTNAME-work)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-resume", action="store_true")
@@ -60,48 +62,60 @@ def cmd_train(a) -> int:
     out.mkdir(parents=True, exist_ok=True)
     loaded = loading.load(a.target, dtype=torch.float32)
     target = loaded.model
+    # the head rows at the precision the run-time drafter reads them (the packed bf16 LM head)
+    embed_w = target.model.embed_tokens.weight.detach().to(torch.bfloat16).float()
+    from tandem import kernels
+    kernels.prepare(target, "bf16")  # teacher passes at run-time precision, and fast
     if a.hidden not in (None, target.args.hidden_size):
         raise ConfigError(f"--hidden {a.hidden}: the assistant shares the target's LM head, so its hidden size must "
                           f"equal the target's ({target.args.hidden_size})")
     cfg_json = assistant_config(target, layers=a.layers, intermediate=a.intermediate, centroids=a.centroids,
                                 top_k_clusters=a.top_k_clusters)
-    asst = build_assistant(cfg_json, target, seed=a.seed)
+    asst = build_assistant(cfg_json, target, embed_w, seed=a.seed)
     layers = sorted(set(asst.target_layers.values()))
     corpus = Corpus.from_sources(a.data or ["stdlib"])
 
-    cache_path = Path(a.data_cache) if a.data_cache else out / "teacher_data.safetensors"
+    work = Path(a.work_dir) if a.work_dir else out.parent / f".{out.name}-work"
+    work.mkdir(parents=True, exist_ok=True)
+    cache_path = work / "teacher_data.safetensors"
+    gen_prompts = None
+    if a.prompts:
+        try:
+            gen_prompts = [json.loads(x)["prompt"] for x in Path(a.prompts).read_text().splitlines() if x.strip()]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--prompts {a.prompts}: expected JSONL lines with a 'prompt' field ({e})") from None
     if cache_path.exists():
         data = DistillData.load(cache_path)
         print(f"loaded teacher data {cache_path}: {len(data)} sequences")
     else:
         data = collect(target, loaded.tokenizer, corpus, layers=layers, n_text=a.n_text, n_gen=a.n_gen + a.n_eval,
-                       seq_len=a.seq_len, prompt_len=a.prompt_len, seed=a.seed)
+                       seq_len=a.seq_len, prompt_len=a.prompt_len, seed=a.seed, gen_prompts=gen_prompts,
+                       gen_batch=a.gen_batch)
         data.save(cache_path)
     n_train = len(data) - a.n_eval
     idx = torch.arange(len(data))
     train_idx = torch.cat([idx[:a.n_text], idx[a.n_text:n_train]])
     eval_idx = idx[n_train:]  # the last generations: held out
 
-    def subset(d: DistillData, i):
-        return DistillData(d.tokens[i], d.hidden[i], {k: (kv[0][i], kv[1][i]) for k, kv in d.kv.items()},
-                           d.top_ids[i], d.top_logp[i])
-
     cluster_of = None
     if asst.masked_embedding is not None:
-        order, cent = balanced_kmeans(target.model.embed_tokens.weight.detach(), a.centroids, seed=a.seed)
+        order, cent = balanced_kmeans(embed_w, a.centroids, seed=a.seed)
         asst.masked_embedding.token_ordering.copy_(order)
         with torch.no_grad():
             asst.masked_embedding.centroids.weight.copy_(cent * 4.0)
         cluster_of = torch.empty_like(order)
         cluster_of[order] = torch.arange(len(order)) // (len(order) // a.centroids)
 
+    with torch.no_grad():  # y starts at the scale of the target's own final hidden states
+        asst.model.norm.weight.fill_(float(data.hidden[:64].float().pow(2).mean().sqrt()))
     tcfg = TrainConfig(steps=a.steps, batch=a.batch, draft_steps=a.draft_steps, lr=a.lr, seed=a.seed)
-    report = train(asst, target.embed, subset(data, train_idx), subset(data, eval_idx), tcfg, out, cluster_of,
+    report = train(asst, target.embed, data.subset(train_idx), data.subset(eval_idx), tcfg, work, cluster_of,
                    resume=not a.no_resume)
     report.update({
         "command": "tandem " + " ".join(shlex.quote(x) for x in sys.argv[1:]) if sys.argv[0].endswith("tandem")
         else " ".join(shlex.quote(x) for x in sys.argv),
         "target": str(loaded.path), "data_sources": a.data or ["stdlib"], "corpus": corpus.describe(),
+        "prompts_file": a.prompts,
         "teacher_sequences": {"text": a.n_text, "generated": a.n_gen, "held_out_generated": a.n_eval,
                               "seq_len": a.seq_len},
         "total_wall_s": round(time.time() - t_start, 1), "machine": platform.platform(),

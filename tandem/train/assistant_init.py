@@ -54,8 +54,8 @@ def assistant_config(target, *, layers: int = 2, intermediate: int = 1024, heads
     }
 
 
-def build_assistant(config: dict, target, seed: int = 0) -> gemma4_assistant.Model:
-    """Fresh assistant bound to target, its LM head tied to the target's embedding (frozen)."""
+def build_assistant(config: dict, target, embed_weight: torch.Tensor, seed: int = 0) -> gemma4_assistant.Model:
+    """Fresh assistant bound to target, its LM head tied to the target's embedding matrix (frozen)."""
     torch.manual_seed(seed)
     args = gemma4_assistant.ModelArgs.from_dict(config)
     m = gemma4_assistant.Model(args)
@@ -64,10 +64,19 @@ def build_assistant(config: dict, target, seed: int = 0) -> gemma4_assistant.Mod
             torch.nn.init.ones_(p)
         elif p.dim() == 2 and "embed_tokens" not in name:
             torch.nn.init.normal_(p, std=1.0 / math.sqrt(p.shape[1]))
-    # the target scales scores by ~1/sqrt(head_dim); start the assistant's q_norm there (it uses scale 1)
-    for layer in m.model.layers:
-        torch.nn.init.constant_(layer.self_attn.q_norm.weight, layer.self_attn.head_dim ** -0.5)
-    share_target_embeddings(m, target)
+    with torch.no_grad():
+        # the target scales scores by ~1/sqrt(head_dim); start the assistant's q_norm there (it uses scale 1)
+        for layer in m.model.layers:
+            layer.self_attn.q_norm.weight.fill_(layer.self_attn.head_dim ** -0.5)
+            layer.self_attn.o_proj.weight.mul_(0.1)  # residual branches start small: trunk ~ identity
+            layer.mlp.down_proj.weight.mul_(0.1)
+        # start from "the target's hidden, renormalised": identity on the hidden half of the input
+        D = m.args.hidden_size
+        if m.args.backbone_hidden_size == D:
+            m.pre_projection.weight[:, :D].mul_(0.1)
+            m.pre_projection.weight[:, D:].copy_(torch.eye(D))
+            m.post_projection.weight.copy_(torch.eye(D))
+    share_target_embeddings(m, embed_weight)
     m.bind(target)
     for lt, layer in m.target_layers.items():
         if not torch.allclose(m._inv_freq[lt], target._inv_freq[lt], rtol=1e-4):
@@ -75,12 +84,11 @@ def build_assistant(config: dict, target, seed: int = 0) -> gemma4_assistant.Mod
     return m
 
 
-def share_target_embeddings(assistant, target) -> None:
-    """Point the assistant's tied embedding/LM head at the target's input embedding (no copy, frozen)."""
-    w = target.model.embed_tokens.weight
-    if tuple(w.shape) != (assistant.args.vocab_size, assistant.args.hidden_size):
-        raise ConfigError(f"target embedding {tuple(w.shape)} does not fit assistant "
+def share_target_embeddings(assistant, weight: torch.Tensor) -> None:
+    """Point the assistant's tied embedding/LM head at the target's embedding matrix [V, D] (no copy, frozen)."""
+    if tuple(weight.shape) != (assistant.args.vocab_size, assistant.args.hidden_size):
+        raise ConfigError(f"target embedding {tuple(weight.shape)} does not fit assistant "
                           f"({assistant.args.vocab_size}, {assistant.args.hidden_size})")
-    assistant.model.embed_tokens.weight = w
-    assistant.lm_head.weight = w
-    w.requires_grad_(False)
+    p = torch.nn.Parameter(weight, requires_grad=False)
+    assistant.model.embed_tokens.weight = p
+    assistant.lm_head.weight = p

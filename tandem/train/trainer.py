@@ -93,7 +93,7 @@ def unrolled_losses(asst, target_embed, batch: DistillData, cfg: TrainConfig, cl
             loss = loss + cfg.centroid_weight * c_loss
         w = cfg.step_weights[min(s, len(cfg.step_weights) - 1)]
         total = total + w * loss
-        stats[f"loss{s}"] = float(loss)
+        stats[f"loss{s}"] = float(loss.detach())
         stats[f"acc{s}"] = float(acc.float().mean())
     return total, stats
 
@@ -109,7 +109,10 @@ def eval_acceptance(asst, target_embed, data: DistillData, draft_steps: int) -> 
         T = tokens.shape[1]
         n = torch.arange(1, T - draft_steps + 1)
         cache = TensorKV({i: (k[b:b + 1].float(), v[b:b + 1].float()) for i, (k, v) in data.kv.items()})
-        alive = torch.ones(1, len(n), dtype=torch.bool)
+        alive = (n >= data.gen_start[b] - 1)[None]  # only where the target's own greedy tokens follow
+        counted = int(alive.sum())
+        if counted == 0:
+            continue
         h, tok, pos = hidden[:, n - 1], tokens[:, n], n[None]
         for s in range(draft_steps):
             x = torch.cat([target_embed(tok).float(), h], -1)
@@ -118,7 +121,7 @@ def eval_acceptance(asst, target_embed, data: DistillData, draft_steps: int) -> 
             alive = alive & (draft == data.top_ids[b:b + 1, n + s, 0].long())
             alive_sum[s] += alive.sum()
             h, tok = out.hidden, draft
-        rows += len(n)
+        rows += counted
     per_pos = (alive_sum / max(rows, 1)).tolist()
     cond = [per_pos[0]] + [per_pos[i] / per_pos[i - 1] if per_pos[i - 1] else 0.0 for i in range(1, draft_steps)]
     return {"accept_cumulative": [round(v, 4) for v in per_pos], "accept_conditional": [round(v, 4) for v in cond],
@@ -155,9 +158,7 @@ def train(asst, target_embed, train_data: DistillData, eval_data: DistillData | 
     asst.train()
     for step in bar:
         idx = torch.randint(0, N, (cfg.batch,), generator=g)
-        batch = DistillData(train_data.tokens[idx], train_data.hidden[idx],
-                            {i: (k[idx], v[idx]) for i, (k, v) in train_data.kv.items()},
-                            train_data.top_ids[idx], train_data.top_logp[idx])
+        batch = train_data.subset(idx)
         neg = torch.randint(0, V, (cfg.negatives,), generator=g)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -166,7 +167,7 @@ def train(asst, target_embed, train_data: DistillData, eval_data: DistillData | 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        stats["loss"] = float(loss)
+        stats["loss"] = float(loss.detach())
         history.append({"step": step + 1, **{k: round(v, 4) for k, v in stats.items()}})
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc0=f"{stats['acc0']:.2f}")
         last = step + 1 == cfg.steps
