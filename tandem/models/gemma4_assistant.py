@@ -231,16 +231,40 @@ class MaskedEmbedder(nn.Module):
         self.centroids = nn.Linear(args.hidden_size, args.num_centroids, bias=False)
         self.register_buffer("token_ordering", torch.arange(args.vocab_size, dtype=torch.long))
 
+    def select(self, h: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B, T, D] -> (ids [B, T, K*V/C] of the top-k clusters' tokens, their logits [B, T, K*V/C] fp32).
+
+        Head rows come from a cluster-ordered copy of the tied head ([C, V/C, D], built once per head), so a step
+        reads K contiguous blocks instead of gathering K*V/C scattered rows."""
+        B, T, D = h.shape
+        top = torch.topk(self.centroids(h).float(), self.top_k, dim=-1).indices  # [B, T, K]
+        clusters = self.token_ordering.view(self.num_centroids, -1)  # [C, V/C]
+        ids = clusters[top].reshape(B, T, -1)
+        w = self._table(lm_head)[top.reshape(-1)].view(B, T, -1, D)  # [B, T, K*V/C, D]
+        sel = (h.to(w.dtype).unsqueeze(-2) @ w.transpose(-1, -2)).squeeze(-2).float()
+        return ids, sel
+
+    def _table(self, lm_head: nn.Module) -> torch.Tensor:
+        key = (id(lm_head), self.token_ordering.data_ptr(), self.token_ordering._version)
+        cached = getattr(self, "_table_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        order = self.token_ordering.long()
+        rows = getattr(lm_head, "rows", None)
+        if rows is None:  # a plain nn.Linear: exact rows in its own dtype
+            table = lm_head.weight.detach()[order]
+        else:  # packed head: rows come back fp32; bf16-packed values are exact in bf16
+            dt = torch.bfloat16 if getattr(lm_head, "fmt", "") in ("bf16", "q8_0") else torch.float32
+            table = torch.cat([rows(order[i:i + 16384]).to(dt) for i in range(0, len(order), 16384)])
+        table = table.view(self.num_centroids, -1, table.shape[-1])
+        self._table_cache = (key, table)
+        return table
+
     def forward(self, h: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         """h [B, T, D] -> logits [B, T, V]; rows of the tied head are read through `lm_head` (an nn.Linear, or a
         packed one from tandem.kernels.prepare exposing rows())."""
-        B, T, D = h.shape
-        top = torch.topk(self.centroids(h), self.top_k, dim=-1).indices  # [B, T, K]
-        clusters = self.token_ordering.long().view(self.num_centroids, -1)  # [C, V/C]
-        ids = clusters[top].reshape(B, T, -1)  # [B, T, K*V/C] token ids
-        rows = getattr(lm_head, "rows", None)
-        w = rows(ids) if rows is not None else lm_head.weight[ids.reshape(-1)].view(B, T, -1, D)
-        sel = (h.unsqueeze(-2) @ w.to(h.dtype).transpose(-1, -2)).squeeze(-2)  # [B, T, K*V/C]
+        B, T, _ = h.shape
+        ids, sel = self.select(h, lm_head)
         fill = sel.amin(-1, keepdim=True) - 1.0
         out = fill.expand(B, T, self.vocab_size).clone()
         return out.scatter_(-1, ids, sel)
@@ -345,6 +369,28 @@ class Model(nn.Module):
         for layer in self.model.layers:
             h = layer(h, cs[layer.layer_type], cache, self.target_layers[layer.layer_type], slots, kv_positions)
         return self.model.norm(h)
+
+    @torch.inference_mode()
+    def greedy_step(self, x: torch.Tensor, positions: torch.Tensor, cache, slots: torch.Tensor,
+                    kv_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One argmax draft step for the last row: (token [B], its probability under the full-vocab softmax [B],
+        projected hidden [B, T, Db]). Same answer as argmax/softmax of forward()'s logits, without building the
+        [V] vector when the sparse head is used (other tokens carry the fill logit, counted in closed form)."""
+        y = self.trunk(x, positions, cache, slots, kv_positions)
+        projected = self.post_projection(y)
+        yl = y[:, -1:]
+        if self.masked_embedding is None:
+            p = torch.softmax(self.lm_head(yl).float()[:, 0], -1)
+            top, tok = p.max(-1)
+            return tok, top, projected
+        ids, sel = self.masked_embedding.select(yl, self.lm_head)
+        ids, sel = ids[:, 0], sel[:, 0]  # [B, n]
+        m = sel.max(-1, keepdim=True).values
+        n_fill = self.args.vocab_size - sel.shape[-1]
+        denom = torch.exp(sel - m).sum(-1) + n_fill * torch.exp(sel.amin(-1) - 1.0 - m[:, 0])
+        # ties: the full vector's argmax is the lowest token id among the maxima
+        tok = torch.where(sel == m, ids, torch.full_like(ids, self.args.vocab_size)).min(-1).values
+        return tok, 1.0 / denom, projected
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         if self.masked_embedding is not None:

@@ -55,19 +55,23 @@ class MTPAssistantDrafter(Drafter):
         tokens, probs, conf = [], [], []
         for _ in range(ctx.k_max):
             x = torch.cat([self.target.embed(tok).to(h.dtype), h], dim=-1)
+            if not ctx.sample_drafts:  # argmax drafts: no [V] vector needed
+                t, top, h = self.assistant.greedy_step(x, pos, ctx.cache, slots, kv_pos)
+                if float(top) < ctx.spec.p_min:
+                    break
+                conf.append(float(top))
+                tokens.append(t)
+                tok = t[:, None]
+                continue
             out = self.assistant(x, pos, ctx.cache, slots, kv_positions=kv_pos)
             logits = out.logits[:, -1]  # [1, V] fp32
             top = torch.softmax(logits, -1).max(-1).values
             if float(top) < ctx.spec.p_min:
                 break
-            if ctx.sample_drafts:
-                q = process_logits(logits, ctx.sampling)
-                t = sample(q, ctx.generator)
-                probs.append(q)
-                conf.append(float(q[0, t]))
-            else:
-                t = logits.argmax(-1)
-                conf.append(float(top))
+            q = process_logits(logits, ctx.sampling)
+            t = sample(q, ctx.generator)
+            probs.append(q)
+            conf.append(float(q[0, t]))
             tokens.append(t)
             tok = t[:, None]
             h = out.hidden
