@@ -39,18 +39,69 @@ def drafter_for_model(model: Any, target: Any, target_name: str = "target", name
 
 def load_drafter(drafter: str | None, *, target: Any, target_loaded: Any = None, device: str = "cpu",
                  weight_format: str = "bf16") -> Drafter | None:
-    """Load a drafter from a path/name for `target`. drafter=None: no known default drafter -> None."""
-    if drafter is None:
-        return None
+    """Load a drafter from a path for `target`. drafter=None: the shipped drafter known for this target, or None."""
     import torch
 
     from tandem import loading
 
-    loaded = loading.load(drafter, device=device, dtype=torch.float32, tokenizer=False)
-    model = loaded.model.eval()
+    if drafter is None:
+        from tandem.drafters import known_drafter
+        found = known_drafter(getattr(target_loaded, "path", None))
+        if found is None:
+            return None
+        drafter = str(found)
+    cfg = _shared_embedding_config(drafter)
+    if cfg is not None:
+        model = _load_shared_embedding_drafter(drafter, cfg, target)
+    else:
+        model = loading.load(drafter, device=device, dtype=torch.float32, tokenizer=False).model.eval()
     if weight_format != "fp32":
         from tandem import kernels
-        prepare = getattr(kernels, "prepare", None)
-        if prepare is not None:
-            prepare(model, weight_format)
-    return drafter_for_model(model, target, _name(target_loaded, "target"), _name(loaded, drafter))
+        kernels.prepare(model, weight_format)
+    return drafter_for_model(model, target, _name(target_loaded, "target"), str(drafter))
+
+
+def _shared_embedding_config(path: str) -> dict | None:
+    """config.json of a tandem-trained drafter whose tied head is the target's embedding (not stored), else None."""
+    import json
+    from pathlib import Path
+
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise ModelLoadError(f"{cfg_path}: invalid JSON ({e})") from None
+    return cfg if (cfg.get("tandem") or {}).get("shared_target_embeddings") else None
+
+
+def _load_shared_embedding_drafter(path: str, cfg: dict, target: Any):
+    """Build the assistant, load its own weights, and make its tied head the target's (shared modules, no copy)."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tandem import models
+
+    wpath = Path(path) / "model.safetensors"
+    if not wpath.is_file():
+        raise ModelLoadError(f"drafter {path}: model.safetensors missing")
+    from tandem.loading import _no_init
+    with _no_init():  # the tied head is about to become the target's: don't initialise a [V, D] table
+        model = models.build(cfg)
+    tv = getattr(getattr(target, "args", None), "vocab_size", None)
+    if tv != model.args.vocab_size or target.args.hidden_size != model.args.hidden_size:
+        raise ModelLoadError(f"drafter {path} shares its target's embedding but does not fit the target: "
+                             f"drafter (vocab {model.args.vocab_size}, hidden {model.args.hidden_size}) vs target "
+                             f"(vocab {tv}, hidden {getattr(target.args, 'hidden_size', None)})")
+    model.lm_head = target.lm_head
+    model.model.embed_tokens = target.model.embed_tokens
+    sd = {k: (v.long() if k.endswith("token_ordering") else v.float()) for k, v in load_file(str(wpath)).items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith(("lm_head.", "model.embed_tokens."))]
+    if missing or unexpected:
+        raise ModelLoadError(f"drafter {wpath}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,47 @@
+"""Drafters shipped inside the package, and the targets they were trained for (matched by file sha256)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+SHIPPED_DIR = Path(__file__).parent
+
+# drafter directory (under this package) -> sha256 of the target file it was trained for
+KNOWN = {
+    "gemma-3-270m": {"a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"},  # the embedded default
+}
+_MAX_HASH_BYTES = 2 << 30  # don't hash multi-GB targets just to look for a drafter
+
+
+def _sha256(path: Path) -> str | None:
+    """A file's sha256: from the loader's stamp when it is current, else computed (small files only)."""
+    st = path.stat()
+    stamp = path.with_name(path.name + ".stamp.json")
+    try:
+        s = json.loads(stamp.read_text())
+        if s.get("size") == st.st_size and s.get("mtime_ns") == st.st_mtime_ns:
+            return s["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    if st.st_size > _MAX_HASH_BYTES:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def known_drafter(target_path: str | os.PathLike | None) -> Path | None:
+    """The shipped drafter directory for this target file, if one was trained for it."""
+    if target_path is None or not Path(target_path).is_file():
+        return None
+    sha = _sha256(Path(target_path))
+    for name, shas in KNOWN.items():
+        d = SHIPPED_DIR / name
+        if sha in shas and (d / "config.json").is_file() and (d / "model.safetensors").is_file():
+            return d
+    return None
