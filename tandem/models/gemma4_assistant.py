@@ -373,21 +373,18 @@ class Model(nn.Module):
     @torch.inference_mode()
     def greedy_step(self, x: torch.Tensor, positions: torch.Tensor, cache, slots: torch.Tensor,
                     kv_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One argmax draft step for the last row: (token [B], its probability under the full-vocab softmax [B],
-        projected hidden [B, T, Db]). Same answer as argmax/softmax of forward()'s logits, without building the
-        [V] vector when the sparse head is used (other tokens carry the fill logit, counted in closed form)."""
+        """One argmax draft step for every row: (tokens [B, T], their probability under the full-vocab softmax
+        [B, T], projected hidden [B, T, Db]). Same answer as argmax/softmax of forward()'s logits, without building
+        the [V] vector when the sparse head is used (other tokens carry the fill logit, counted in closed form)."""
         y = self.trunk(x, positions, cache, slots, kv_positions)
         projected = self.post_projection(y)
-        yl = y[:, -1:]
         if self.masked_embedding is None:
-            p = torch.softmax(self.lm_head(yl).float()[:, 0], -1)
-            top, tok = p.max(-1)
+            top, tok = torch.softmax(self.lm_head(y).float(), -1).max(-1)
             return tok, top, projected
-        ids, sel = self.masked_embedding.select(yl, self.lm_head)
-        ids, sel = ids[:, 0], sel[:, 0]  # [B, n]
+        ids, sel = self.masked_embedding.select(y, self.lm_head)  # [B, T, n]
         m = sel.max(-1, keepdim=True).values
         n_fill = self.args.vocab_size - sel.shape[-1]
-        denom = torch.exp(sel - m).sum(-1) + n_fill * torch.exp(sel.amin(-1) - 1.0 - m[:, 0])
+        denom = torch.exp(sel - m).sum(-1) + n_fill * torch.exp(sel.amin(-1) - 1.0 - m[..., 0])
         # ties: the full vector's argmax is the lowest token id among the maxima
         tok = torch.where(sel == m, ids, torch.full_like(ids, self.args.vocab_size)).min(-1).values
         return tok, 1.0 / denom, projected

@@ -57,6 +57,7 @@ class MTPAssistantDrafter(Drafter):
             x = torch.cat([self.target.embed(tok).to(h.dtype), h], dim=-1)
             if not ctx.sample_drafts:  # argmax drafts: no [V] vector needed
                 t, top, h = self.assistant.greedy_step(x, pos, ctx.cache, slots, kv_pos)
+                t, top = t[:, -1], top[:, -1]
                 if float(top) < ctx.spec.p_min:
                     break
                 conf.append(float(top))

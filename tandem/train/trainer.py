@@ -49,7 +49,7 @@ class TrainConfig:
     step_weights: tuple[float, ...] = (1.0, 0.8, 0.6, 0.5, 0.4)
     seed: int = 0
     ckpt_every: int = 200
-    eval_every: int = 500
+    eval_every: int = 1000
 
 
 def trunk(asst, x, positions, cache, slots, kv_positions):
@@ -116,11 +116,10 @@ def eval_acceptance(asst, target_embed, data: DistillData, draft_steps: int) -> 
         h, tok, pos = hidden[:, n - 1], tokens[:, n], n[None]
         for s in range(draft_steps):
             x = torch.cat([target_embed(tok).float(), h], -1)
-            out = asst(x, pos, cache, torch.zeros(1, dtype=torch.long), kv_positions=pos - 1)
-            draft = out.logits.argmax(-1)
+            draft, _, h = asst.greedy_step(x, pos, cache, torch.zeros(1, dtype=torch.long), pos - 1)
             alive = alive & (draft == data.top_ids[b:b + 1, n + s, 0].long())
             alive_sum[s] += alive.sum()
-            h, tok = out.hidden, draft
+            tok = draft
         rows += counted
     per_pos = (alive_sum / max(rows, 1)).tolist()
     cond = [per_pos[0]] + [per_pos[i] / per_pos[i - 1] if per_pos[i - 1] else 0.0 for i in range(1, draft_steps)]
