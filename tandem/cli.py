@@ -17,8 +17,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-n-min", type=int, default=1, help="discard drafts shorter than this")
     p.add_argument("--spec-p-min", type=float, default=0.0, help="stop drafting when top-1 prob < p_min")
     p.add_argument("--weight-format", default="bf16", help="fp32 (exact reference), bf16, ... (see tandem.kernels)")
-    p.add_argument("--cache-type-k", default="bf16", help="KV cache type for K")
-    p.add_argument("--cache-type-v", default=None, help="KV cache type for V (default: same as K)")
+    p.add_argument("--cache-type-k", "-ctk", default="bf16",
+                   help="KV cache type for K: bf16, f16, f32, q8_0 (int8), turbo4, turbo3, turbo2 (rotated 4/3/2-bit)")
+    p.add_argument("--cache-type-v", "-ctv", default=None, help="KV cache type for V (default: same as K)")
     p.add_argument("--ctx-size", "-c", type=int, default=4096, help="context length (tokens)")
     p.add_argument("--threads", "-t", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
@@ -31,13 +32,10 @@ def _spec_from(a):
 
 def _engine_from(a, n_slots: int = 1):
     from tandem.engine.factory import load_engine
-    if a.cache_type_v not in (None, a.cache_type_k):
-        from tandem.errors import ConfigError
-        raise ConfigError("separate K/V cache types are not supported yet: pass the same --cache-type-k/v")
     spec = _spec_from(a)
     eng = load_engine(a.model, a.drafter, device=a.device, weight_format=a.weight_format,
-                      cache_type=a.cache_type_k, max_len=a.ctx_size, n_slots=n_slots, threads=a.threads,
-                      spec=spec, use_spec=not a.no_spec)
+                      cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v or a.cache_type_k,
+                      max_len=a.ctx_size, n_slots=n_slots, threads=a.threads, spec=spec, use_spec=not a.no_spec)
     if eng.drafter is None:
         eng.spec = spec.__class__(**{**spec.__dict__, "enabled": False})
     return eng

@@ -93,7 +93,8 @@ def run_core_bench(a) -> dict:
     if eng.max_len < eng_ctx:
         raise SystemExit(f"--ctx-size {eng.max_len} too small for --context {a.context}; need {eng_ctx}")
     res = {"model": str(eng.loaded.path), "weight_format": a.weight_format, "threads": threads,
-           "context": a.context}
+           "context": a.context, "cache_type_k": eng.cache.k_type, "cache_type_v": eng.cache.v_type,
+           "kv_bytes_per_token": eng.cache.bytes_per_token, "kv_total_mb": round(eng.cache.total_bytes / 2**20, 1)}
     res.update(measure_engine(eng, a.context, a.decode_tokens, ks, a.reps))
     if a.compare == "llama.cpp":
         if eng.loaded.kind != "gguf":
@@ -109,6 +110,8 @@ def run_core_bench(a) -> dict:
 
 def _print_table(res: dict, ks: list[int]) -> None:
     print(f"model {res['model']}  weights {res['weight_format']}  threads {res['threads']}  context {res['context']}")
+    print(f"KV cache K {res['cache_type_k']} V {res['cache_type_v']}: {res['kv_bytes_per_token']} bytes/token, "
+          f"{res['kv_total_mb']} MB allocated")
     print(f"{'':24}{'tandem':>12}" + (f"{'llama.cpp':>12}{'ratio':>8}" if "llama_cpp_decode_tok_s" in res else ""))
     for key, lk, rk in (("prefill_tok_s", "llama_cpp_prefill_tok_s", "prefill_ratio_vs_llama_cpp"),
                         ("decode_tok_s", "llama_cpp_decode_tok_s", "decode_ratio_vs_llama_cpp")):

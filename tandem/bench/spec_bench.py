@@ -68,7 +68,10 @@ def run_spec_bench(a) -> dict:
         "baseline_tok_s": round(base_tok / base_s, 2), "spec_tok_s": round(spec_tok / spec_s, 2),
         "speedup": round((spec_tok / spec_s) / (base_tok / base_s), 3),
         "identical_outputs": f"{identical}/{n_req}", "n_max": spec_on.n_max, "p_min": spec_on.p_min,
-        "max_tokens": a.max_tokens, "weight_format": a.weight_format, "per_category": per_cat,
+        "max_tokens": a.max_tokens, "weight_format": a.weight_format,
+        "cache_type_k": eng.cache.k_type, "cache_type_v": eng.cache.v_type,
+        "kv_bytes_per_token": eng.cache.bytes_per_token,
+        "per_category": per_cat,
     }
     if a.out:
         _save(res, Path(a.out))

@@ -79,11 +79,13 @@ class RequestOutput:
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, max_len: int = 4096, n_slots: int = 1,
                  cache_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 drafter: Any = None, spec: SpecConfig | None = None):
+                 drafter: Any = None, spec: SpecConfig | None = None, cache_type_k: str | None = None,
+                 cache_type_v: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.cache = KVCache(model.kv_specs(), n_slots, max_len, cache_dtype, self.device)
+        self.cache = KVCache(model.kv_specs(), n_slots, max_len, cache_dtype, self.device, k_type=cache_type_k,
+                             v_type=cache_type_v)
         self.drafter = drafter
         self.spec = spec or SpecConfig(enabled=drafter is not None)
 

@@ -18,15 +18,26 @@ def cache_dtype(name: str) -> torch.dtype:
     return CACHE_DTYPES[name]
 
 
+def check_cache_type(name: str) -> str:
+    """Canonical KV cache type name (bf16, f16, f32, q8_0, turbo4, turbo3, turbo2; aliases int8, fp16, ...)."""
+    from tandem.kernels.quant_attention import get_format
+    return get_format(name).name
+
+
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
 
 
 def load_engine(model: str | None = None, drafter: str | None = None, *, device: str = "cpu",
-                weight_format: str = "bf16", cache_type: str = "bf16", max_len: int = 4096, n_slots: int = 1,
+                weight_format: str = "bf16", cache_type: str | None = None, cache_type_k: str | None = None,
+                cache_type_v: str | None = None, max_len: int = 4096, n_slots: int = 1,
                 threads: int | None = None, spec: SpecConfig | None = None, use_spec: bool = True) -> Engine:
-    """Load target (+ drafter) and return an Engine. drafter=None picks the known drafter for the model, if any."""
+    """Load target (+ drafter) and return an Engine. drafter=None picks the known drafter for the model, if any.
+
+    KV cache: cache_type_k / cache_type_v (default: cache_type, else bf16); see tandem.kvcache."""
+    k_type = check_cache_type(cache_type_k or cache_type or "bf16")
+    v_type = check_cache_type(cache_type_v or cache_type_k or cache_type or "bf16")
     from tandem import kernels, loading
 
     set_threads(threads)
@@ -44,7 +55,7 @@ def load_engine(model: str | None = None, drafter: str | None = None, *, device:
         elif drafter is not None:
             raise ConfigError("this build has no drafter support (tandem.spec.load_drafter missing)")
     spec = spec or SpecConfig(enabled=drafter_obj is not None)
-    eng = Engine(target, loaded.tokenizer, max_len=max_len, n_slots=n_slots, cache_dtype=cache_dtype(cache_type),
-                 device=device, drafter=drafter_obj, spec=spec)
+    eng = Engine(target, loaded.tokenizer, max_len=max_len, n_slots=n_slots, cache_type_k=k_type,
+                 cache_type_v=v_type, device=device, drafter=drafter_obj, spec=spec)
     eng.loaded = loaded
     return eng

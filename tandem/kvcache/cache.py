@@ -3,6 +3,13 @@
 Entry j of a slot holds the K/V of the token at position j. Readers only look at entries <= their own position,
 so rolling back is just lowering `lengths[slot]`: stale entries are overwritten before anyone can read them.
 Lengths are bookkeeping owned by the engine; models only write K/V and read through `attend()`.
+
+K and V have separate storage types (`k_type`, `v_type`): f32 / bf16 / f16 (plain tensors, `.k[layer]` and
+`.v[layer]` are [S, Hkv, Tmax, D] tensors), q8_0 (alias int8) and the Hadamard-rotated turbo4 / turbo3 / turbo2
+(`.k[layer]` is then a tandem.kernels.quant_attention.QuantBuffer). See tandem/kernels/quant_attention.py.
+`attend()` is the one place readers go through: it rotates the reader's q for a rotated K and un-rotates the output
+for a rotated V, so model code (target layers, KV-shared layers, the assistant reading the target's cache) never
+deals with the storage format.
 """
 
 from __future__ import annotations
@@ -10,34 +17,70 @@ from __future__ import annotations
 import torch
 
 from tandem import kernels
+from tandem.kernels import quant_attention as qa
 
 
 class KVCache:
-    """K/V buffers [S, Hkv, Tmax, D] for the layers that own KV (`specs`: layer -> (n_kv_heads, k_dim, v_dim))."""
+    """K/V buffers [S, Hkv, Tmax, D] for the layers that own KV (`specs`: layer -> (n_kv_heads, k_dim, v_dim)).
+
+    `dtype` is the storage of both K and V unless `k_type` / `v_type` (names, e.g. "bf16", "q8_0", "turbo3")
+    override it.
+    """
 
     def __init__(self, specs: dict[int, tuple[int, int, int]], n_slots: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
+                 k_type: str | None = None, v_type: str | None = None):
         self.specs = dict(specs)
         self.n_slots = n_slots
         self.max_len = max_len
-        self.dtype = dtype
         self.device = torch.device(device)
+        self.k_format = qa.get_format(k_type if k_type is not None else dtype)
+        self.v_format = qa.get_format(v_type if v_type is not None else dtype)
+        self.k_type, self.v_type = self.k_format.name, self.v_format.name
+        # `dtype`: the float storage dtype when K and V are both plain float (else None)
+        fk, fv = self.k_format.dtype, self.v_format.dtype
+        self.dtype = fk if fk is not None and fk == fv else None
         # zero-filled: a masked entry must contribute exactly 0, never NaN from uninitialised memory
-        self.k = {i: torch.zeros(n_slots, h, max_len, dk, dtype=dtype, device=self.device)
-                  for i, (h, dk, dv) in self.specs.items()}
-        self.v = {i: torch.zeros(n_slots, h, max_len, dv, dtype=dtype, device=self.device)
-                  for i, (h, dk, dv) in self.specs.items()}
+        self.k = {i: self._alloc(self.k_format, h, dk) for i, (h, dk, dv) in self.specs.items()}
+        self.v = {i: self._alloc(self.v_format, h, dv) for i, (h, dk, dv) in self.specs.items()}
         self.lengths = [0] * n_slots
+
+    def _alloc(self, fmt: qa.Format, heads: int, d: int):
+        if fmt.dtype is not None:
+            # beside a quantized side the float one is read by attend_chunked: pad it like QuantBuffer
+            n = self.max_len if self.dtype is not None else -(-self.max_len // 32) * 32
+            return torch.zeros(self.n_slots, heads, n, d, dtype=fmt.dtype, device=self.device)
+        return qa.QuantBuffer(fmt, self.n_slots, heads, self.max_len, d, self.device)
+
+    @staticmethod
+    def _row_bytes(buf) -> int:
+        if isinstance(buf, qa.QuantBuffer):
+            return buf.bytes_per_token_head
+        return buf.shape[-1] * buf.element_size()
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes of K and V stored per token per slot, over all owning layers."""
-        el = torch.tensor([], dtype=self.dtype).element_size()
-        return sum(h * (dk + dv) * el for h, dk, dv in self.specs.values())
+        """Bytes of K and V stored per token per slot, over all owning layers (codes and scales)."""
+        return sum(self.k[i].shape[1] * (self._row_bytes(self.k[i]) + self._row_bytes(self.v[i]))
+                   for i in self.specs)
 
     @property
     def total_bytes(self) -> int:
-        return self.bytes_per_token * self.n_slots * self.max_len
+        """Allocated bytes (codes, scales, padding of max_len to a multiple of 32 for quantized caches)."""
+        return sum(self._buf_bytes(b) for d in (self.k, self.v) for b in d.values())
+
+    @staticmethod
+    def _buf_bytes(buf) -> int:
+        if isinstance(buf, qa.QuantBuffer):
+            return buf.codes.numel() * buf.codes.element_size() + buf.scales.numel() * 2
+        return buf.numel() * buf.element_size()
+
+    @staticmethod
+    def _store(buf, idx: tuple, x: torch.Tensor) -> None:
+        if isinstance(buf, qa.QuantBuffer):
+            buf.write(idx, x)
+        else:
+            buf[idx] = x.to(buf.dtype)
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
@@ -47,21 +90,36 @@ class KVCache:
             keep = positions >= 0
             s = slots[:, None].expand_as(positions)[keep]
             p = positions[keep]
-            kb[s, :, p] = k[keep].to(kb.dtype)
-            vb[s, :, p] = v[keep].to(vb.dtype)
+            self._store(kb, (s, slice(None), p), k[keep])
+            self._store(vb, (s, slice(None), p), v[keep])
         else:
-            kb[slots[:, None], :, positions] = k.to(kb.dtype)
-            vb[slots[:, None], :, positions] = v.to(vb.dtype)
+            idx = (slots[:, None], slice(None), positions)
+            self._store(kb, idx, k)
+            self._store(vb, idx, v)
 
     def attend(self, layer: int, q: torch.Tensor, slots: torch.Tensor, q_pos: torch.Tensor,
                window: int | None, scale: float, softcap: float | None = None) -> torch.Tensor:
-        """Attention of q [B, T, Hq, D] against this layer's cache; the one place every reader goes through."""
-        return kernels.attend(q, self.k[layer], self.v[layer], slots, q_pos, window, scale, softcap)
+        """Attention of q [B, T, Hq, D] against this layer's cache; the one place every reader goes through.
+
+        Plain float K and V of one dtype: the batch-invariant kernel (kernels.attend). Any quantized side: the
+        chunked streaming-softmax kernel, which dequantises chunk by chunk and handles the Hadamard rotation
+        (q rotated for a rotated K, output un-rotated for a rotated V) here, for every reader."""
+        kb, vb = self.k[layer], self.v[layer]
+        if self.dtype is not None:
+            return kernels.attend(q, kb, vb, slots, q_pos, window, scale, softcap)
+        return qa.attend_chunked(q, kb, vb, slots, q_pos, window, scale, softcap)
 
     def view(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read-only views of the valid K, V of one slot: [Hkv, length, D] each (no copy)."""
+        """The valid K, V of one slot: [Hkv, length, D] each. Views (no copy) for float storage; dequantised
+        copies in the original (un-rotated) basis for quantized storage."""
         n = self.lengths[slot]
-        return self.k[layer][slot, :, :n], self.v[layer][slot, :, :n]
+        out = []
+        for buf in (self.k[layer], self.v[layer]):
+            if isinstance(buf, qa.QuantBuffer):
+                out.append(buf.dequantized(torch.tensor([slot], device=self.device), 0, n)[0])
+            else:
+                out.append(buf[slot, :, :n])
+        return out[0], out[1]
 
     def rollback(self, slot: int, length: int) -> None:
         if not 0 <= length <= self.lengths[slot]:

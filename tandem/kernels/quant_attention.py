@@ -1,0 +1,283 @@
+"""Quantized KV storage formats and chunked (streaming-softmax) attention over them. Plain torch, any device.
+
+Formats (per head row of D values, blocks of QBLOCK = 32 along D, one fp16 scale per block):
+  q8_0 / int8   int8 codes, scale = absmax / 127                                    D + 2 D/32 bytes (8.5 bit)
+  turbo4        Walsh-Hadamard rotation (with a fixed random sign per dim), then    D/2 + 2 D/32     (4.5 bit)
+  turbo3        4/3/2-bit uniform mid-rise codes per block, step chosen per block   3D/8 + 2 D/32    (3.5 bit)
+  turbo2        to minimise the block's squared error (rotated values ~ Gaussian)   D/4 + 2 D/32     (2.5 bit)
+
+Rotated formats store x @ M with M = diag(signs) . blockdiag(H_g / sqrt(g)) orthogonal (g = largest power of two
+dividing D). Readers never see the rotation: `attend_chunked` rotates q for a rotated K ((qM).(kM) = q.k) and
+un-rotates the output for a rotated V (P (V M) M^T = P V). KVCache.attend is the one caller, so every reader (the
+target's layers, KV-shared layers, the assistant's KV-less layers) gets it.
+
+attend_chunked walks the keys in fixed chunks of CHUNK positions aligned to multiples of CHUNK, dequantising only
+the chunk, with an online softmax (fp32): the bytes read are the quantized ones. Row invariance: chunk shapes depend
+only on the cache (KVCache pads Tmax to a multiple of 32, so elementwise ops never hit a scalar tail), fully masked
+chunks leave a row's state exactly unchanged, and for small T (decode / verify, T <= SMALL_T) each query position is
+one fixed-shape [G, D] x [D, chunk] product, so a row's result does not depend on T or on the other rows. Larger T
+(prefill) does all rows in one product (fast, not row-invariant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QBLOCK = 32
+CHUNK = 256
+SMALL_T = 16
+_SIGN_SEED = 0x7A11
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    bits: int  # 0 = plain float storage
+    rotated: bool
+    dtype: torch.dtype | None = None  # float formats only
+
+
+FORMATS = {
+    "f32": Format("f32", 0, False, torch.float32),
+    "bf16": Format("bf16", 0, False, torch.bfloat16),
+    "f16": Format("f16", 0, False, torch.float16),
+    "q8_0": Format("q8_0", 8, False),
+    "turbo4": Format("turbo4", 4, True),
+    "turbo3": Format("turbo3", 3, True),
+    "turbo2": Format("turbo2", 2, True),
+}
+ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16", "int8": "q8_0",
+           "q8": "q8_0"}
+_DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def cache_type_names() -> list[str]:
+    return sorted(FORMATS) + sorted(ALIASES)
+
+
+def get_format(name: str | torch.dtype) -> Format:
+    """Format for a cache type name (or a torch float dtype); unknown names raise ConfigError listing the valid."""
+    if isinstance(name, torch.dtype):
+        if name not in _DTYPE_NAMES:
+            from tandem.errors import ConfigError
+            raise ConfigError(f"unsupported KV cache dtype {name}; expected one of {list(_DTYPE_NAMES)}")
+        return FORMATS[_DTYPE_NAMES[name]]
+    key = ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in FORMATS:
+        from tandem.errors import ConfigError
+        raise ConfigError(f"unknown KV cache type {name!r}; expected one of {', '.join(cache_type_names())}")
+    return FORMATS[key]
+
+
+# -- rotation ------------------------------------------------------------------------------------------------------
+_ROT: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def rotation(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Orthogonal [d, d] float64 M = diag(signs) . blockdiag(H_g / sqrt(g)); rotate x as x @ M, undo as y @ M.T."""
+    key = (d, str(device))
+    if key not in _ROT:
+        g = d & -d  # largest power of two dividing d
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < g:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        blocks = torch.block_diag(*([h / g ** 0.5] * (d // g)))
+        signs = torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(_SIGN_SEED)) * 2 - 1
+        _ROT[key] = (signs.to(torch.float64)[:, None] * blocks).to(device)
+    return _ROT[key]
+
+
+# -- packing -------------------------------------------------------------------------------------------------------
+def _planes(bits: int) -> list[int]:
+    return {8: [8], 4: [4], 3: [2, 1], 2: [2]}[bits]
+
+
+def qblock(d: int) -> int:
+    """Scale block along D: 32, or the whole row for small head dims (must be a multiple of 8)."""
+    if d % QBLOCK == 0:
+        return QBLOCK
+    if d % 8 == 0 and d < QBLOCK:
+        return d
+    from tandem.errors import ConfigError
+    raise ConfigError(f"quantized KV cache needs a head dim divisible by {QBLOCK} (or a multiple of 8 below it), "
+                      f"got {d}")
+
+
+def row_bytes(bits: int, d: int) -> int:
+    return d * bits // 8
+
+
+def _pack(c: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [..., D] (< 2**bits) -> bytes [..., D * bits / 8]. Planes: value = sum plane_i << shift_i;
+    a b-bit plane splits D into 8/b contiguous parts and stores part i at bit b*i of each byte."""
+    out, shift = [], 0
+    for b in _planes(bits):
+        p = (c >> shift) & ((1 << b) - 1)
+        n = 8 // b
+        parts = p.reshape(*p.shape[:-1], n, p.shape[-1] // n)
+        byte = torch.zeros_like(parts[..., 0, :])
+        for i in range(n):
+            byte |= parts[..., i, :] << (b * i)
+        out.append(byte)
+        shift += b
+    return torch.cat(out, -1) if len(out) > 1 else out[0]
+
+
+def _unpack(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
+    """bytes [..., D * bits / 8] (uint8) -> codes [..., D] (uint8)."""
+    res, off, shift = None, 0, 0
+    for b in _planes(bits):
+        nb = d * b // 8
+        byte = packed[..., off:off + nb]
+        n = 8 // b
+        mask = (1 << b) - 1
+        p = torch.cat([(byte >> (b * i)) & mask for i in range(n)], -1)
+        res = p << shift if res is None else res | (p << shift)
+        off += nb
+        shift += b
+    return res
+
+
+# -- quantize / dequantize -----------------------------------------------------------------------------------------
+_STEP_GRID = {4: (1.0, 0.85, 0.72, 0.6, 0.5), 3: (1.0, 0.85, 0.72, 0.6, 0.5), 2: (1.0, 0.85, 0.72, 0.6, 0.5, 0.42)}
+_FP16_MAX, _FP16_TINY = 65504.0, 2.0 ** -24
+
+
+def quantize(x: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] float -> (codes uint8/int8 [..., row_bytes], scales fp16 [..., D / qblock(D)])."""
+    d = x.shape[-1]
+    xf = x.float()
+    if fmt.rotated:
+        xf = (xf.double() @ rotation(d, x.device)).float()
+    blk = xf.reshape(*xf.shape[:-1], d // qblock(d), qblock(d))
+    amax = blk.abs().amax(-1, keepdim=True)
+    if fmt.bits == 8:
+        s = (amax / 127).clamp(_FP16_TINY, _FP16_MAX).half().float()
+        codes = torch.round(blk / s).clamp(-127, 127).to(torch.int8).reshape(xf.shape)
+        return codes, s.squeeze(-1).half()
+    half = ((1 << fmt.bits) - 1) / 2  # mid-rise: value = (c - half) * step, c in [0, 2 half]
+    best_err = best_s = None
+    for f in _STEP_GRID[fmt.bits]:
+        s = (amax * f / half).clamp(_FP16_TINY, _FP16_MAX).half().float()
+        c = torch.round(blk / s + half).clamp(0, 2 * half)
+        err = ((c - half) * s - blk).square().sum(-1, keepdim=True)
+        if best_err is None:
+            best_err, best_s = err, s
+        else:
+            better = err < best_err
+            best_err, best_s = torch.where(better, err, best_err), torch.where(better, s, best_s)
+    c = torch.round(blk / best_s + half).clamp(0, 2 * half).to(torch.uint8).reshape(xf.shape)
+    return _pack(c, fmt.bits), best_s.squeeze(-1).half()
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: Format, d: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of quantize, still in the rotated basis for rotated formats: [..., D] in `dtype`."""
+    if fmt.bits == 8:
+        c = codes.to(dtype)
+    else:
+        c = _unpack(codes, fmt.bits, d).to(dtype) - ((1 << fmt.bits) - 1) / 2
+    c = c.reshape(*c.shape[:-1], d // qblock(d), qblock(d)) * scales.to(dtype)[..., None]
+    return c.reshape(*c.shape[:-2], d)
+
+
+# -- storage -------------------------------------------------------------------------------------------------------
+class QuantBuffer:
+    """Quantized K or V of one layer: codes [S, H, Tmax, row_bytes], scales [S, H, Tmax, D / 32] fp16."""
+
+    def __init__(self, fmt: Format, n_slots: int, heads: int, max_len: int, d: int, device: torch.device):
+        max_len = -(-max_len // 32) * 32  # whole vectors per chunk row (see attend_chunked)
+        self.fmt, self.d, self.max_len = fmt, d, max_len
+        cdt = torch.int8 if fmt.bits == 8 else torch.uint8
+        self.codes = torch.zeros(n_slots, heads, max_len, row_bytes(fmt.bits, d), dtype=cdt, device=device)
+        self.scales = torch.zeros(n_slots, heads, max_len, d // qblock(d), dtype=torch.float16, device=device)
+
+    @property
+    def rotated(self) -> bool:
+        return self.fmt.rotated
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.codes.shape[:3], self.d)
+
+    @property
+    def bytes_per_token_head(self) -> int:
+        return self.codes.shape[-1] * self.codes.element_size() + self.scales.shape[-1] * 2
+
+    def write(self, idx: tuple, x: torch.Tensor) -> None:
+        c, s = quantize(x, self.fmt)
+        self.codes[idx] = c
+        self.scales[idx] = s
+
+    def chunk(self, slots: torch.Tensor, j0: int, j1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantised (still rotated) entries j0..j1 of the given slots: [B, H, j1 - j0, D]."""
+        c = self.codes.index_select(0, slots)[:, :, j0:j1]
+        s = self.scales.index_select(0, slots)[:, :, j0:j1]
+        return dequantize(c, s, self.fmt, self.d, dtype)
+
+    def dequantized(self, slots: torch.Tensor, j0: int, j1: int, dtype=torch.float32) -> torch.Tensor:
+        """Entries j0..j1 back in the original basis (rotation undone)."""
+        x = self.chunk(slots, j0, j1, torch.float64 if self.rotated else dtype)
+        if self.rotated:
+            x = x @ rotation(self.d, x.device).T
+        return x.to(dtype)
+
+
+def _chunk_of(buf, slots: torch.Tensor, j0: int, j1: int, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(buf, QuantBuffer):
+        return buf.chunk(slots, j0, j1, dtype)
+    return buf.index_select(0, slots)[:, :, j0:j1].to(dtype)
+
+
+# -- attention -----------------------------------------------------------------------------------------------------
+def attend_chunked(q: torch.Tensor, k_buf, v_buf, slots: torch.Tensor, q_pos: torch.Tensor, window: int | None,
+                   scale: float, softcap: float | None = None, chunk: int = CHUNK) -> torch.Tensor:
+    """attend_reference's contract over float tensors or QuantBuffers (K and V independently), streaming softmax.
+
+    q [B, T, Hq, D]; k_buf/v_buf [S, Hkv, Tmax, D] tensor or QuantBuffer; returns [B, T, Hq, Dv] in q.dtype.
+    """
+    B, T, Hq, D = q.shape
+    S, Hkv, Tmax, Dv = (v_buf.shape if isinstance(v_buf, QuantBuffer) else tuple(v_buf.shape))
+    G = Hq // Hkv
+    pos = q_pos.clamp(min=0)
+    hi = int(pos.max().item()) + 1
+    lo = 0 if window is None else max(0, int(pos.min().item()) - window + 1)
+    # small T: one fixed-shape [G, D] x [D, chunk] product per query position (row-invariant); else all at once
+    steps = T if T <= SMALL_T else 1
+    R = G if T <= SMALL_T else T * G
+    # rows ordered (t, g) inside each kv head: [B, Hkv, T * G, D]
+    qf = q.float().reshape(B, T, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, T * G, D)
+    if isinstance(k_buf, QuantBuffer) and k_buf.rotated:
+        qf = (qf.double() @ rotation(D, q.device)).float()
+    qs = [qf[:, :, i * R:(i + 1) * R] for i in range(steps)]
+    posr = pos[:, None, :, None].expand(B, 1, T, G).reshape(B, 1, T * G, 1)
+    ps = [posr[:, :, i * R:(i + 1) * R] for i in range(steps)]
+    m = [torch.full((B, Hkv, R, 1), float("-inf"), device=q.device) for _ in range(steps)]
+    lsum = [torch.zeros(B, Hkv, R, 1, device=q.device) for _ in range(steps)]
+    o = [torch.zeros(B, Hkv, R, Dv, device=q.device) for _ in range(steps)]
+    for j0 in range((lo // chunk) * chunk, hi, chunk):
+        j1 = min(j0 + chunk, Tmax)
+        kt = _chunk_of(k_buf, slots, j0, j1, torch.float32).transpose(-1, -2)
+        vc = _chunk_of(v_buf, slots, j0, j1, torch.float32)
+        j = torch.arange(j0, j1, device=q.device)
+        for i in range(steps):
+            s = torch.matmul(qs[i], kt) * scale
+            if softcap is not None:
+                s = torch.tanh(s / softcap) * softcap
+            allowed = j <= ps[i]
+            if window is not None:
+                allowed = allowed & (j > ps[i] - window)
+            s = s.masked_fill(~allowed, float("-inf"))
+            m_new = torch.maximum(m[i], s.amax(-1, keepdim=True))
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(s - m_safe)
+            alpha = torch.exp(m[i] - m_safe)
+            lsum[i] = lsum[i] * alpha + p.sum(-1, keepdim=True)
+            o[i] = o[i] * alpha + torch.matmul(p, vc)
+            m[i] = m_new
+    out = torch.cat([oi / li for oi, li in zip(o, lsum)], 2)
+    if isinstance(v_buf, QuantBuffer) and v_buf.rotated:
+        out = (out.double() @ rotation(Dv, q.device).T).float()
+    return out.reshape(B, Hkv, T, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, T, Hq, Dv).to(q.dtype)
