@@ -52,7 +52,8 @@ def cmd_generate(a) -> int:
                         max_tokens=a.max_tokens, stop=tuple(a.stop or ()), ignore_eos=a.ignore_eos)
     prompt = a.prompt if a.prompt is not None else sys.stdin.read()
     if a.chat:
-        prompt = eng.loaded.render_chat([{"role": "user", "content": prompt}])
+        from tandem.chat import template_for
+        prompt = template_for(eng.loaded, eng.tokenizer).render([{"role": "user", "content": prompt}])
     fin = None
     for ev in eng.generate(prompt, sp, add_special_tokens=not a.chat):
         if isinstance(ev, Token):

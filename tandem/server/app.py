@@ -26,7 +26,7 @@ from tandem.config import SpecConfig
 from tandem.engine.batch import BatchScheduler, Failed, RequestHandle
 from tandem.engine.events import Finished, GenStats, Token
 from tandem.errors import RequestError
-from tandem.server.chat import ChatTemplate, template_for
+from tandem.chat import ChatTemplate, template_for
 from tandem.server.metrics import Metrics
 from tandem.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, check_unsupported,
                                     message_text, param_of, sampling_of, spec_echo, spec_of)
@@ -368,7 +368,10 @@ def create_app(engine, *, loaded: Any = None, alias: str | None = None, api_key:
         check_model(req.model)
         msgs = [{"role": m.role, "content": message_text(m, i), **({"name": m.name} if m.name else {})}
                 for i, m in enumerate(req.messages)]
-        prompt = state.template.render(msgs, add_generation_prompt=True)
+        try:
+            prompt = state.template.render(msgs, add_generation_prompt=True)
+        except RequestError as e:
+            raise APIError(400, str(e), "messages") from None
         ids = encode_text(prompt, add_special=False)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"

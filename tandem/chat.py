@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import logging
 from functools import lru_cache
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from tandem.server.protocol import APIError
+from tandem.errors import RequestError
 
 # Gemma turn format: system/developer text is put in front of the first user turn; assistant turns are "model".
 GEMMA_TEMPLATE = """{{- bos_token -}}
@@ -52,8 +53,10 @@ class ChatTemplate:
         self.bos_token, self.eos_token = bos_token, eos_token
         try:
             self.template = _compile(self.source)
-        except TemplateError:
-            # a model template our sandbox cannot compile: fall back to the built-in one rather than fail every chat
+        except TemplateError as e:
+            # a model template our sandbox cannot compile: use the built-in one rather than fail every chat, loudly
+            logging.getLogger("tandem.chat").warning(
+                "the model's chat template does not compile in the sandbox (%s); using the built-in Gemma template", e)
             self.builtin, self.source = True, GEMMA_TEMPLATE
             self.template = _compile(self.source)
 
@@ -62,10 +65,9 @@ class ChatTemplate:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_token, eos_token=self.eos_token)
         except TemplateError as e:
-            raise APIError(400, f"chat template: {e}", "messages") from None
+            raise RequestError(f"messages: chat template: {e}") from None
         except Exception as e:  # noqa: BLE001 - a template is user-supplied code: any failure is a bad request
-            raise APIError(400, f"chat template failed on these messages: {type(e).__name__}: {e}",
-                           "messages") from None
+            raise RequestError(f"messages: chat template failed: {type(e).__name__}: {e}") from None
 
 
 def template_for(loaded, tokenizer) -> ChatTemplate:
