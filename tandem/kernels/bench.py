@@ -1,0 +1,140 @@
+"""Kernel benchmarks on a random-weight Gemma-3-270M: `python -m tandem.kernels.bench [--formats ...]`.
+
+Reports per format: single-token decode ms/step at a given context, the k-forward cost table (k-token forward /
+1-token forward), the share of a step that is not kernel time (all linears and attention replaced by no-ops),
+and per-linear GB/s at M = 1 and 4 (cold weights: a full model's worth of layers is cycled so caches do not help).
+Timings are medians over repeats; the machine may be shared, so run it more than once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from tandem import kernels
+from tandem.kernels import linear as klinear
+from tandem.kvcache import KVCache
+from tandem.models.gemma3 import Model, ModelArgs
+
+
+def med(f, reps):
+    f()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def build(fmt: str, seed: int = 0) -> Model:
+    torch.manual_seed(seed)
+    m = Model(ModelArgs()).eval()
+    with torch.no_grad():  # realistic scales (nn.Linear init is fine; embedding N(0,1) is too large for bf16 tests)
+        m.model.embed_tokens.weight.mul_(0.03)
+    kernels.prepare(m, fmt)
+    gc.collect()
+    return m
+
+
+def step_times(model: Model, ctx: int, ks, reps: int):
+    cache = KVCache(model.kv_specs(), n_slots=1, max_len=ctx + 16, dtype=torch.float32)
+    slots = torch.tensor([0])
+    with torch.inference_mode():
+        model(torch.randint(0, 1000, (1, ctx)), torch.arange(ctx)[None], cache, slots, logit_rows=slice(-1, None))
+        out = {}
+        for k in ks:
+            tok = torch.randint(0, 1000, (1, k))
+            pos = torch.arange(ctx, ctx + k)[None]
+            out[k] = med(lambda: model(tok, pos, cache, slots), reps)
+    return out
+
+
+class _NoKernels:
+    """Context: every PackedLinear / nn.Linear and attend() return an empty tensor of the right shape."""
+
+    def __enter__(self):
+        self.saved = (klinear.PackedLinear.forward, kernels.attend, F.linear)
+        klinear.PackedLinear.forward = lambda s, x: x.new_empty(*x.shape[:-1], s.out_features)
+        kernels.attend = lambda q, k, v, *a, **kw: q.new_empty(*q.shape[:-1], v.shape[-1])
+        import tandem.kvcache.cache as kc
+        kc.kernels.attend = kernels.attend
+        return self
+
+    def __exit__(self, *exc):
+        klinear.PackedLinear.forward, kernels.attend, _ = self.saved
+        import tandem.kvcache.cache as kc
+        kc.kernels.attend = kernels.attend
+
+
+def linear_gbps(fmt: str, reps: int = 20):
+    """GB/s of each Gemma-3-270M linear shape at M=1 and M=4, weights cold (18 copies cycled, as in a step)."""
+    shapes = {"q_proj": (1024, 640), "k_proj": (256, 640), "o_proj": (640, 1024), "gate/up": (2048, 640),
+              "down_proj": (640, 2048)}
+    res = {}
+    for name, (N, K) in shapes.items():
+        ws = [torch.randn(N, K) * 0.05 for _ in range(18)]
+        mods = [klinear.PackedLinear.from_weight(w, fmt) if fmt != "stock_fp32" else None for w in ws]
+        for M in (1, 4):
+            x = torch.randn(M, K)
+            if fmt == "stock_fp32":
+                t = med(lambda: [F.linear(x, w) for w in ws], reps) / 18
+                nbytes = N * K * 4
+            else:
+                t = med(lambda: [m(x) for m in mods], reps) / 18
+                nbytes = mods[0].weight_bytes
+            res[(name, M)] = (t * 1e3, nbytes / t / 1e9)
+    N, K = 262144, 640
+    w = torch.randn(N, K) * 0.05
+    m = klinear.PackedLinear.from_weight(w, fmt) if fmt != "stock_fp32" else None
+    del w
+    for M in (1, 4, 9):
+        x = torch.randn(M, K)
+        if m is None:
+            wf = torch.randn(N, K)
+            t = med(lambda: F.linear(x, wf), 5)
+            nbytes = N * K * 4
+        else:
+            t = med(lambda: m(x), 7)
+            nbytes = m.weight_bytes
+        res[("lm_head", M)] = (t * 1e3, nbytes / t / 1e9)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--formats", nargs="+", default=["fp32", "bf16", "q8_0"])
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--linears", action="store_true", help="also per-linear GB/s")
+    a = ap.parse_args()
+    ks = (1, 2, 4, 8)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fast kernels: "
+          f"{'yes' if kernels.linear.ext() is not None else 'no'}")
+    for fmt in a.formats:
+        model = build(fmt)
+        wbytes = sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers()))
+        t = step_times(model, a.ctx, ks, a.reps)
+        with _NoKernels():
+            t0 = step_times(model, a.ctx, (1, 4), a.reps)
+        table = "  ".join(f"k={k}: {t[k] / t[1]:.2f}x" for k in ks)
+        print(f"[{fmt}] weights {wbytes / 1e6:.0f} MB  decode@{a.ctx}: {t[1] * 1e3:.2f} ms/step "
+              f"({wbytes / t[1] / 1e9:.1f} GB/s eff)  k-cost: {table}  (k=8: {t[8] * 1e3:.2f} ms)")
+        print(f"[{fmt}] glue with kernels as no-ops: k=1 {t0[1] * 1e3:.2f} ms ({t0[1] / t[1]:.0%} of step), "
+              f"k=4 {t0[4] * 1e3:.2f} ms ({t0[4] / t[4]:.0%})", flush=True)
+        del model
+        gc.collect()
+    if a.linears:
+        for fmt in ["stock_fp32"] + [f for f in a.formats if f != "fp32"]:
+            r = linear_gbps(fmt)
+            print(f"[{fmt}] " + "  ".join(f"{n}@M{M}: {ms:.3f}ms {gb:.1f}GB/s" for (n, M), (ms, gb) in r.items()),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
