@@ -213,8 +213,8 @@ class QuantBuffer:
 
     def chunk(self, slots: torch.Tensor, j0: int, j1: int, dtype: torch.dtype) -> torch.Tensor:
         """Dequantised (still rotated) entries j0..j1 of the given slots: [B, H, j1 - j0, D]."""
-        c = self.codes.index_select(0, slots)[:, :, j0:j1]
-        s = self.scales.index_select(0, slots)[:, :, j0:j1]
+        c = self.codes[:, :, j0:j1].index_select(0, slots)  # slice first: copy only the chunk
+        s = self.scales[:, :, j0:j1].index_select(0, slots)
         return dequantize(c, s, self.fmt, self.d, dtype)
 
     def dequantized(self, slots: torch.Tensor, j0: int, j1: int, dtype=torch.float32) -> torch.Tensor:
@@ -228,7 +228,7 @@ class QuantBuffer:
 def _chunk_of(buf, slots: torch.Tensor, j0: int, j1: int, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(buf, QuantBuffer):
         return buf.chunk(slots, j0, j1, dtype)
-    return buf.index_select(0, slots)[:, :, j0:j1].to(dtype)
+    return buf[:, :, j0:j1].index_select(0, slots).to(dtype)
 
 
 # -- attention -----------------------------------------------------------------------------------------------------
