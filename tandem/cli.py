@@ -16,7 +16,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-n-max", type=int, default=3, help="max draft tokens per round")
     p.add_argument("--spec-n-min", type=int, default=1, help="discard drafts shorter than this")
     p.add_argument("--spec-p-min", type=float, default=0.0, help="stop drafting when top-1 prob < p_min")
-    p.add_argument("--weight-format", default="bf16", help="fp32 (exact reference), bf16, ... (see tandem.kernels)")
+    p.add_argument("--weight-format", default="q8_0", help="q8_0 (default: GGUF Q8_0 blocks), bf16, fp32 (exact reference)")
     p.add_argument("--cache-type-k", "-ctk", default="bf16",
                    help="KV cache type for K: bf16, f16, f32, q8_0 (int8), turbo4, turbo3, turbo2 (rotated 4/3/2-bit)")
     p.add_argument("--cache-type-v", "-ctv", default=None, help="KV cache type for V (default: same as K)")

@@ -75,7 +75,7 @@ class EngineConfig:
     model: str | None = None
     drafter: str | None = None
     device: str = "cpu"
-    weight_format: str = "bf16"
+    weight_format: str = "q8_0"
     cache_type_k: str = "bf16"
     cache_type_v: str = "bf16"
     max_len: int = 4096

@@ -30,7 +30,7 @@ def set_threads(threads: int | None) -> None:
 
 
 def load_engine(model: str | None = None, drafter: str | None = None, *, device: str = "cpu",
-                weight_format: str = "bf16", cache_type: str | None = None, cache_type_k: str | None = None,
+                weight_format: str = "q8_0", cache_type: str | None = None, cache_type_k: str | None = None,
                 cache_type_v: str | None = None, max_len: int = 4096, n_slots: int = 1,
                 threads: int | None = None, spec: SpecConfig | None = None, use_spec: bool = True) -> Engine:
     """Load target (+ drafter) and return an Engine. drafter=None picks the known drafter for the model, if any.
