@@ -110,16 +110,20 @@ class ModelArgs(BaseConfig):
 
     def inv_freq(self, layer_type: str) -> torch.Tensor:
         """RoPE inverse frequencies [head_dim/2] of a layer type (Gemma 4's default, or proportional)."""
-        rp = self.rope_parameters[layer_type]
-        kind, theta = rp.get("rope_type", "default"), float(rp["rope_theta"])
         hd = self._dims[self.layer_types.index(layer_type)][1]
-        if kind == "default":  # Gemma 4's own default ignores partial_rotary_factor and factor
-            return 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
-        if kind == "proportional":  # first rot/2 frequencies as for the full head, the rest 0 (identity)
-            rot = int(rp.get("partial_rotary_factor", 1.0) * hd // 2)
-            f = 1.0 / theta ** (torch.arange(0, 2 * rot, 2, dtype=torch.int64).float() / hd)
-            return torch.cat([f, torch.zeros(hd // 2 - rot)]) / float(rp.get("factor", 1.0))
-        raise ConfigError(f"gemma4: rope_type {kind!r} for {layer_type} unsupported")
+        return gemma4_inv_freq(self.rope_parameters[layer_type], hd, f"gemma4 {layer_type}")
+
+
+def gemma4_inv_freq(rp: dict, hd: int, where: str) -> torch.Tensor:
+    """Inverse frequencies [hd/2] for one rope_parameters entry, as Gemma 4 computes them."""
+    kind, theta = rp.get("rope_type", "default"), float(rp["rope_theta"])
+    if kind == "default":  # Gemma 4's own default ignores partial_rotary_factor and factor
+        return 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    if kind == "proportional":  # first rot/2 frequencies as for the full head, the rest 0 (identity)
+        rot = int(rp.get("partial_rotary_factor", 1.0) * hd // 2)
+        f = 1.0 / theta ** (torch.arange(0, 2 * rot, 2, dtype=torch.int64).float() / hd)
+        return torch.cat([f, torch.zeros(hd // 2 - rot)]) / float(rp.get("factor", 1.0))
+    raise ConfigError(f"{where}: rope_type {kind!r} unsupported")
 
 
 def _norm(dim: int, args: ModelArgs, with_scale: bool = True) -> RMSNorm:

@@ -29,21 +29,15 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tandem.errors import ConfigError, ModelLoadError
 from tandem.kvcache import KVCache
 from tandem.models.base import BaseConfig, Output, RMSNorm, apply_rope, rope_cos_sin
+from tandem.models.gemma4 import ACTIVATIONS as _ACT
+from tandem.models.gemma4 import gemma4_inv_freq
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 FULL_CONFIG = True  # tandem.models.build passes the whole config (top-level fields + text_config), not text_config
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-_ACT = {"gelu_pytorch_tanh": _gelu_tanh, "gelu_new": _gelu_tanh, "gelu": F.gelu, "silu": F.silu}
 
 
 @dataclass
@@ -144,16 +138,8 @@ class ModelArgs(BaseConfig):
 
     def inv_freq(self, layer_type: str) -> torch.Tensor:
         """RoPE inverse frequencies [head_dim/2] (Gemma 4 default, or proportional partial RoPE)."""
-        rp = self.rope_parameters[layer_type]
-        kind, theta = rp.get("rope_type", "default"), float(rp["rope_theta"])
-        hd = self.dims_of_type(layer_type)[1]
-        if kind == "default":
-            return 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
-        if kind == "proportional":
-            rot = int(rp.get("partial_rotary_factor", 1.0) * hd // 2)
-            f = 1.0 / theta ** (torch.arange(0, 2 * rot, 2, dtype=torch.int64).float() / hd)
-            return torch.cat([f, torch.zeros(hd // 2 - rot)]) / float(rp.get("factor", 1.0))
-        raise ConfigError(f"gemma4_assistant: rope_type {kind!r} for {layer_type} unsupported")
+        return gemma4_inv_freq(self.rope_parameters[layer_type], self.dims_of_type(layer_type)[1],
+                               f"gemma4_assistant {layer_type}")
 
 
 def _norm(dim: int, args: ModelArgs) -> RMSNorm:
