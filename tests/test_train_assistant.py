@@ -73,3 +73,23 @@ def test_cluster_ordering_is_a_balanced_permutation():
     order, cent = balanced_kmeans(w, 16, iters=2, log=lambda *_: None)
     assert sorted(order.tolist()) == list(range(512))
     assert cent.shape == (16, 16)
+
+
+def test_init_from_target_copies_the_layers_it_reads():
+    """--init target: each assistant layer is the target layer whose cache it reads, the score scale folded into
+    q_norm (the assistant attends with scale 1), Gemma 3's (1 + w) norms turned into plain multipliers."""
+    from tandem.train.assistant_init import init_from_target
+    target = tiny_target()
+    cfg = assistant_config(target, layers=2, intermediate=128, centroids=0)
+    asst = build_assistant(cfg, target, target.model.embed_tokens.weight.detach(), seed=0)
+    assert init_from_target(asst, target) == [0, 1]
+    for layer, i in zip(asst.model.layers, (0, 1)):
+        src = target.model.layers[i]
+        assert torch.equal(layer.self_attn.q_proj.weight, src.self_attn.q_proj.weight)
+        assert torch.equal(layer.mlp.down_proj.weight, src.mlp.down_proj.weight)
+        q = torch.randn(5, 32)
+        torch.testing.assert_close(layer.self_attn.q_norm(q), src.self_attn.q_norm(q) * src.self_attn.scale)
+        x = torch.randn(5, 64)
+        torch.testing.assert_close(layer.input_layernorm(x), src.input_layernorm(x))
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(asst.model.norm(x), target.model.norm(x))

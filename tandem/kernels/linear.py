@@ -151,6 +151,29 @@ class PackedLinear(nn.Module):
                 out = (q.reshape(len(flat), -1, QBLOCK) * d[..., None]).reshape(len(flat), -1)
         return out.reshape(*idx.shape, self.in_features)
 
+    def reordered(self, order: torch.Tensor) -> "PackedLinear":
+        """A copy whose output row i is this one's row order[i] (same packed values, no requantisation)."""
+        order = order.to(torch.int64).cpu()
+        if self.fmt == "fp32":
+            return PackedLinear(self.in_features, len(order), "fp32", {"weight": self.weight.detach()[order]})
+        if self.fmt == "bf16":
+            return PackedLinear(self.in_features, len(order), "bf16",
+                                {"w_bf16": _panelize(_unpanelize(self.w_bf16, self.out_features)[order])})
+        q, d = _unpanelize(self.q8, self.out_features)[order], _unpanelize(self.d16, self.out_features)[order]
+        return PackedLinear.from_q8_0(q, d)
+
+    def panels(self, x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor | None:
+        """x [M, K] -> y [M, S*64]: output rows of the 64-row panels `panels` [S] only, each value bitwise the
+        full forward's (sparse heads). None when no kernel serves this format/device (caller falls back)."""
+        m = ext()
+        if m is None or self.fmt == "fp32" or x.device.type != "cpu" or self.bias is not None:
+            return None
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        idx = panels.reshape(-1).to(torch.int64).contiguous()
+        if self.fmt == "bf16":
+            return m.gemm_bf16_panels(x2, self.w_bf16, idx)
+        return m.gemm_q8_0_panels(x2, self.q8, self.d16, idx)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fmt == "fp32":
             return F.linear(x, self.weight, self.bias)

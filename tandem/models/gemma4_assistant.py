@@ -226,9 +226,35 @@ class MaskedEmbedder(nn.Module):
         top = torch.topk(self.centroids(h).float(), self.top_k, dim=-1).indices  # [B, T, K]
         clusters = self.token_ordering.view(self.num_centroids, -1)  # [C, V/C]
         ids = clusters[top].reshape(B, T, -1)
+        sel = self._packed_select(h, top, lm_head)
+        if sel is not None:
+            return ids, sel
         w = self._table(lm_head)[top.reshape(-1)].view(B, T, -1, D)  # [B, T, K*V/C, D]
         sel = (h.to(w.dtype).unsqueeze(-2) @ w.transpose(-1, -2)).squeeze(-2).float()
         return ids, sel
+
+    def _packed_select(self, h: torch.Tensor, top: torch.Tensor, lm_head: nn.Module) -> torch.Tensor | None:
+        """Packed head (tandem.kernels): a cluster-ordered copy of it, and per row a GEMM over the chosen clusters'
+        64-row panels only (no gather, exact packed values). None when not applicable."""
+        per = self.vocab_size // self.num_centroids
+        if getattr(lm_head, "fmt", "fp32") == "fp32" or per % 64 or torch.is_grad_enabled():
+            return None
+        key = (id(lm_head), self.token_ordering.data_ptr(), self.token_ordering._version)
+        cached = getattr(self, "_packed_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, lm_head.reordered(self.token_ordering))
+            self._packed_cache = cached
+        head, ppc = cached[1], per // 64
+        B, T, K = top.shape
+        panels = (top[..., None] * ppc + torch.arange(ppc, device=top.device)).reshape(B * T, -1)  # [BT, K*ppc]
+        hf = h.reshape(B * T, -1)
+        rows = []
+        for i in range(B * T):  # one call per row: a row's logits never depend on its neighbours
+            y = head.panels(hf[i:i + 1], panels[i])
+            if y is None:
+                return None
+            rows.append(y)
+        return torch.cat(rows).view(B, T, -1)
 
     def _table(self, lm_head: nn.Module) -> torch.Tensor:
         key = (id(lm_head), self.token_ordering.data_ptr(), self.token_ordering._version)

@@ -17,7 +17,11 @@ def add_train_args(p) -> None:
                    help="text source: 'stdlib' or a file/directory (repeatable; default: stdlib)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=None, help="assistant hidden size (must equal the target's)")
-    p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=None,
+                   help="MLP width (default: the target's with --init target, else 1024)")
+    p.add_argument("--init", choices=("target", "random"), default="random",
+                   help="random (default): small random layers over an identity path; target: each layer starts as "
+                        "a copy of the target layer whose cache it reads")
     p.add_argument("--centroids", type=int, default=1024, help="vocabulary clusters for the sparse head (0 = dense)")
     p.add_argument("--top-k-clusters", type=int, default=32)
     p.add_argument("--draft-steps", type=int, default=3, help="draft steps unrolled in training")
@@ -49,7 +53,7 @@ def cmd_train(a) -> int:
     from tandem import loading
     from tandem.errors import ConfigError
     from tandem.train import assistant_io
-    from tandem.train.assistant_init import assistant_config, build_assistant
+    from tandem.train.assistant_init import assistant_config, build_assistant, init_from_target
     from tandem.train.clusters import balanced_kmeans
     from tandem.train.corpus import Corpus
     from tandem.train.data import DistillData, collect
@@ -69,9 +73,12 @@ def cmd_train(a) -> int:
     if a.hidden not in (None, target.args.hidden_size):
         raise ConfigError(f"--hidden {a.hidden}: the assistant shares the target's LM head, so its hidden size must "
                           f"equal the target's ({target.args.hidden_size})")
-    cfg_json = assistant_config(target, layers=a.layers, intermediate=a.intermediate, centroids=a.centroids,
+    inter = a.intermediate or (getattr(target.args, "intermediate_size", None) if a.init == "target" else None)
+    cfg_json = assistant_config(target, layers=a.layers, intermediate=int(inter or 1024), centroids=a.centroids,
                                 top_k_clusters=a.top_k_clusters)
     asst = build_assistant(cfg_json, target, embed_w, seed=a.seed)
+    if a.init == "target":
+        print(f"assistant layers start as copies of target layers {init_from_target(asst, target)}")
     layers = sorted(set(asst.target_layers.values()))
     corpus = Corpus.from_sources(a.data or ["stdlib"])
 
@@ -106,8 +113,9 @@ def cmd_train(a) -> int:
         cluster_of = torch.empty_like(order)
         cluster_of[order] = torch.arange(len(order)) // (len(order) // a.centroids)
 
-    with torch.no_grad():  # y starts at the scale of the target's own final hidden states
-        asst.model.norm.weight.fill_(float(data.hidden[:64].float().pow(2).mean().sqrt()))
+    if a.init == "random":  # y starts at the scale of the target's own final hidden states
+        with torch.no_grad():
+            asst.model.norm.weight.fill_(float(data.hidden[:64].float().pow(2).mean().sqrt()))
     tcfg = TrainConfig(steps=a.steps, batch=a.batch, draft_steps=a.draft_steps, lr=a.lr, seed=a.seed)
     report = train(asst, target.embed, data.subset(train_idx), data.subset(eval_idx), tcfg, work, cluster_of,
                    resume=not a.no_resume)

@@ -92,3 +92,51 @@ def share_target_embeddings(assistant, weight: torch.Tensor) -> None:
     p = torch.nn.Parameter(weight, requires_grad=False)
     assistant.model.embed_tokens.weight = p
     assistant.lm_head.weight = p
+
+
+def _weight(lin) -> torch.Tensor:
+    """fp32 [N, K] of an nn.Linear or a packed one (tandem.kernels)."""
+    w = lin.dequantized_weight() if hasattr(lin, "dequantized_weight") else lin.weight
+    return w.detach().float()
+
+
+def _norm_scale(norm) -> torch.Tensor:
+    """The multiplier an RMSNorm applies (Gemma 3's 1 + w, or w)."""
+    w = norm.weight.detach().float()
+    return 1.0 + w if getattr(norm, "unit_offset", False) else w
+
+
+def init_from_target(m: gemma4_assistant.Model, target) -> list[int]:
+    """Start each assistant layer as a copy of the target layer whose cache it reads (query side, norms, MLP) and
+    the final norm as the target's: drafting then begins as "run the target's last layers on a guessed residual",
+    and training only has to learn that guess (pre_projection). Returns the target layers copied."""
+    layers = getattr(getattr(target, "model", None), "layers", None)
+    if layers is None:
+        raise ConfigError("--init target: the target has no model.layers to copy")
+    copied = []
+    with torch.no_grad():
+        for layer in m.model.layers:
+            src = layers[m.target_layers[layer.layer_type]]
+            a, sa = layer.self_attn, src.self_attn
+            if _weight(sa.q_proj).shape != a.q_proj.weight.shape:
+                raise ConfigError(f"--init target: q_proj {tuple(_weight(sa.q_proj).shape)} of the target does "
+                                  f"not fit the assistant's {tuple(a.q_proj.weight.shape)} (use the target's heads)")
+            a.q_proj.weight.copy_(_weight(sa.q_proj))
+            a.o_proj.weight.copy_(_weight(sa.o_proj))
+            # the assistant attends with scale 1: fold the target's score scale into q_norm
+            a.q_norm.weight.copy_(_norm_scale(sa.q_norm) * float(getattr(sa, "scale", 1.0)))
+            for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                         "post_feedforward_layernorm"):
+                getattr(layer, name).weight.copy_(_norm_scale(getattr(src, name)))
+            n = min(layer.mlp.gate_proj.weight.shape[0], _weight(src.mlp.gate_proj).shape[0])
+            layer.mlp.gate_proj.weight[:n].copy_(_weight(src.mlp.gate_proj)[:n])
+            layer.mlp.up_proj.weight[:n].copy_(_weight(src.mlp.up_proj)[:n])
+            layer.mlp.down_proj.weight[:, :n].copy_(_weight(src.mlp.down_proj)[:, :n])
+            copied.append(m.target_layers[layer.layer_type])
+        m.model.norm.weight.copy_(_norm_scale(target.model.norm))
+        D = m.args.hidden_size
+        if m.args.backbone_hidden_size == D:  # guess: the residual of the next token ~ its own embedding
+            m.pre_projection.weight.zero_()
+            m.pre_projection.weight[:, :D].copy_(torch.eye(D))
+            m.post_projection.weight.copy_(torch.eye(D))
+    return copied

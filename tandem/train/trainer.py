@@ -185,7 +185,8 @@ def train(asst, target_embed, train_data: DistillData, eval_data: DistillData | 
     report = {"config": asdict(cfg), "train_sequences": N, "wall_s": round(time.time() - t0, 1),
               "final": history[-1] if history else {},
               "loss_first": history[0]["loss"] if history else None}
-    if eval_data is not None:
-        report["eval"] = eval_acceptance(asst, target_embed, eval_data, cfg.draft_steps)
+    if eval_data is not None:  # the last step's evaluation when it ran (resumed at the end: evaluate now)
+        report["eval"] = (history[-1].get("eval") if history else None) or \
+            eval_acceptance(asst, target_embed, eval_data, cfg.draft_steps)
     (out_dir / "train_history.json").write_text(json.dumps(history))
     return report

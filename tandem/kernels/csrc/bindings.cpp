@@ -2,6 +2,8 @@
 
 torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w, int64_t N);
 torch::Tensor gemm_q8_0(torch::Tensor x, torch::Tensor q, torch::Tensor d, int64_t N);
+torch::Tensor gemm_q8_0_panels(torch::Tensor x, torch::Tensor q, torch::Tensor d, torch::Tensor panels);
+torch::Tensor gemm_bf16_panels(torch::Tensor x, torch::Tensor w, torch::Tensor panels);
 torch::Tensor rows_q8_0(torch::Tensor q, torch::Tensor d, torch::Tensor rows, int64_t K);
 torch::Tensor rows_bf16(torch::Tensor w, torch::Tensor rows, int64_t K);
 torch::Tensor attend_fast(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf, torch::Tensor slots,
@@ -10,6 +12,8 @@ torch::Tensor attend_fast(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_bf16", &gemm_bf16);
   m.def("gemm_q8_0", &gemm_q8_0);
+  m.def("gemm_q8_0_panels", &gemm_q8_0_panels);
+  m.def("gemm_bf16_panels", &gemm_bf16_panels);
   m.def("rows_q8_0", &rows_q8_0);
   m.def("rows_bf16", &rows_bf16);
   m.def("attend_fast", &attend_fast);

@@ -167,6 +167,60 @@ torch::Tensor gemm_q8_0(torch::Tensor x, torch::Tensor q, torch::Tensor d, int64
   return y;
 }
 
+// Only the panels listed in `panels` [S] (int64): y [M, S*64], columns s*64..s*64+63 = panel panels[s]. The per
+// element arithmetic is gemm_*'s, so a selected logit equals the full GEMM's bitwise (sparse LM heads).
+torch::Tensor gemm_q8_0_panels(torch::Tensor x, torch::Tensor q, torch::Tensor d, torch::Tensor panels) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous fp32 [M,K]");
+  TORCH_CHECK(panels.scalar_type() == torch::kInt64 && panels.is_contiguous(), "panels: contiguous int64");
+  const int64_t M = x.size(0), K = x.size(1), S = panels.numel();
+  TORCH_CHECK(K % 32 == 0 && q.size(-2) == K && q.size(-1) == NB, "packed q8_0 weight [P, K, 64] expected");
+  const int64_t P = q.size(0);
+  const int64_t* pp = panels.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(pp[s] >= 0 && pp[s] < P, "panel index out of range");
+  auto y = torch::empty({M, S * NB}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = reinterpret_cast<const int8_t*>(q.data_ptr());
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
+  float* yp = y.data_ptr<float>();
+  const int64_t MB = (M + MBLK - 1) / MBLK, N = S * NB;
+  at::parallel_for(0, S * MB, 1, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t s = it / MB, mb = it % MB, p = pp[s];
+      const int8_t* qpan = qp + p * K * NB;
+      const uint16_t* dpan = dp + p * (K / 32) * NB;
+      rows_of_panel(mb * MBLK, std::min(M, mb * MBLK + MBLK), [&](int64_t m, int mr) {
+        DISPATCH_MR(mr, tile_q8_0, xp + m * K, K, qpan, dpan, K, yp + m * N + s * NB, N, NB);
+      });
+    }
+  });
+  return y;
+}
+
+torch::Tensor gemm_bf16_panels(torch::Tensor x, torch::Tensor w, torch::Tensor panels) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous fp32 [M,K]");
+  TORCH_CHECK(panels.scalar_type() == torch::kInt64 && panels.is_contiguous(), "panels: contiguous int64");
+  const int64_t M = x.size(0), K = x.size(1), S = panels.numel();
+  TORCH_CHECK(w.size(-2) == K && w.size(-1) == NB, "packed bf16 weight [P, K, 64] expected");
+  const int64_t P = w.size(0);
+  const int64_t* pp = panels.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(pp[s] >= 0 && pp[s] < P, "panel index out of range");
+  auto y = torch::empty({M, S * NB}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  float* yp = y.data_ptr<float>();
+  const int64_t MB = (M + MBLK - 1) / MBLK, N = S * NB;
+  at::parallel_for(0, S * MB, 1, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t s = it / MB, mb = it % MB;
+      const uint16_t* wpan = wp + pp[s] * K * NB;
+      rows_of_panel(mb * MBLK, std::min(M, mb * MBLK + MBLK), [&](int64_t m, int mr) {
+        DISPATCH_MR(mr, tile_bf16, xp + m * K, K, wpan, K, yp + m * N + s * NB, N, NB);
+      });
+    }
+  });
+  return y;
+}
+
 // Rows `rows` [R] (int64) of a q8_0 / bf16 panel-packed weight, dequantised to fp32 [R, K] (tied embedding lookup).
 torch::Tensor rows_q8_0(torch::Tensor q, torch::Tensor d, torch::Tensor rows, int64_t K) {
   const int64_t R = rows.numel();
