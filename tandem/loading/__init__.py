@@ -159,7 +159,8 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
         f = GGUFFile(path)
         config = f.config()
         weights = f.state_dict(dtype=dtype)
-        tok = _gguf_tokenizer(f, tokenizer_cache) if tokenizer else None
+        # a drafter reading its target's tokens (needs_tokenizer=False) loads no tokenizer of its own
+        tok = _gguf_tokenizer(f, tokenizer_cache) if tokenizer and f.arch().needs_tokenizer else None
         template = f.chat_template
     else:
         from tandem.loading import hf

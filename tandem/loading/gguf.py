@@ -3,7 +3,8 @@
 Everything architecture-specific is data in `ARCHS` (one `GGUFArch` per `general.architecture`): which GGUF metadata
 keys become which config.json keys, the config values llama.cpp does not store, the tensor-name keymap
 (llama.cpp name pattern -> HF checkpoint name) and the value fix-ups llama.cpp's converter applied (named ops from
-`FIXUPS`, e.g. Gemma norms stored as `1 + w`). To support a new architecture, add an entry to `ARCHS`.
+`FIXUPS`, e.g. Gemma norms stored as `1 + w`). To support a new architecture, add an entry to `ARCHS` (gemma3 is
+defined here, gemma4-assistant in gguf_gemma4_assistant.py).
 
 Tensors are dequantized to fp32 (or `dtype`) with `gguf.quants.dequantize`, which covers every ggml quant type the
 installed gguf-py knows; F32/F16/BF16/Q8_0 take a vectorized torch path that gives bit-identical results.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from tandem.errors import ModelLoadError
+from tandem.loading import gguf_gemma4_assistant as gemma4_assistant
+from tandem.loading.gguf_reader import _reader
 
 GGUF_MAGIC = b"GGUF"
 
@@ -47,7 +49,11 @@ class GGUFArch:
     tensors: GGUF tensor name -> HF name; `{bid}` stands for the block index in both.
     optional: GGUF names (patterns) that may be absent (e.g. `output.weight` when the head is tied).
     fixups: regex on the GGUF name -> name of an op in FIXUPS, applied after dequantization.
-    finalize: optional function(config, gguf_file) adjusting the config once everything is read.
+    finalize: optional function(config, gguf_file) adjusting the config once everything is read (may also check
+        which tensors are present, e.g. ones that are required only in some configurations).
+    derived: GGUF tensors the converter generated from the config (e.g. `rope_freqs.weight`): finalize reads them
+        back into the config; they are not weights.
+    needs_tokenizer: False for drafters that read their target's tokens (the file's tokenizer is not loaded).
     """
 
     model_type: str
@@ -58,6 +64,8 @@ class GGUFArch:
     optional: set[str] = field(default_factory=set)
     fixups: dict[str, str] = field(default_factory=dict)
     finalize: Callable[[dict, "GGUFFile"], None] | None = None
+    derived: set[str] = field(default_factory=set)
+    needs_tokenizer: bool = True
 
     def __post_init__(self):
         self._patterns = [(re.compile("^" + re.escape(g).replace(r"\{bid\}", r"(?P<bid>\d+)") + "$"), g, h)
@@ -171,6 +179,9 @@ ARCHS: dict[str, GGUFArch] = {
 }
 
 
+ARCHS[gemma4_assistant.ARCH] = GGUFArch(**gemma4_assistant.SPEC)
+
+
 def _check_magic(path: str) -> None:
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
@@ -195,6 +206,8 @@ def _fast_dequant_impl(data: np.ndarray, qtype) -> torch.Tensor | None:
     from gguf import GGMLQuantizationType as Q
     if qtype == Q.F32:
         return torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
+    if qtype in (Q.I8, Q.I16, Q.I32, Q.I64):  # integer tensors (e.g. a token ordering) stay integral, as int64
+        return torch.from_numpy(np.array(data, dtype=np.int64, copy=True))
     if qtype == Q.F16:
         return torch.from_numpy(np.ascontiguousarray(data).view(np.float16)).float()
     if qtype == Q.BF16:
@@ -212,79 +225,12 @@ def _fast_dequant_impl(data: np.ndarray, qtype) -> torch.Tensor | None:
 
 
 def dequantize(data: np.ndarray, qtype) -> torch.Tensor:
-    """A GGUF tensor's raw data -> fp32 torch tensor in the numpy (row-major) shape."""
+    """A GGUF tensor's raw data -> fp32 torch tensor in the numpy (row-major) shape (int64 for integer types)."""
     t = _fast_dequant(data, qtype)
     if t is not None:
         return t
     from gguf.quants import dequantize as gq_dequantize
     return torch.from_numpy(np.ascontiguousarray(gq_dequantize(data, qtype), dtype=np.float32))
-
-
-# -- the reader --------------------------------------------------------------------------------------------------------
-
-def _fast_reader_class():
-    """GGUFReader with array metadata parsed in one pass over a memoryview.
-
-    Stock gguf-py builds two numpy memmap views per array element, which takes ~15 s for Gemma's 262k-entry vocab.
-    Here a numeric array is one numpy part and a string array one memoryview part per string (length prefixes
-    are not kept as parts), so `ReaderField.contents()` returns the same values; only `len(field.data)` of a
-    numeric array differs (1). Byte-swapped files and nested arrays use the stock code.
-    """
-    from gguf import GGUFReader, GGUFValueType
-
-    class FastGGUFReader(GGUFReader):
-        def _get_field_parts(self, orig_offs, raw_type):
-            if int(raw_type) != int(GGUFValueType.ARRAY) or self.byte_order != "I":
-                return super()._get_field_parts(orig_offs, raw_type)
-            mv = self.__dict__.get("_tandem_mv")
-            if mv is None:
-                mv = self._tandem_mv = memoryview(self.data).cast("B")
-            size = len(mv)
-            if orig_offs + 12 > size:
-                raise ValueError(f"array header at offset {orig_offs} runs past the end of the file ({size} bytes)")
-            raw_itype = self._get(orig_offs, np.uint32)
-            alen = self._get(orig_offs + 4, np.uint64)
-            itype = GGUFValueType(int(raw_itype[0]))
-            n = int(alen[0])
-            offs = orig_offs + 12
-            parts: list = [raw_itype, alen]
-            idxs: list[int] = []
-            if itype == GGUFValueType.STRING:
-                unpack = struct.Struct("<Q").unpack_from
-                for _ in range(n):
-                    if offs + 8 > size:
-                        raise ValueError(f"string array at offset {orig_offs} runs past the end of the file")
-                    (slen,) = unpack(mv, offs)
-                    end = offs + 8 + slen
-                    if end > size:
-                        raise ValueError(f"string array at offset {orig_offs} runs past the end of the file")
-                    parts.append(mv[offs + 8:end])
-                    idxs.append(len(parts) - 1)
-                    offs = end
-            elif itype in self.gguf_scalar_to_np:
-                dt = np.dtype(self.gguf_scalar_to_np[itype])
-                end = offs + dt.itemsize * n
-                if end > size:
-                    raise ValueError(f"array at offset {orig_offs} runs past the end of the file")
-                parts.append(np.frombuffer(mv[offs:end], dtype=dt))  # one part: contents() flattens it
-                idxs = [len(parts) - 1] if n else []
-                offs = end
-            else:
-                return super()._get_field_parts(orig_offs, raw_type)
-            types = [GGUFValueType.ARRAY] + ([itype] if n else [])
-            return offs - orig_offs, parts, idxs, types
-
-    return FastGGUFReader
-
-
-_READER_CLS = None
-
-
-def _reader(path: str):
-    global _READER_CLS
-    if _READER_CLS is None:
-        _READER_CLS = _fast_reader_class()
-    return _READER_CLS(path, "r")
 
 
 # -- the file --------------------------------------------------------------------------------------------------------
@@ -366,7 +312,7 @@ class GGUFFile:
         return {n: (t.tensor_type.name, tuple(int(x) for x in reversed(t.shape))) for n, t in self._tensors.items()}
 
     def read(self, name: str) -> torch.Tensor:
-        """One tensor, dequantized to fp32, in torch (row-major) shape, without fix-ups."""
+        """One tensor, dequantized to fp32 (integer types: int64), in torch (row-major) shape, without fix-ups."""
         t = self._tensors.get(name)
         if t is None:
             raise ModelLoadError(f"{self.path}: missing tensor {name!r}")
@@ -389,12 +335,14 @@ class GGUFFile:
         out = {}
         unknown = []
         for name in self._tensors:
+            if name in spec.derived:
+                continue
             hf = spec.hf_name(name)
             if hf is None:
                 unknown.append(name)
                 continue
             w = spec.fixup(name, self.read(name))
-            out[hf] = w if w.dtype == dtype else w.to(dtype)
+            out[hf] = w if w.dtype == dtype or not w.is_floating_point() else w.to(dtype)
         if unknown:
             raise ModelLoadError(f"{self.path}: tensor(s) with no mapping for architecture {self.architecture!r}: "
                                  f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
