@@ -30,20 +30,35 @@ def save(asst, config: dict, out: Path, report: dict) -> None:
 
 
 def export_for_transformers(drafter_dir: str, target: str | None, out_dir: str) -> None:
-    """Write a directory Gemma4AssistantForCausalLM.from_pretrained loads: the shared embedding is copied in."""
+    """Write a directory Gemma4AssistantForCausalLM.from_pretrained loads: the shared embedding is copied in.
+
+    A drafter sharing its target's embedding is first loaded for `target` the way tandem serves it, so a drafter
+    that is incomplete or trained for another target raises ModelLoadError instead of exporting something that
+    transformers would load with missing (randomly initialised) or misfitting weights."""
     from tandem import loading
     from tandem.errors import ModelLoadError
+    from tandem.spec import load_drafter
 
     src = Path(drafter_dir)
-    cfg = json.loads((src / "config.json").read_text())
+    cfg_path, w_path = src / "config.json", src / "model.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise ModelLoadError(f"drafter {src}: {p.name} missing (expected a tandem drafter directory)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise ModelLoadError(f"{cfg_path}: invalid JSON ({e})") from None
     if cfg.get("model_type") != "gemma4_assistant":
-        raise ModelLoadError(f"{src}/config.json: model_type {cfg.get('model_type')!r}, expected 'gemma4_assistant'")
-    sd = load_file(str(src / "model.safetensors"))
-    if cfg.get("tandem", {}).get("shared_target_embeddings"):
-        tgt = loading.load(target, dtype=torch.float32).model
-        sd["model.embed_tokens.weight"] = tgt.model.embed_tokens.weight.detach().to(SHIPPED_DTYPE).contiguous()
+        raise ModelLoadError(f"{cfg_path}: model_type {cfg.get('model_type')!r}, expected 'gemma4_assistant'")
+    sd = load_file(str(w_path))
+    if (cfg.get("tandem") or {}).get("shared_target_embeddings"):
+        tgt = loading.load(target, dtype=torch.float32, tokenizer=False)
+        load_drafter(str(src), target=tgt.model, target_loaded=tgt, weight_format="fp32")  # fit + weights check
+        sd["model.embed_tokens.weight"] = tgt.model.model.embed_tokens.weight.detach().to(SHIPPED_DTYPE).contiguous()
     sd = {k: (v.long() if k.endswith("token_ordering") else v) for k, v in sd.items()}
     hf_cfg = {k: v for k, v in cfg.items() if k != "tandem"}
+    # Gemma4AssistantConfig.validate_architecture requires 0; Gemma4TextConfig's default is 262144
+    hf_cfg["text_config"] = {**hf_cfg.get("text_config", {}), "vocab_size_per_layer_input": 0}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
