@@ -13,10 +13,8 @@ exactly the table tandem's drafter shares with its target.
 HF needs a patch to build any Gemma 4 assistant: transformers 5.23's Gemma4TextConfig.kv_sharing_modes raises when
 EVERY layer is KV-shared, which an assistant always is (see `_hf_all_shared_patch`, as in test_gemma4_assistant.py).
 
-Target: Gemma 3 (the family of the shipped drafter). A Gemma 4 target is a strict xfail: tandem.loading.load cannot
-load a gemma4 HF directory (it calls `family.Model.sanitize(weights)` on the class; gemma4's sanitize is an
-instance method). Its full-attention RoPE is set to "default" because assistant_config only fits default RoPE
-(real Gemma 4's proportional partial RoPE fails build_assistant's RoPE check).
+Targets: Gemma 3 (the family of the shipped drafter) and Gemma 4 with its proportional partial RoPE on the full
+layers (assistant_config copies the target's RoPE).
 """
 
 import json
@@ -46,7 +44,8 @@ GEMMA4 = dict(vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_lay
               layer_types=[S, S, F, S, S, F], num_kv_shared_layers=2, hidden_size_per_layer_input=0,
               vocab_size_per_layer_input=V, max_position_embeddings=128,
               rope_parameters={S: {"rope_type": "default", "rope_theta": 10_000.0},
-                               F: {"rope_type": "default", "rope_theta": 1_000_000.0}})
+                               F: {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                   "rope_theta": 1_000_000.0}})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -177,9 +176,6 @@ def test_export_matches_tandem(gemma3_target, tmp_path, centroids):
     check_export_matches(gemma3_target, tmp_path, centroids)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="tandem.loading.load calls family.Model.sanitize on the class; gemma4's is an instance "
-                          "method, so no gemma4 HF directory loads")
 def test_export_with_gemma4_target(tmp_path_factory, tmp_path):
     check_export_matches(save_target(tmp_path_factory, "gemma4"), tmp_path, True)
 

@@ -172,7 +172,7 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
     family = get_family(config.get("model_type", ""))
     with _no_init():
         model = build(config)
-    weights = family.Model.sanitize(weights)
+    weights = model.sanitize(weights)  # an instance method where the renames depend on the config (gemma4)
     load_state_into(model, weights, path)
     model.requires_grad_(False)
     model.to(device=device)

@@ -36,6 +36,8 @@ def add_train_args(p) -> None:
     p.add_argument("--prompts", default=None, help="JSONL file ({'prompt': ...} per line) of generation prompts")
     p.add_argument("--gen-batch", type=int, default=16, help="sequences generated together")
     p.add_argument("--work-dir", default=None, help="teacher data + checkpoints (default: OUT/../.OUTNAME-work)")
+    p.add_argument("--weight-format", default="q8_0",
+                   help="target weights for the teacher passes: the format the drafter will be used with")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-resume", action="store_true")
@@ -66,10 +68,12 @@ def cmd_train(a) -> int:
     out.mkdir(parents=True, exist_ok=True)
     loaded = loading.load(a.target, dtype=torch.float32)
     target = loaded.model
-    # the head rows at the precision the run-time drafter reads them (the packed bf16 LM head)
-    embed_w = target.model.embed_tokens.weight.detach().to(torch.bfloat16).float()
     from tandem import kernels
-    kernels.prepare(target, "bf16")  # teacher passes at run-time precision, and fast
+    # teacher passes with the weights the drafter will be verified against at run time (and fast)
+    kernels.prepare(target, a.weight_format)
+    head = target.lm_head
+    # the head rows exactly as the run-time drafter reads them (the packed, tied LM head)
+    embed_w = (head.dequantized_weight() if hasattr(head, "dequantized_weight") else head.weight).detach().float()
     if a.hidden not in (None, target.args.hidden_size):
         raise ConfigError(f"--hidden {a.hidden}: the assistant shares the target's LM head, so its hidden size must "
                           f"equal the target's ({target.args.hidden_size})")

@@ -28,9 +28,7 @@ def assistant_config(target, *, layers: int = 2, intermediate: int = 1024, heads
         if dk != dv:
             raise ConfigError(f"target layer {layer} ({lt}) has K dim {dk} != V dim {dv}; the assistant needs equal")
         dims[lt] = (h_kv, dk)
-        f = target._inv_freq[lt]
-        theta = float(1.0 / f[1]) ** (dk / 2.0) if f.numel() > 1 else 10_000.0
-        rope[lt] = {"rope_type": "default", "rope_theta": round(theta, 3)}
+        rope[lt] = _rope_like(target, lt, dk)
     n_heads = heads or getattr(ta, "num_attention_heads", 4)
     sw = getattr(ta, "sliding_window", 512) or 512
     text = {
@@ -43,6 +41,7 @@ def assistant_config(target, *, layers: int = 2, intermediate: int = 1024, heads
         "sliding_window": max(1, sw - 1), "hidden_size_per_layer_input": 0, "num_kv_shared_layers": layers,
         "rms_norm_eps": getattr(ta, "rms_norm_eps", 1e-6), "tie_word_embeddings": True,
         "hidden_activation": "gelu_pytorch_tanh", "attention_k_eq_v": False, "enable_moe_block": False,
+        "vocab_size_per_layer_input": 0,
         "max_position_embeddings": getattr(ta, "max_position_embeddings", 32768),
     }
     return {
@@ -52,6 +51,23 @@ def assistant_config(target, *, layers: int = 2, intermediate: int = 1024, heads
         "tie_word_embeddings": True, "text_config": text,
         "tandem": {"shared_target_embeddings": True},
     }
+
+
+def _rope_like(target, layer_type: str, head_dim: int) -> dict:
+    """A Gemma 4 rope_parameters entry giving the target's RoPE for layer_type (the assistant's queries must rotate
+    exactly as the keys they read were rotated)."""
+    ta = target.args
+    rp = getattr(ta, "rope_parameters", None)
+    if getattr(ta, "model_type", "") == "gemma4_text" and isinstance(rp, dict) and layer_type in rp:
+        return dict(rp[layer_type])
+    if hasattr(ta, "rope"):  # Gemma 3: (theta, linear factor) == proportional RoPE over the whole head
+        theta, factor = ta.rope(layer_type)
+        if factor == 1.0:
+            return {"rope_type": "default", "rope_theta": theta}
+        return {"rope_type": "proportional", "partial_rotary_factor": 1.0, "rope_theta": theta, "factor": factor}
+    f = target._inv_freq[layer_type]  # any other family: recover theta from the frequencies
+    theta = float(1.0 / f[1]) ** (head_dim / 2.0) if f.numel() > 1 else 10_000.0
+    return {"rope_type": "default", "rope_theta": round(theta, 3)}
 
 
 def build_assistant(config: dict, target, embed_weight: torch.Tensor, seed: int = 0) -> gemma4_assistant.Model:
