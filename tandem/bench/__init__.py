@@ -1,4 +1,5 @@
-"""`tandem bench`: core speed (prefill, decode, k-forward cost) and the speculative form (per-category prompts)."""
+"""`tandem bench`: core speed (prefill, decode, k-forward cost), the speculative form (per-category prompts) and
+KV cache quality (--kv-quality: perplexity and next-token agreement with the bf16 cache, per cache type)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,20 @@ def add_bench_args(p) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="(spec form) tokens per prompt")
     p.add_argument("--categories", default=None, help="(spec form) comma-separated subset")
     p.add_argument("--out", default=None, help="(spec form) directory for the JSON and PNG plot")
+    p.add_argument("--kv-quality", action="store_true",
+                   help="KV cache quality: perplexity per cache type and next-token agreement with the bf16 cache "
+                        "on held-out text (default: idlelib/NEWS.txt of this Python)")
+    p.add_argument("--kv-types", default="bf16,q8_0,turbo4,turbo3,turbo2", help="(kv-quality) cache types (K = V)")
+    p.add_argument("--kv-text", default=None, help="(kv-quality) text file to score")
+    p.add_argument("--kv-chunks", type=int, default=4, help="(kv-quality) chunks of the text, each from an empty cache")
+    p.add_argument("--kv-chunk-len", type=int, default=1024, help="(kv-quality) tokens per chunk")
 
 
 def cmd_bench(a) -> int:
-    if a.spec:
+    if a.kv_quality:
+        from tandem.bench.kv_quality import run_kv_quality
+        result = run_kv_quality(a)
+    elif a.spec:
         from tandem.bench.spec_bench import run_spec_bench
         result = run_spec_bench(a)
     else:

@@ -3,6 +3,8 @@
 attend(): every attention read goes through here (via the KV cache), so cache formats and kernels meet in one place.
   On CPU with fp32/bf16 caches it runs the batch-invariant C++ kernel (tandem/kernels/attention.py), elsewhere the
   reference. Set TANDEM_NO_EXT=1 to force the reference everywhere.
+attend_quant(): the same contract over quantized KV buffers (tandem/kernels/quant_attention.py): the fused
+  dequantise-while-attending C++ kernel on CPU, else the chunked torch one.
 prepare(model, weight_format): swaps every nn.Linear for a batch-invariant PackedLinear (tandem/kernels/linear.py)
   and the tied input embedding for a PackedEmbedding that reads rows from the packed LM head.
 """
@@ -13,6 +15,7 @@ import torch.nn as nn
 
 from tandem.kernels.attention import attend_cpu
 from tandem.kernels.linear import FORMATS, PackedEmbedding, PackedLinear, check_format
+from tandem.kernels.quant_attention import attend_quant
 from tandem.kernels.reference import attend_reference
 
 attend = attend_cpu
@@ -42,4 +45,4 @@ def prepare(model: nn.Module, weight_format: str = "bf16") -> nn.Module:
     return model
 
 
-__all__ = ["attend", "attend_reference", "prepare", "PackedLinear", "PackedEmbedding", "FORMATS"]
+__all__ = ["attend", "attend_quant", "attend_reference", "prepare", "PackedLinear", "PackedEmbedding", "FORMATS"]

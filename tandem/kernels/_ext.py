@@ -15,7 +15,7 @@ from pathlib import Path
 log = logging.getLogger("tandem.kernels")
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ["small_gemm.cpp", "attention.cpp", "bindings.cpp"]
+_SOURCES = ["small_gemm.cpp", "attention.cpp", "quant_attention.cpp", "kv_quantize.cpp", "bindings.cpp"]
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "f16c", "fma")
 
 _lock = threading.Lock()
@@ -42,8 +42,8 @@ def _build():
         raise RuntimeError(f"CPU lacks {', '.join(missing)}")
     from torch.utils import cpp_extension
     h = hashlib.sha1()
-    for s in _SOURCES:
-        h.update((_CSRC / s).read_bytes())
+    for p in [_CSRC / s for s in _SOURCES] + sorted(_CSRC.glob("*.h")):  # headers too: they change the build
+        h.update(p.read_bytes())
     h.update(" ".join(sorted(flags)).encode())  # -march=native: a cached build is only valid on the same CPU kind
     name = f"tandem_kernels_{h.hexdigest()[:12]}"
     return cpp_extension.load(

@@ -17,6 +17,10 @@ only on the cache (KVCache pads Tmax to a multiple of 32, so elementwise ops nev
 chunks leave a row's state exactly unchanged, and for small T (decode / verify, T <= SMALL_T) each query position is
 one fixed-shape [G, D] x [D, chunk] product, so a row's result does not depend on T or on the other rows. Larger T
 (prefill) does all rows in one product (fast, not row-invariant).
+
+attend_quant is the entry point: on CPU with the C++ extension it runs the fused kernel (csrc/quant_attention.cpp:
+dequantise-while-attending in L1 tiles, row-invariant for every T including prefill), else attend_chunked. quantize
+likewise runs csrc/kv_quantize.cpp (same codes) on CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from tandem.kernels._ext import ext
 
 QBLOCK = 32
 CHUNK = 256
@@ -73,6 +79,15 @@ def get_format(name: str | torch.dtype) -> Format:
 
 # -- rotation ------------------------------------------------------------------------------------------------------
 _ROT: dict[tuple[int, str], torch.Tensor] = {}
+_SIGNS: dict[int, torch.Tensor] = {}
+
+
+def rotation_signs(d: int) -> torch.Tensor:
+    """The fixed random +-1 per dim of rotation(d): float32 [d] (CPU)."""
+    if d not in _SIGNS:
+        g = torch.Generator().manual_seed(_SIGN_SEED)
+        _SIGNS[d] = (torch.randint(0, 2, (d,), generator=g) * 2 - 1).float()
+    return _SIGNS[d]
 
 
 def rotation(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -84,8 +99,7 @@ def rotation(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
         while h.shape[0] < g:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
         blocks = torch.block_diag(*([h / g ** 0.5] * (d // g)))
-        signs = torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(_SIGN_SEED)) * 2 - 1
-        _ROT[key] = (signs.to(torch.float64)[:, None] * blocks).to(device)
+        _ROT[key] = (rotation_signs(d).to(torch.float64)[:, None] * blocks).to(device)
     return _ROT[key]
 
 
@@ -145,8 +159,22 @@ _STEP_GRID = {4: (1.0, 0.85, 0.72, 0.6, 0.5), 3: (1.0, 0.85, 0.72, 0.6, 0.5), 2:
 _FP16_MAX, _FP16_TINY = 65504.0, 2.0 ** -24
 
 
+_EMPTY = torch.empty(0)
+
+
 def quantize(x: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] float -> (codes uint8/int8 [..., row_bytes], scales fp16 [..., D / qblock(D)])."""
+    d = x.shape[-1]
+    mod = ext() if x.device.type == "cpu" else None
+    if mod is not None and qblock(d):
+        signs = rotation_signs(d) if fmt.rotated else _EMPTY
+        c, s = mod.kv_quantize(x.reshape(-1, d).float().contiguous(), fmt.bits, signs)
+        return c.reshape(*x.shape[:-1], c.shape[-1]), s.reshape(*x.shape[:-1], s.shape[-1])
+    return quantize_torch(x, fmt)
+
+
+def quantize_torch(x: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize in plain torch (any device; the reference of csrc/kv_quantize.cpp)."""
     d = x.shape[-1]
     xf = x.float()
     if fmt.rotated:
@@ -210,6 +238,17 @@ class QuantBuffer:
         c, s = quantize(x, self.fmt)
         self.codes[idx] = c
         self.scales[idx] = s
+
+    def store(self, slots: torch.Tensor, positions: torch.Tensor, x: torch.Tensor) -> bool:
+        """x [B, T, H, D] at (slots [B], positions [B, T], -1 = padding) in one C++ call; False: not done (no
+        extension / not CPU), use write()."""
+        mod = ext() if self.codes.device.type == "cpu" else None
+        if mod is None:
+            return False
+        signs = rotation_signs(self.d) if self.rotated else _EMPTY
+        mod.kv_store(x.float().contiguous(), self.fmt.bits, signs, self.codes, self.scales,
+                     slots.to(torch.int64).contiguous(), positions.to(torch.int64).expand(x.shape[:2]).contiguous())
+        return True
 
     def chunk(self, slots: torch.Tensor, j0: int, j1: int, dtype: torch.dtype) -> torch.Tensor:
         """Dequantised (still rotated) entries j0..j1 of the given slots: [B, H, j1 - j0, D]."""
@@ -281,3 +320,32 @@ def attend_chunked(q: torch.Tensor, k_buf, v_buf, slots: torch.Tensor, q_pos: to
     if isinstance(v_buf, QuantBuffer) and v_buf.rotated:
         out = (out.double() @ rotation(Dv, q.device).T).float()
     return out.reshape(B, Hkv, T, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, T, Hq, Dv).to(q.dtype)
+
+
+_FLOAT_KINDS = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 15}  # csrc/quant_attention.cpp
+
+
+def _side(buf) -> tuple | None:
+    """(data, scales, kind, signs) of K or V for the fused kernel; None when it cannot read this buffer."""
+    if isinstance(buf, QuantBuffer):
+        if buf.codes.device.type != "cpu":
+            return None
+        return buf.codes, buf.scales, buf.fmt.bits, (rotation_signs(buf.d) if buf.rotated else _EMPTY)
+    if buf.device.type != "cpu" or buf.dtype not in _FLOAT_KINDS or not buf.is_contiguous():
+        return None
+    return buf, _EMPTY, _FLOAT_KINDS[buf.dtype], _EMPTY
+
+
+def attend_quant(q: torch.Tensor, k_buf, v_buf, slots: torch.Tensor, q_pos: torch.Tensor, window: int | None,
+                 scale: float, softcap: float | None = None) -> torch.Tensor:
+    """attend_chunked's contract; the fused row-invariant C++ kernel on CPU when the extension is built."""
+    mod = ext() if q.device.type == "cpu" else None
+    ks = _side(k_buf) if mod is not None else None
+    vs = _side(v_buf) if ks is not None else None
+    if vs is None:
+        return attend_chunked(q, k_buf, v_buf, slots, q_pos, window, scale, softcap)
+    qf = q if (q.dtype == torch.float32 and q.is_contiguous()) else q.float().contiguous()
+    out = mod.attend_quant(qf, *ks, *vs, int(v_buf.shape[-1]), slots.to(torch.int64), q_pos.to(torch.int64),
+                           int(window) if window is not None else 0, float(scale),
+                           float(softcap) if softcap is not None else 0.0)
+    return out if q.dtype == torch.float32 else out.to(q.dtype)

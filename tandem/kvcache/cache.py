@@ -85,29 +85,31 @@ class KVCache:
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
         """Store k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] at (slots [B], positions [B, T]); position -1 = padding."""
-        kb, vb = self.k[layer], self.v[layer]
+        todo = [(buf, x) for buf, x in ((self.k[layer], k), (self.v[layer], v))
+                if not (isinstance(buf, qa.QuantBuffer) and buf.store(slots, positions, x))]
+        if not todo:
+            return
         if bool((positions < 0).any()):
             keep = positions >= 0
-            s = slots[:, None].expand_as(positions)[keep]
-            p = positions[keep]
-            self._store(kb, (s, slice(None), p), k[keep])
-            self._store(vb, (s, slice(None), p), v[keep])
+            idx = (slots[:, None].expand_as(positions)[keep], slice(None), positions[keep])
+            todo = [(buf, x[keep]) for buf, x in todo]
         else:
             idx = (slots[:, None], slice(None), positions)
-            self._store(kb, idx, k)
-            self._store(vb, idx, v)
+        for buf, x in todo:
+            self._store(buf, idx, x)
 
     def attend(self, layer: int, q: torch.Tensor, slots: torch.Tensor, q_pos: torch.Tensor,
                window: int | None, scale: float, softcap: float | None = None) -> torch.Tensor:
         """Attention of q [B, T, Hq, D] against this layer's cache; the one place every reader goes through.
 
-        Plain float K and V of one dtype: the batch-invariant kernel (kernels.attend). Any quantized side: the
-        chunked streaming-softmax kernel, which dequantises chunk by chunk and handles the Hadamard rotation
-        (q rotated for a rotated K, output un-rotated for a rotated V) here, for every reader."""
+        Plain float K and V of one dtype: the batch-invariant kernel (kernels.attend). Any quantized side:
+        quant_attention.attend_quant (fused dequantise-while-attending C++ kernel, else the chunked torch one),
+        which handles the Hadamard rotation (q rotated for a rotated K, output un-rotated for a rotated V) here,
+        for every reader."""
         kb, vb = self.k[layer], self.v[layer]
         if self.dtype is not None:
             return kernels.attend(q, kb, vb, slots, q_pos, window, scale, softcap)
-        return qa.attend_chunked(q, kb, vb, slots, q_pos, window, scale, softcap)
+        return qa.attend_quant(q, kb, vb, slots, q_pos, window, scale, softcap)
 
     def view(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The valid K, V of one slot: [Hkv, length, D] each. Views (no copy) for float storage; dequantised

@@ -8,6 +8,12 @@ torch::Tensor rows_q8_0(torch::Tensor q, torch::Tensor d, torch::Tensor rows, in
 torch::Tensor rows_bf16(torch::Tensor w, torch::Tensor rows, int64_t K);
 torch::Tensor attend_fast(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf, torch::Tensor slots,
                           torch::Tensor q_pos, int64_t window, double scale, double softcap);
+torch::Tensor attend_quant(torch::Tensor q, torch::Tensor kd, torch::Tensor ks, int64_t kkind, torch::Tensor ksigns,
+                           torch::Tensor vd, torch::Tensor vs, int64_t vkind, torch::Tensor vsigns, int64_t dv,
+                           torch::Tensor slots, torch::Tensor q_pos, int64_t window, double scale, double softcap);
+std::vector<torch::Tensor> kv_quantize(torch::Tensor x, int64_t bits, torch::Tensor signs);
+void kv_store(torch::Tensor x, int64_t bits, torch::Tensor signs, torch::Tensor codes, torch::Tensor scales,
+              torch::Tensor slots, torch::Tensor positions);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_bf16", &gemm_bf16);
@@ -17,4 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_q8_0", &rows_q8_0);
   m.def("rows_bf16", &rows_bf16);
   m.def("attend_fast", &attend_fast);
+  m.def("attend_quant", &attend_quant);
+  m.def("kv_quantize", &kv_quantize);
+  m.def("kv_store", &kv_store);
 }
