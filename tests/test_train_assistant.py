@@ -93,3 +93,31 @@ def test_init_from_target_copies_the_layers_it_reads():
         torch.testing.assert_close(layer.input_layernorm(x), src.input_layernorm(x))
     x = torch.randn(5, 64)
     torch.testing.assert_close(asst.model.norm(x), target.model.norm(x))
+
+
+def test_init_from_continues_a_saved_drafter(setup, tmp_path):
+    """--init-from: a saved drafter comes back with the same weights and clusters (bf16 as shipped), so training
+    can continue from it; a drafter that does not fit is refused by name."""
+    from tandem.errors import ModelLoadError
+    from tandem.train import assistant_io
+    target, _, eval_data, cfg, embed, _ = setup
+    asst = build_assistant(cfg, target, embed, seed=3)
+    order, _ = balanced_kmeans(embed, 8, log=lambda *_: None)
+    asst.masked_embedding.token_ordering.copy_(order)
+    assistant_io.save(asst, cfg, tmp_path / "d", {})
+    cfg2, sd = assistant_io.load_for_training(str(tmp_path / "d"))
+    assert cfg2 == cfg
+    warm = build_assistant(cfg2, target, embed, seed=0)
+    assistant_io.load_weights(warm, sd, "d")
+    for k, v in asst.state_dict().items():
+        got = warm.state_dict()[k]
+        shared = k in ("model.embed_tokens.weight", "lm_head.weight")  # the target's, never saved
+        want = v if not v.is_floating_point() or shared else v.to(torch.bfloat16).float()
+        assert torch.equal(got, want), k
+    assert torch.equal(warm.masked_embedding.token_ordering, order)
+    other = build_assistant(assistant_config(target, layers=2, intermediate=64, centroids=8, top_k_clusters=2),
+                            target, embed, seed=0)
+    with pytest.raises(ModelLoadError, match="shape mismatch.*mlp"):
+        assistant_io.load_weights(other, sd, "d")
+    with pytest.raises(ModelLoadError, match="config.json missing"):
+        assistant_io.load_for_training(str(tmp_path))

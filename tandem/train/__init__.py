@@ -22,6 +22,9 @@ def add_train_args(p) -> None:
     p.add_argument("--init", choices=("target", "random"), default="random",
                    help="random (default): small random layers over an identity path; target: each layer starts as "
                         "a copy of the target layer whose cache it reads")
+    p.add_argument("--init-from", default=None, metavar="DRAFTER_DIR",
+                   help="warm start: continue from a trained drafter for this target (its config, weights and "
+                        "clusters; --layers/--intermediate/--centroids are then taken from it)")
     p.add_argument("--centroids", type=int, default=1024, help="vocabulary clusters for the sparse head (0 = dense)")
     p.add_argument("--top-k-clusters", type=int, default=32)
     p.add_argument("--draft-steps", type=int, default=3, help="draft steps unrolled in training")
@@ -78,10 +81,16 @@ def cmd_train(a) -> int:
         raise ConfigError(f"--hidden {a.hidden}: the assistant shares the target's LM head, so its hidden size must "
                           f"equal the target's ({target.args.hidden_size})")
     inter = a.intermediate or (getattr(target.args, "intermediate_size", None) if a.init == "target" else None)
-    cfg_json = assistant_config(target, layers=a.layers, intermediate=int(inter or 1024), centroids=a.centroids,
-                                top_k_clusters=a.top_k_clusters)
+    if a.init_from:
+        cfg_json, warm = assistant_io.load_for_training(a.init_from)
+    else:
+        cfg_json = assistant_config(target, layers=a.layers, intermediate=int(inter or 1024),
+                                    centroids=a.centroids, top_k_clusters=a.top_k_clusters)
     asst = build_assistant(cfg_json, target, embed_w, seed=a.seed)
-    if a.init == "target":
+    if a.init_from:
+        assistant_io.load_weights(asst, warm, a.init_from)
+        print(f"warm start from {a.init_from}")
+    elif a.init == "target":
         print(f"assistant layers start as copies of target layers {init_from_target(asst, target)}")
     layers = sorted(set(asst.target_layers.values()))
     corpus = Corpus.from_sources(a.data or ["stdlib"])
@@ -109,7 +118,11 @@ def cmd_train(a) -> int:
     eval_idx = idx[n_train:]  # the last generations: held out
 
     cluster_of = None
-    if asst.masked_embedding is not None:
+    if asst.masked_embedding is not None and a.init_from:  # keep the drafter's learned clustering
+        order = asst.masked_embedding.token_ordering
+        cluster_of = torch.empty_like(order)
+        cluster_of[order] = torch.arange(len(order)) // (len(order) // asst.masked_embedding.centroids.weight.shape[0])
+    elif asst.masked_embedding is not None:
         order, cent = balanced_kmeans(embed_w, a.centroids, seed=a.seed)
         asst.masked_embedding.token_ordering.copy_(order)
         with torch.no_grad():
@@ -117,7 +130,7 @@ def cmd_train(a) -> int:
         cluster_of = torch.empty_like(order)
         cluster_of[order] = torch.arange(len(order)) // (len(order) // a.centroids)
 
-    if a.init == "random":  # y starts at the scale of the target's own final hidden states
+    if a.init == "random" and not a.init_from:  # y starts at the scale of the target's own final hidden states
         with torch.no_grad():
             asst.model.norm.weight.fill_(float(data.hidden[:64].float().pow(2).mean().sqrt()))
     tcfg = TrainConfig(steps=a.steps, batch=a.batch, draft_steps=a.draft_steps, lr=a.lr, seed=a.seed)
@@ -127,7 +140,7 @@ def cmd_train(a) -> int:
         "command": "tandem " + " ".join(shlex.quote(x) for x in sys.argv[1:]) if sys.argv[0].endswith("tandem")
         else " ".join(shlex.quote(x) for x in sys.argv),
         "target": str(loaded.path), "data_sources": a.data or ["stdlib"], "corpus": corpus.describe(),
-        "prompts_file": a.prompts,
+        "prompts_file": a.prompts, "init_from": a.init_from,
         "teacher_sequences": {"text": a.n_text, "generated": a.n_gen, "held_out_generated": a.n_eval,
                               "seq_len": a.seq_len},
         "total_wall_s": round(time.time() - t_start, 1), "machine": platform.platform(),

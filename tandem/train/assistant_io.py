@@ -29,6 +29,41 @@ def save(asst, config: dict, out: Path, report: dict) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
+def load_for_training(drafter_dir: str) -> tuple[dict, dict]:
+    """(config.json dict, state dict) of a tandem drafter directory, to continue training it."""
+    from tandem.errors import ModelLoadError
+
+    src = Path(drafter_dir)
+    for name in ("config.json", "model.safetensors"):
+        if not (src / name).is_file():
+            raise ModelLoadError(f"--init-from {src}: {name} missing (expected a tandem drafter directory)")
+    try:
+        cfg = json.loads((src / "config.json").read_text())
+    except ValueError as e:
+        raise ModelLoadError(f"{src / 'config.json'}: invalid JSON ({e})") from None
+    if cfg.get("model_type") != "gemma4_assistant":
+        raise ModelLoadError(f"{src / 'config.json'}: model_type {cfg.get('model_type')!r}, expected "
+                             "'gemma4_assistant'")
+    return cfg, load_file(str(src / "model.safetensors"))
+
+
+def load_weights(asst, sd: dict, where: str) -> None:
+    """Copy a drafter's trained weights into a freshly built assistant (the shared embedding/head stay the target's)."""
+    from tandem.errors import ModelLoadError
+
+    own = asst.state_dict()
+    shared = {"model.embed_tokens.weight", "lm_head.weight"}
+    missing = sorted(k for k in own if k not in sd and k not in shared)
+    unknown = sorted(k for k in sd if k not in own)
+    bad = sorted(k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape))
+    if missing or unknown or bad:
+        raise ModelLoadError(f"--init-from {where}: weights do not fit this target's assistant "
+                             f"(missing {missing[:4]}, unexpected {unknown[:4]}, shape mismatch {bad[:4]})")
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v.to(own[k].dtype))
+
+
 def export_for_transformers(drafter_dir: str, target: str | None, out_dir: str) -> None:
     """Write a directory Gemma4AssistantForCausalLM.from_pretrained loads: the shared embedding is copied in.
 
