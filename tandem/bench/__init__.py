@@ -24,6 +24,9 @@ def add_bench_args(p) -> None:
     p.add_argument("--kv-text", default=None, help="(kv-quality) text file to score")
     p.add_argument("--kv-chunks", type=int, default=4, help="(kv-quality) chunks of the text, each from an empty cache")
     p.add_argument("--kv-chunk-len", type=int, default=1024, help="(kv-quality) tokens per chunk")
+    p.add_argument("--kv-greedy-tokens", type=int, default=0,
+                   help="(kv-quality) also decode every bench prompt greedily for N tokens per type and compare "
+                        "the outputs with the bf16 cache's")
 
 
 def cmd_bench(a) -> int:

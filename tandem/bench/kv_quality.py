@@ -3,6 +3,8 @@
 The text (default: documentation shipped with this Python, idlelib/NEWS.txt, else argparse.py) is cut into chunks
 of --kv-chunk-len tokens (BOS first); each chunk runs from an empty cache in pieces of PIECE tokens with all logits,
 so every prediction reads K/V back through the cache type under test (the same row-invariant kernel as decoding).
+With --kv-greedy-tokens N, every `bench --spec` prompt is also decoded greedily for N tokens per type and compared
+with the bf16-cache output (whole outputs identical, and tokens up to the first difference).
 """
 
 from __future__ import annotations
@@ -69,9 +71,9 @@ def run_kv_quality(a) -> dict:
     res = {"model": str(eng.loaded.path), "weight_format": a.weight_format, "text": str(path),
            "chunks": len(chunks), "chunk_len": a.kv_chunk_len, "predictions": sum(len(c) - 1 for c in chunks),
            "types": {}}
-    base_top = None
+    base_top, base_out = None, None
     for t in types:
-        eng.cache = KVCache(eng.model.kv_specs(), 1, a.kv_chunk_len, k_type=t, v_type=t)
+        eng.cache = KVCache(eng.model.kv_specs(), 1, max(a.kv_chunk_len, 1024), k_type=t, v_type=t)
         t0 = time.perf_counter()
         scored = [score(eng, c) for c in chunks]
         nll = torch.cat([s[0] for s in scored])
@@ -82,14 +84,39 @@ def run_kv_quality(a) -> dict:
             "ppl": round(math.exp(float(nll.double().mean())), 4),
             "agree_vs_bf16": round(float((top == base_top).double().mean()), 4),
             "seconds": round(time.perf_counter() - t0, 1)}
+        if a.kv_greedy_tokens:
+            outs = greedy_outputs(eng, a.kv_greedy_tokens)
+            base_out = outs if t == "bf16" else base_out
+            res["types"][eng.cache.k_type].update(_compare(outs, base_out))
     _print_table(res)
     return res
+
+
+def greedy_outputs(eng, n: int) -> list[list[int]]:
+    """Greedy completions of every bench prompt, n tokens each (EOS ignored), with the engine's current cache."""
+    from tandem.bench.prompts import CATEGORIES, PROMPTS
+    from tandem.config import SamplingParams
+
+    sp = SamplingParams(max_tokens=n, ignore_eos=True)
+    return [eng.complete(p, sp)[0] for c in CATEGORIES for p in PROMPTS[c]]
+
+
+def _compare(outs: list[list[int]], base: list[list[int]]) -> dict:
+    """Whole-output equality with the bf16 outputs, and the mean share of tokens before the first difference."""
+    def prefix(a, b):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return n / max(1, len(b))
+    return {"greedy_identical": f"{sum(o == b for o, b in zip(outs, base))}/{len(base)}",
+            "greedy_prefix_share": round(sum(prefix(o, b) for o, b in zip(outs, base)) / len(base), 4)}
 
 
 def _print_table(res: dict) -> None:
     print(f"model {res['model']}  weights {res['weight_format']}")
     print(f"text {res['text']}: {res['chunks']} chunks x {res['chunk_len']} tokens, {res['predictions']} predictions")
     base = res["types"]["bf16"]["ppl"]
-    print(f"{'KV type':10}{'bytes/tok':>11}{'ppl':>10}{'ppl/bf16':>10}{'agree':>8}")
+    greedy = "greedy_identical" in res["types"]["bf16"]
+    print(f"{'KV type':10}{'bytes/tok':>11}{'ppl':>10}{'ppl/bf16':>10}{'agree':>8}"
+          + (f"{'greedy same':>13}{'prefix':>8}" if greedy else ""))
     for t, r in res["types"].items():
-        print(f"{t:10}{r['kv_bytes_per_token']:>11}{r['ppl']:>10.4f}{r['ppl'] / base:>10.4f}{r['agree_vs_bf16']:>8.4f}")
+        print(f"{t:10}{r['kv_bytes_per_token']:>11}{r['ppl']:>10.4f}{r['ppl'] / base:>10.4f}{r['agree_vs_bf16']:>8.4f}"
+              + (f"{r['greedy_identical']:>13}{r['greedy_prefix_share']:>8.3f}" if greedy else ""))
