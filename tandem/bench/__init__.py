@@ -20,7 +20,7 @@ def add_bench_args(p) -> None:
     p.add_argument("--kv-quality", action="store_true",
                    help="KV cache quality: perplexity per cache type and next-token agreement with the bf16 cache "
                         "on held-out text (default: idlelib/NEWS.txt of this Python)")
-    p.add_argument("--kv-types", default="bf16,q8_0,turbo4,turbo3,turbo2", help="(kv-quality) cache types (K = V)")
+    p.add_argument("--kv-types", default="bf16,q8_0,turbo4,turbo3,turbo2", help="(kv-quality) cache types: T (K and V) or K:V (e.g. q8_0:turbo4)")
     p.add_argument("--kv-text", default=None, help="(kv-quality) text file to score")
     p.add_argument("--kv-chunks", type=int, default=4, help="(kv-quality) chunks of the text, each from an empty cache")
     p.add_argument("--kv-chunk-len", type=int, default=1024, help="(kv-quality) tokens per chunk")

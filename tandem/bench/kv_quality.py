@@ -73,13 +73,15 @@ def run_kv_quality(a) -> dict:
            "types": {}}
     base_top, base_out = None, None
     for t in types:
-        eng.cache = KVCache(eng.model.kv_specs(), 1, max(a.kv_chunk_len, 1024), k_type=t, v_type=t)
+        kt, _, vt = t.partition(":")  # "K:V" measures a mixed pair, e.g. q8_0:turbo4
+        eng.cache = KVCache(eng.model.kv_specs(), 1, max(a.kv_chunk_len, 1024), k_type=kt, v_type=vt or kt)
+        name = eng.cache.k_type if eng.cache.k_type == eng.cache.v_type else f"{eng.cache.k_type}:{eng.cache.v_type}"
         t0 = time.perf_counter()
         scored = [score(eng, c) for c in chunks]
         nll = torch.cat([s[0] for s in scored])
         top = torch.cat([s[1] for s in scored])
         base_top = top if t == "bf16" else base_top
-        res["types"][eng.cache.k_type] = {
+        res["types"][name] = {
             "kv_bytes_per_token": eng.cache.bytes_per_token,
             "ppl": round(math.exp(float(nll.double().mean())), 4),
             "agree_vs_bf16": round(float((top == base_top).double().mean()), 4),
@@ -87,7 +89,7 @@ def run_kv_quality(a) -> dict:
         if a.kv_greedy_tokens:
             outs = greedy_outputs(eng, a.kv_greedy_tokens)
             base_out = outs if t == "bf16" else base_out
-            res["types"][eng.cache.k_type].update(_compare(outs, base_out))
+            res["types"][name].update(_compare(outs, base_out))
     _print_table(res)
     return res
 
@@ -115,8 +117,8 @@ def _print_table(res: dict) -> None:
     print(f"text {res['text']}: {res['chunks']} chunks x {res['chunk_len']} tokens, {res['predictions']} predictions")
     base = res["types"]["bf16"]["ppl"]
     greedy = "greedy_identical" in res["types"]["bf16"]
-    print(f"{'KV type':10}{'bytes/tok':>11}{'ppl':>10}{'ppl/bf16':>10}{'agree':>8}"
+    print(f"{'KV type':14}{'bytes/tok':>11}{'ppl':>10}{'ppl/bf16':>10}{'agree':>8}"
           + (f"{'greedy same':>13}{'prefix':>8}" if greedy else ""))
     for t, r in res["types"].items():
-        print(f"{t:10}{r['kv_bytes_per_token']:>11}{r['ppl']:>10.4f}{r['ppl'] / base:>10.4f}{r['agree_vs_bf16']:>8.4f}"
+        print(f"{t:14}{r['kv_bytes_per_token']:>11}{r['ppl']:>10.4f}{r['ppl'] / base:>10.4f}{r['agree_vs_bf16']:>8.4f}"
               + (f"{r['greedy_identical']:>13}{r['greedy_prefix_share']:>8.3f}" if greedy else ""))
