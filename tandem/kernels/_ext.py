@@ -46,10 +46,26 @@ def _build():
         h.update(p.read_bytes())
     h.update(" ".join(sorted(flags)).encode())  # -march=native: a cached build is only valid on the same CPU kind
     name = f"tandem_kernels_{h.hexdigest()[:12]}"
-    return cpp_extension.load(
-        name=name, sources=[str(_CSRC / s) for s in _SOURCES],
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"], extra_ldflags=["-fopenmp"],
-        verbose=False)
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{name}.tandem-build", "w") as guard:
+        _exclusive(guard)  # the OS drops it if its holder dies: a lock file left then is stale, not a live build
+        for stale in [root / name / "lock", *root.glob(f"*/{name}/lock")]:
+            if stale.exists():
+                log.warning("tandem.kernels: removing %s left by a killed build (it would block forever)", stale)
+                stale.unlink(missing_ok=True)
+        return cpp_extension.load(
+            name=name, sources=[str(_CSRC / s) for s in _SOURCES],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"], extra_ldflags=["-fopenmp"],
+            verbose=False)
+
+
+def _exclusive(f) -> None:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock file is all there is
+        return
+    fcntl.flock(f, fcntl.LOCK_EX)
 
 
 def ext():
