@@ -121,3 +121,9 @@ def test_init_from_continues_a_saved_drafter(setup, tmp_path):
         assistant_io.load_weights(other, sd, "d")
     with pytest.raises(ModelLoadError, match="config.json missing"):
         assistant_io.load_for_training(str(tmp_path))
+
+
+def test_init_from_conflicts_with_init_target(tmp_path, capsys):
+    from tandem.cli import main
+    rc = main(["train-assistant", "--out", str(tmp_path / "o"), "--init-from", str(tmp_path), "--init", "target"])
+    assert rc == 2 and "--init-from and --init target" in capsys.readouterr().err

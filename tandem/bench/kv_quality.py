@@ -74,7 +74,8 @@ def run_kv_quality(a) -> dict:
     base_top, base_out = None, None
     for t in types:
         kt, _, vt = t.partition(":")  # "K:V" measures a mixed pair, e.g. q8_0:turbo4
-        eng.cache = KVCache(eng.model.kv_specs(), 1, max(a.kv_chunk_len, 1024), k_type=kt, v_type=vt or kt)
+        # room for a chunk, or for a bench prompt (well under a chunk) plus its greedy tokens
+        eng.cache = KVCache(eng.model.kv_specs(), 1, a.kv_chunk_len + a.kv_greedy_tokens, k_type=kt, v_type=vt or kt)
         name = eng.cache.k_type if eng.cache.k_type == eng.cache.v_type else f"{eng.cache.k_type}:{eng.cache.v_type}"
         t0 = time.perf_counter()
         scored = [score(eng, c) for c in chunks]

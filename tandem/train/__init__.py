@@ -64,6 +64,8 @@ def cmd_train(a) -> int:
     from tandem.train.data import DistillData, collect
     from tandem.train.trainer import TrainConfig, train
 
+    if a.init_from and a.init == "target":  # before loading anything
+        raise ConfigError("--init-from and --init target both say where the weights start: give one")
     if a.threads:
         torch.set_num_threads(a.threads)
     t_start = time.time()
@@ -118,17 +120,16 @@ def cmd_train(a) -> int:
     eval_idx = idx[n_train:]  # the last generations: held out
 
     cluster_of = None
-    if asst.masked_embedding is not None and a.init_from:  # keep the drafter's learned clustering
-        order = asst.masked_embedding.token_ordering
+    if asst.masked_embedding is not None:
+        order = asst.masked_embedding.token_ordering  # a warm start keeps the drafter's learned clustering
+        if not a.init_from:
+            order, cent = balanced_kmeans(embed_w, a.centroids, seed=a.seed)
+            asst.masked_embedding.token_ordering.copy_(order)
+            with torch.no_grad():
+                asst.masked_embedding.centroids.weight.copy_(cent * 4.0)
+        n_clusters = asst.masked_embedding.centroids.weight.shape[0]
         cluster_of = torch.empty_like(order)
-        cluster_of[order] = torch.arange(len(order)) // (len(order) // asst.masked_embedding.centroids.weight.shape[0])
-    elif asst.masked_embedding is not None:
-        order, cent = balanced_kmeans(embed_w, a.centroids, seed=a.seed)
-        asst.masked_embedding.token_ordering.copy_(order)
-        with torch.no_grad():
-            asst.masked_embedding.centroids.weight.copy_(cent * 4.0)
-        cluster_of = torch.empty_like(order)
-        cluster_of[order] = torch.arange(len(order)) // (len(order) // a.centroids)
+        cluster_of[order] = torch.arange(len(order)) // (len(order) // n_clusters)
 
     if a.init == "random" and not a.init_from:  # y starts at the scale of the target's own final hidden states
         with torch.no_grad():

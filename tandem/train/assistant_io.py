@@ -31,12 +31,17 @@ def save(asst, config: dict, out: Path, report: dict) -> None:
 
 def load_for_training(drafter_dir: str) -> tuple[dict, dict]:
     """(config.json dict, state dict) of a tandem drafter directory, to continue training it."""
+    cfg = _drafter_config(Path(drafter_dir), "--init-from")
+    return cfg, load_file(str(Path(drafter_dir) / "model.safetensors"))
+
+
+def _drafter_config(src: Path, what: str) -> dict:
+    """config.json of a gemma4_assistant drafter directory that also holds model.safetensors, else ModelLoadError."""
     from tandem.errors import ModelLoadError
 
-    src = Path(drafter_dir)
     for name in ("config.json", "model.safetensors"):
         if not (src / name).is_file():
-            raise ModelLoadError(f"--init-from {src}: {name} missing (expected a tandem drafter directory)")
+            raise ModelLoadError(f"{what} {src}: {name} missing (expected a tandem drafter directory)")
     try:
         cfg = json.loads((src / "config.json").read_text())
     except ValueError as e:
@@ -44,7 +49,7 @@ def load_for_training(drafter_dir: str) -> tuple[dict, dict]:
     if cfg.get("model_type") != "gemma4_assistant":
         raise ModelLoadError(f"{src / 'config.json'}: model_type {cfg.get('model_type')!r}, expected "
                              "'gemma4_assistant'")
-    return cfg, load_file(str(src / "model.safetensors"))
+    return cfg
 
 
 def load_weights(asst, sd: dict, where: str) -> None:
@@ -71,21 +76,11 @@ def export_for_transformers(drafter_dir: str, target: str | None, out_dir: str) 
     that is incomplete or trained for another target raises ModelLoadError instead of exporting something that
     transformers would load with missing (randomly initialised) or misfitting weights."""
     from tandem import loading
-    from tandem.errors import ModelLoadError
     from tandem.spec import load_drafter
 
     src = Path(drafter_dir)
-    cfg_path, w_path = src / "config.json", src / "model.safetensors"
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise ModelLoadError(f"drafter {src}: {p.name} missing (expected a tandem drafter directory)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise ModelLoadError(f"{cfg_path}: invalid JSON ({e})") from None
-    if cfg.get("model_type") != "gemma4_assistant":
-        raise ModelLoadError(f"{cfg_path}: model_type {cfg.get('model_type')!r}, expected 'gemma4_assistant'")
-    sd = load_file(str(w_path))
+    cfg = _drafter_config(src, "drafter")
+    sd = load_file(str(src / "model.safetensors"))
     if (cfg.get("tandem") or {}).get("shared_target_embeddings"):
         tgt = loading.load(target, dtype=torch.float32, tokenizer=False)
         load_drafter(str(src), target=tgt.model, target_loaded=tgt, weight_format="fp32")  # fit + weights check
