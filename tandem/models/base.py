@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tandem.errors import ConfigError
+from tandem.kvcache import KVCache
 
 
 @dataclass
@@ -37,6 +38,22 @@ class Output:
 
     logits: torch.Tensor | None
     hidden: torch.Tensor
+
+
+class CausalLM(nn.Module):
+    """Base of every family's `Model`: the model declares its cache, the engine only calls `make_cache`.
+
+    Attention-only families describe it with `kv_specs()` (layer -> (n_kv_heads, k_dim, v_dim)); families with
+    recurrent state or a compressed latent override `make_cache`.
+    """
+
+    def kv_specs(self) -> dict[int, tuple[int, int, int]]:
+        raise NotImplementedError(f"{type(self).__name__} must define kv_specs() or override make_cache()")
+
+    def make_cache(self, n_slots: int, max_len: int, *, k_type: str = "bf16", v_type: str | None = None,
+                   device="cpu") -> KVCache:
+        """The cache this model reads and writes: `n_slots` sequences of up to `max_len` tokens."""
+        return KVCache(self.kv_specs(), n_slots, max_len, device=device, k_type=k_type, v_type=v_type or k_type)
 
 
 class RMSNorm(nn.Module):

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 from tandem.kvcache import KVCache
-from tandem.models.base import (BaseConfig, Output, RMSNorm, apply_rope, embed_scale, gelu_tanh, rope_cos_sin,
-                                rope_inv_freq, softcap)
+from tandem.models.base import (BaseConfig, CausalLM, Output, RMSNorm, apply_rope, embed_scale, gelu_tanh,
+                                rope_cos_sin, rope_inv_freq, softcap)
 
 
 @dataclass
@@ -128,7 +128,7 @@ class Gemma3TextModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     """Gemma3ForCausalLM with explicit positions: forward(tokens, positions, cache, slots) -> Output."""
 
     def __init__(self, args: ModelArgs):

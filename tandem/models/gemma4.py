@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from tandem.errors import ConfigError
 from tandem.kvcache import KVCache
-from tandem.models.base import BaseConfig, Output, RMSNorm, apply_rope, embed_scale, rope_cos_sin, softcap
+from tandem.models.base import (BaseConfig, CausalLM, Output, RMSNorm, apply_rope, embed_scale, rope_cos_sin,
+                                softcap)
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
@@ -268,7 +269,7 @@ class Gemma4TextModel(nn.Module):
             self.per_layer_projection_norm = _norm(p, args)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     """Gemma4ForCausalLM with explicit positions: forward(tokens, positions, cache, slots) -> Output."""
 
     def __init__(self, args: ModelArgs):

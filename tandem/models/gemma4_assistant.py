@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from tandem.errors import ConfigError, ModelLoadError
 from tandem.kvcache import KVCache
-from tandem.models.base import BaseConfig, Output, RMSNorm, apply_rope, rope_cos_sin
+from tandem.models.base import BaseConfig, CausalLM, Output, RMSNorm, apply_rope, rope_cos_sin
 from tandem.models.gemma4 import ACTIVATIONS as _ACT
 from tandem.models.gemma4 import gemma4_inv_freq
 
@@ -290,7 +290,7 @@ class AssistantTextModel(nn.Module):
         self.norm = _norm(args.hidden_size, args)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     """Gemma4AssistantForCausalLM. Owns no cache: `forward` reads the target's cache through `cache.attend`.
 
     bind(target) checks the fit and records which target layers are read; until bound, `target_layers` maps
