@@ -74,11 +74,13 @@ def _set_param(model: nn.Module, name: str, p: nn.Parameter) -> None:
     setattr(model.get_submodule(mod_name) if mod_name else model, leaf, p)
 
 
-def load_state_into(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> nn.Module:
+def load_state_into(model: nn.Module, weights: dict[str, torch.Tensor], source: str,
+                    file_names: dict[str, str] | None = None) -> nn.Module:
     """Strict, zero-copy (assign) load of HF-named weights into `model`, keeping tied parameters tied.
 
     A tie group (parameters that are the same object, e.g. lm_head.weight / embed_tokens.weight) needs just one
-    member in `weights`; all members end up sharing the loaded tensor."""
+    member in `weights`; all members end up sharing the loaded tensor. `file_names` (HF name -> name in the file,
+    e.g. the GGUF tensor) makes errors name the tensor as the file spells it."""
     groups: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(n)
@@ -96,8 +98,9 @@ def load_state_into(model: nn.Module, weights: dict[str, torch.Tensor], source: 
         raise ModelLoadError(f"{source}: weights do not match the model: missing {missing[:8]}"
                              f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                              f"{' ...' if len(unexpected) > 8 else ''}")
-    bad = [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
-           if tuple(weights[k].shape) != tuple(v.shape)]
+    file_names = file_names or {}
+    bad = [f"{k}{f' (file tensor {file_names[k]!r})' if k in file_names else ''}: expected {tuple(v.shape)}, "
+           f"got {tuple(weights[k].shape)}" for k, v in expected.items() if tuple(weights[k].shape) != tuple(v.shape)]
     if bad:
         raise ModelLoadError(f"{source}: tensor shape mismatch: {bad[:4]}")
     model.load_state_dict(weights, strict=True, assign=True)
@@ -114,7 +117,7 @@ def _tokenizer_cache_path(gguf_path: str) -> Path | None:
         st = os.stat(gguf_path)
     except OSError:
         return None
-    key = hashlib.sha256(f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}|v2".encode()).hexdigest()[:24]
     return cache_dir() / "tokenizers" / f"{key}.json"
 
 
@@ -145,7 +148,7 @@ def _gguf_tokenizer(f, cache: bool):
 def load(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32, tokenizer: bool = True, tokenizer_cache: bool = True) -> Loaded:
     """Load a model; `path=None` is the embedded default model (assembled into the cache on first use)."""
-    from tandem.models import build, get_family
+    from tandem.models import build
 
     if path is None:
         from tandem.loading.default import default_model_path
@@ -158,7 +161,8 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
         from tandem.loading.gguf import GGUFFile
         f = GGUFFile(path)
         config = f.config()
-        weights = f.state_dict(dtype=dtype)
+        weights = f.state_dict(dtype=dtype, config=config)
+        file_names = f.sources
         # a drafter reading its target's tokens (needs_tokenizer=False) loads no tokenizer of its own
         tok = _gguf_tokenizer(f, tokenizer_cache) if tokenizer and f.arch().needs_tokenizer else None
         template = f.chat_template
@@ -168,12 +172,12 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
             path = str(Path(path).parent)
         config = hf.read_config(path)
         weights = hf.state_dict(path, dtype=dtype)
+        file_names = None
         tok, template = hf.read_tokenizer(path, config) if tokenizer else (None, None)
-    family = get_family(config.get("model_type", ""))
     with _no_init():
         model = build(config)
     weights = model.sanitize(weights)  # an instance method where the renames depend on the config (gemma4)
-    load_state_into(model, weights, path)
+    load_state_into(model, weights, path, file_names)
     model.requires_grad_(False)
     model.to(device=device)
     model.eval()

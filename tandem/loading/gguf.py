@@ -1,10 +1,9 @@
 """GGUF files: metadata -> HF-style config dict, tensors -> HF-named torch tensors, tokenizer metadata.
 
-Everything architecture-specific is data in `ARCHS` (one `GGUFArch` per `general.architecture`): which GGUF metadata
-keys become which config.json keys, the config values llama.cpp does not store, the tensor-name keymap
-(llama.cpp name pattern -> HF checkpoint name) and the value fix-ups llama.cpp's converter applied (named ops from
-`FIXUPS`, e.g. Gemma norms stored as `1 + w`). To support a new architecture, add an entry to `ARCHS` (gemma3 is
-defined here, gemma4-assistant in gguf_gemma4_assistant.py).
+Everything architecture-specific is data in `gguf_archs/` (one `GGUFArch` per `general.architecture`): which GGUF
+metadata keys become which config.json keys, the config values llama.cpp does not store, the tensor-name keymap
+(llama.cpp name pattern -> HF checkpoint name) and the value fix-ups llama.cpp's converter applied (fn(tensor,
+config), e.g. Gemma norms stored as `1 + w`, llama's permuted q/k rows).
 
 Tensors are dequantized to fp32 (or `dtype`) with `gguf.quants.dequantize`, which covers every ggml quant type the
 installed gguf-py knows; F32/F16/BF16/Q8_0 take a vectorized torch path that gives bit-identical results.
@@ -13,173 +12,17 @@ installed gguf-py knows; F32/F16/BF16/Q8_0 take a vectorized torch path that giv
 from __future__ import annotations
 
 import os
-import re
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from tandem.errors import ModelLoadError
-from tandem.loading import gguf_gemma4_assistant as gemma4_assistant
+from tandem.loading.gguf_archs import ARCHS, GGUFArch
 from tandem.loading.gguf_reader import _reader
 
 GGUF_MAGIC = b"GGUF"
-
-
-# -- value fix-ups: undo what llama.cpp's convert_hf_to_gguf.py did to a tensor ------------------------------------
-
-def _minus_one(t: torch.Tensor) -> torch.Tensor:
-    # Gemma RMSNorm computes x * (1 + w); llama.cpp's converter stores (w + 1) so its norm is a plain x * w'.
-    return t - 1.0
-
-
-FIXUPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "minus_one": _minus_one,
-}
-
-
-@dataclass
-class GGUFArch:
-    """How to read one `general.architecture`.
-
-    config_keys: GGUF metadata key (without the `<arch>.` prefix) -> HF config key.
-    config_defaults: HF config values llama.cpp does not store (it hard-codes them per architecture).
-    tensors: GGUF tensor name -> HF name; `{bid}` stands for the block index in both.
-    optional: GGUF names (patterns) that may be absent (e.g. `output.weight` when the head is tied).
-    fixups: regex on the GGUF name -> name of an op in FIXUPS, applied after dequantization.
-    finalize: optional function(config, gguf_file) adjusting the config once everything is read (may also check
-        which tensors are present, e.g. ones that are required only in some configurations).
-    derived: GGUF tensors the converter generated from the config (e.g. `rope_freqs.weight`): finalize reads them
-        back into the config; they are not weights.
-    needs_tokenizer: False for drafters that read their target's tokens (the file's tokenizer is not loaded).
-    """
-
-    model_type: str
-    architectures: list[str]
-    config_keys: dict[str, str]
-    config_defaults: dict[str, Any]
-    tensors: dict[str, str]
-    optional: set[str] = field(default_factory=set)
-    fixups: dict[str, str] = field(default_factory=dict)
-    finalize: Callable[[dict, "GGUFFile"], None] | None = None
-    derived: set[str] = field(default_factory=set)
-    needs_tokenizer: bool = True
-
-    def __post_init__(self):
-        self._patterns = [(re.compile("^" + re.escape(g).replace(r"\{bid\}", r"(?P<bid>\d+)") + "$"), g, h)
-                          for g, h in self.tensors.items()]
-        self._fixups = [(re.compile(p), FIXUPS[op]) for p, op in self.fixups.items()]
-
-    def hf_name(self, gguf_name: str) -> str | None:
-        for rx, _, hf in self._patterns:
-            m = rx.match(gguf_name)
-            if m:
-                return hf.format(**m.groupdict())
-        return None
-
-    def fixup(self, gguf_name: str, t: torch.Tensor) -> torch.Tensor:
-        for rx, fn in self._fixups:
-            if rx.search(gguf_name):
-                t = fn(t)
-        return t
-
-    def expected(self, n_blocks: int) -> list[str]:
-        """Every GGUF tensor name the model needs (optional ones excluded)."""
-        out = []
-        for g in self.tensors:
-            if g in self.optional:
-                continue
-            out.extend([g.format(bid=i) for i in range(n_blocks)] if "{bid}" in g else [g])
-        return out
-
-
-# The llama.cpp names of the dense-decoder pieces every Gemma shares.
-_GEMMA_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output.weight": "lm_head.weight",
-    "output_norm.weight": "model.norm.weight",
-    "blk.{bid}.attn_q.weight": "model.layers.{bid}.self_attn.q_proj.weight",
-    "blk.{bid}.attn_k.weight": "model.layers.{bid}.self_attn.k_proj.weight",
-    "blk.{bid}.attn_v.weight": "model.layers.{bid}.self_attn.v_proj.weight",
-    "blk.{bid}.attn_output.weight": "model.layers.{bid}.self_attn.o_proj.weight",
-    "blk.{bid}.attn_q_norm.weight": "model.layers.{bid}.self_attn.q_norm.weight",
-    "blk.{bid}.attn_k_norm.weight": "model.layers.{bid}.self_attn.k_norm.weight",
-    "blk.{bid}.attn_norm.weight": "model.layers.{bid}.input_layernorm.weight",
-    "blk.{bid}.post_attention_norm.weight": "model.layers.{bid}.post_attention_layernorm.weight",
-    "blk.{bid}.ffn_norm.weight": "model.layers.{bid}.pre_feedforward_layernorm.weight",
-    "blk.{bid}.post_ffw_norm.weight": "model.layers.{bid}.post_feedforward_layernorm.weight",
-    "blk.{bid}.ffn_gate.weight": "model.layers.{bid}.mlp.gate_proj.weight",
-    "blk.{bid}.ffn_up.weight": "model.layers.{bid}.mlp.up_proj.weight",
-    "blk.{bid}.ffn_down.weight": "model.layers.{bid}.mlp.down_proj.weight",
-}
-
-
-def _gemma3_finalize(cfg: dict, f: "GGUFFile") -> None:
-    # Attention scale: llama.cpp uses 1/sqrt(hidden/heads) for the 27B (62 blocks) and 1/sqrt(head_dim) otherwise,
-    # which is what each HF config.json's query_pre_attn_scalar says (168 for 27B, 256 for the others).
-    n_layers = cfg["num_hidden_layers"]
-    cfg["query_pre_attn_scalar"] = (cfg["hidden_size"] // cfg["num_attention_heads"] if n_layers == 62
-                                    else cfg["head_dim"])
-    # llama.cpp: every 6th layer is global (set_swa_pattern(6)); local layers use rope base 10000 (hard-coded).
-    p = cfg["sliding_window_pattern"]
-    cfg["layer_types"] = ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(n_layers)]
-    # Global layers of the 4B/12B/27B use linear RoPE scaling (factor 8), stored as rope.scaling.*.
-    kind = f.meta("gemma3.rope.scaling.type")
-    factor = f.meta("gemma3.rope.scaling.factor")
-    full = {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
-    if kind is not None and kind != "none" and factor is not None:
-        if kind != "linear":
-            raise ModelLoadError(f"{f.path}: unsupported gemma3 rope scaling {kind!r} (only 'linear')")
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
-        full = {"rope_type": "linear", "factor": float(factor), "rope_theta": cfg["rope_theta"]}
-    cfg["rope_parameters"] = {"full_attention": full,
-                              "sliding_attention": {"rope_type": "default",
-                                                    "rope_theta": cfg["rope_local_base_freq"]}}
-
-
-ARCHS: dict[str, GGUFArch] = {
-    "gemma3": GGUFArch(
-        model_type="gemma3_text",
-        architectures=["Gemma3ForCausalLM"],
-        config_keys={
-            "context_length": "max_position_embeddings",
-            "block_count": "num_hidden_layers",
-            "feed_forward_length": "intermediate_size",
-            "embedding_length": "hidden_size",
-            "rope.freq_base": "rope_theta",
-            "attention.key_length": "head_dim",
-            "attention.head_count": "num_attention_heads",
-            "attention.head_count_kv": "num_key_value_heads",
-            "attention.layer_norm_rms_epsilon": "rms_norm_eps",
-            "attention.sliding_window": "sliding_window",
-            "vocab_size": "vocab_size",
-        },
-        config_defaults={
-            "hidden_activation": "gelu_pytorch_tanh",
-            "rope_local_base_freq": 10000.0,
-            "rope_theta": 1000000.0,
-            "rope_scaling": None,
-            "sliding_window_pattern": 6,
-            "final_logit_softcapping": None,
-            "attn_logit_softcapping": None,
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "use_bidirectional_attention": False,
-        },
-        tensors=_GEMMA_TENSORS,
-        optional={"output.weight"},
-        # verified against transformers (Gemma2TensorProcessor: every "norm.weight" gets -1) and by comparing
-        # state dicts with AutoModelForCausalLM.from_pretrained(gguf_file=...) in tests/test_real_model.py.
-        # No q/k permutation: llama.cpp only permutes q/k for the llama family.
-        fixups={r"norm\.weight$": "minus_one"},
-        finalize=_gemma3_finalize,
-    ),
-}
-
-
-ARCHS[gemma4_assistant.ARCH] = GGUFArch(**gemma4_assistant.SPEC)
 
 
 def _check_magic(path: str) -> None:
@@ -283,12 +126,12 @@ class GGUFFile:
                 v = float(str(np.float32(v)))
             if v is not None:
                 cfg[hk] = v
-        if "vocab_size" not in cfg:
+        if "vocab_size" not in cfg:  # the embedding's rows (a vocabulary may be padded), else the token list
             tokens = self.fields.get("tokenizer.ggml.tokens")
-            if tokens is not None:
-                cfg["vocab_size"] = len(tokens.data)
-            elif "token_embd.weight" in self._tensors:
+            if "token_embd.weight" in self._tensors:
                 cfg["vocab_size"] = int(self._tensors["token_embd.weight"].shape[-1])
+            elif tokens is not None:
+                cfg["vocab_size"] = len(tokens.data)
         for key, hk in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):
             v = self.meta(f"tokenizer.ggml.{key}")
@@ -324,16 +167,18 @@ class GGUFFile:
             raise ModelLoadError(f"{self.path}: cannot read tensor {name!r} ({t.tensor_type.name}, shape {shape}): "
                                  f"{type(e).__name__}: {e}") from None
 
-    def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """All tensors under their HF names, fix-ups applied, in `dtype`."""
+    def state_dict(self, dtype: torch.dtype = torch.float32, config: dict | None = None) -> dict[str, torch.Tensor]:
+        """All tensors under their HF names, fix-ups applied (they may need `config`, default self.config()), in
+        `dtype`. `self.sources` maps each HF name back to its GGUF name (for error messages)."""
         spec = self.arch()
+        config = self.config() if config is None else config
         n_blocks = int(self.meta(f"{self.architecture}.block_count", 0))
         missing = [n for n in spec.expected(n_blocks) if n not in self._tensors]
         if missing:
             raise ModelLoadError(f"{self.path}: missing tensor(s) {missing[:8]}"
                                  f"{' ...' if len(missing) > 8 else ''} for architecture {self.architecture!r}")
-        out = {}
-        unknown = []
+        out, unknown = {}, []
+        self.sources: dict[str, str] = {}
         for name in self._tensors:
             if name in spec.derived:
                 continue
@@ -341,8 +186,14 @@ class GGUFFile:
             if hf is None:
                 unknown.append(name)
                 continue
-            w = spec.fixup(name, self.read(name))
+            w = self.read(name)
+            try:
+                w = spec.fixup(name, w, config)
+            except (ValueError, RuntimeError) as e:
+                raise ModelLoadError(f"{self.path}: tensor {name!r} of shape {tuple(w.shape)} does not fit the "
+                                     f"config ({type(e).__name__}: {e})") from None
             out[hf] = w if w.dtype == dtype or not w.is_floating_point() else w.to(dtype)
+            self.sources[hf] = name
         if unknown:
             raise ModelLoadError(f"{self.path}: tensor(s) with no mapping for architecture {self.architecture!r}: "
                                  f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")

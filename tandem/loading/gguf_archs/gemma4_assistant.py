@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from tandem.errors import ModelLoadError
+from tandem.loading.gguf_archs.base import GGUFArch
 
 if TYPE_CHECKING:
     from tandem.loading.gguf import GGUFFile
 
-ARCH = "gemma4-assistant"
+NAME = "gemma4-assistant"
 CENTROIDS, ORDERING, ROPE_FREQS = "masked_embd_centroids.weight", "masked_embd_ordering", "rope_freqs.weight"
 HF_DEFAULT_TOP_K = 32  # Gemma4AssistantConfig.centroid_intermediate_top_k default; not stored in GGUF
 
@@ -64,12 +65,12 @@ _TOP = ("model_type", "architectures", "backbone_hidden_size", "use_ordered_embe
 def _finalize(cfg: dict, f: "GGUFFile") -> None:
     """Flat metadata -> the HF config.json shape ({assistant keys, "text_config": {gemma4_text keys}})."""
     def fail(msg: str):
-        raise ModelLoadError(f"{f.path}: {ARCH}: {msg}")
+        raise ModelLoadError(f"{f.path}: {NAME}: {msg}")
 
     def meta(key: str, default=None, required: bool = False):
-        v = f.meta(f"{ARCH}.{key}")
+        v = f.meta(f"{NAME}.{key}")
         if v is None and required:
-            fail(f"GGUF metadata lacks {ARCH}.{key}")
+            fail(f"GGUF metadata lacks {NAME}.{key}")
         return default if v is None else v
 
     n = cfg["num_hidden_layers"]
@@ -78,9 +79,9 @@ def _finalize(cfg: dict, f: "GGUFFile") -> None:
         v = meta(key, default, required=default is None)
         v = list(v) if isinstance(v, (list, tuple)) else [v] * n  # llama.cpp get_key_or_arr
         if len(v) != n:
-            fail(f"{ARCH}.{key} has {len(v)} entries for {n} blocks")
+            fail(f"{NAME}.{key} has {len(v)} entries for {n} blocks")
         if uniform and len(set(v)) > 1:
-            fail(f"per-layer {ARCH}.{key} {v} unsupported (must be the same for every layer)")
+            fail(f"per-layer {NAME}.{key} {v} unsupported (must be the same for every layer)")
         return v
 
     swa = [bool(x) for x in per_layer("attention.sliding_window_pattern")]
@@ -103,9 +104,9 @@ def _finalize(cfg: dict, f: "GGUFFile") -> None:
     if nextn is not None and int(nextn) != n:
         fail(f"nextn_predict_layers {nextn} != block_count {n} (llama.cpp requires them equal)")
     if "sliding_window" not in cfg:  # required by llama.cpp too
-        fail(f"GGUF metadata lacks {ARCH}.attention.sliding_window")
+        fail(f"GGUF metadata lacks {NAME}.attention.sliding_window")
     if "backbone_hidden_size" not in cfg:
-        fail(f"GGUF metadata lacks {ARCH}.embedding_length_out (the target's hidden size)")
+        fail(f"GGUF metadata lacks {NAME}.embedding_length_out (the target's hidden size)")
 
     names = set(f.tensor_names)
     full = {"rope_type": "proportional", "rope_theta": float(cfg.pop("rope_theta", 10000.0)),
@@ -165,8 +166,7 @@ def _partial_rotary_factor(f: "GGUFFile", hd_full: int, fail) -> float:
     return 2.0 * rot / hd_full
 
 
-# the GGUFArch fields (tandem.loading.gguf builds ARCHS["gemma4-assistant"] from them)
-SPEC = dict(
+ARCH = GGUFArch(
     model_type="gemma4_assistant",
     architectures=["Gemma4AssistantForCausalLM"],
     config_keys={

@@ -1,0 +1,20 @@
+"""One data file per GGUF `general.architecture`: metadata keys -> HF config, tensor keymap, value fix-ups.
+
+To support a new architecture, add a module defining `ARCH = GGUFArch(...)` and list it here.
+"""
+
+from __future__ import annotations
+
+from tandem.loading.gguf_archs import gemma3, gemma4_assistant, llama, qwen2, qwen3, qwen3moe
+from tandem.loading.gguf_archs.base import GGUFArch
+
+ARCHS: dict[str, GGUFArch] = {
+    "gemma3": gemma3.ARCH,
+    gemma4_assistant.NAME: gemma4_assistant.ARCH,
+    "llama": llama.ARCH,
+    "qwen2": qwen2.ARCH,
+    "qwen3": qwen3.ARCH,
+    "qwen3moe": qwen3moe.ARCH,
+}
+
+__all__ = ["ARCHS", "GGUFArch"]
