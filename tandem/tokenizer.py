@@ -4,7 +4,8 @@ The GGUF path rebuilds the tokenizer the way transformers does for the same file
 `AutoTokenizer.from_pretrained(dir, gguf_file=...)`): for Gemma's SentencePiece vocabulary that is a byte-fallback
 BPE over the file's tokens, with merges derived from the vocabulary (the file lists none) ranked by token order,
 spaces normalized to U+2581, control tokens (type 3) matched whole as special tokens and user-defined ones
-(type 4) as plain added tokens, and BOS prepended when `tokenizer.ggml.add_bos_token` says so.
+(type 4) as plain added tokens, and BOS prepended when `tokenizer.ggml.add_bos_token` says so. For `gpt2`
+(byte-level BPE: Llama 3, Qwen, SmolLM2) it is the file's merges with the split regex `tokenizer.ggml.pre` names.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import re
 from typing import Any, Iterable
 
-from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.models import BPE, Unigram
 
@@ -25,8 +26,27 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 _SP = "\u2581"
 
-# Stop tokens beyond the file's eos, per family (only added when the vocabulary has them).
-_EXTRA_EOS = ("<end_of_turn>", "<turn|>")
+# Stop tokens beyond the file's eos (only added when the vocabulary has them): end-of-turn markers, as llama.cpp's
+# end-of-generation set holds them (llama-vocab.cpp).
+_EXTRA_EOS = ("<end_of_turn>", "<turn|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>")
+
+# Byte-level split regexes by `tokenizer.ggml.pre`, as llama.cpp (llama-vocab.cpp) and transformers
+# (integrations/gguf/gguf_tokenizer_mapping.py) choose them; None = GPT-2's own (ByteLevel's built-in regex).
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_BPE_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe"), _LLAMA3),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2),
+    **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O),
+    **dict.fromkeys(("gpt2", "default", "smollm"), None),
+}
+# SmolLM2's own tokenizer.json (and llama.cpp's "smollm" pre-type) isolate every digit before GPT-2's regex.
+_DIGITS_FIRST = {"smollm"}
 
 
 def _derive_merges(tokens: list[str]) -> list[tuple[str, str]]:
@@ -49,6 +69,36 @@ def _derive_merges(tokens: list[str]) -> list[tuple[str, str]]:
         merges.extend(local)
     merges.sort(key=lambda m: (m[4], len(m[2]), len(m[3])), reverse=True)
     return [(m[2], m[3]) for m in merges]
+
+
+def _byte_level_spelling(tokens: list[str]) -> list[str]:
+    """Tokens as the byte-level alphabet spells them: llama.cpp writes a few added tokens (e.g. with a real space)
+    in plain text; transformers re-spells those byte by byte, so ids stay where the file puts them."""
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    return [t if set(t) <= alphabet else "".join(p for p, _ in spell.pre_tokenize_str(t)) for t in tokens]
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str] | None, pre: str | None, source: str) -> _HFTokenizer:
+    if not merges:
+        raise ModelLoadError(f"{source}: byte-level BPE GGUF without tokenizer.ggml.merges")
+    if pre not in _BPE_SPLITS:
+        raise ModelLoadError(f"{source}: unsupported tokenizer.ggml.pre {pre!r} for a byte-level BPE vocabulary; "
+                             f"supported: {sorted(_BPE_SPLITS)}")
+    backend = _HFTokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)},
+                               merges=[tuple(m.split(" ", 1)) for m in merges], dropout=None,
+                               continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    split = _BPE_SPLITS[pre]
+    if split is None:
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                                 if pre in _DIGITS_FIRST else byte_level)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    return backend
 
 
 def _bos_processor(bos: str | None, bos_id: int | None, add_bos: bool, eos: str | None, eos_id: int | None,
@@ -112,7 +162,9 @@ class Tokenizer:
                 backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SP),
                                                            normalizers.Replace(" ", _SP)])
         elif model == "gpt2":
-            raise ModelLoadError(f"{source}: byte-level BPE GGUF tokenizers are not supported yet")
+            tokens = _byte_level_spelling(tokens)
+            backend = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges"), meta.get("tokenizer.ggml.pre"),
+                                      source)
         elif model == "t5":
             scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
             backend = _HFTokenizer(Unigram([(t, float(s)) for t, s in zip(tokens, scores)], unk_id=unk_id or 0,
@@ -120,13 +172,16 @@ class Tokenizer:
             backend.pre_tokenizer = pre_tokenizers.Metaspace()
             backend.decoder = decoders.Metaspace()
         else:
-            raise ModelLoadError(f"{source}: unsupported GGUF tokenizer model {model!r}; supported: ['llama', 't5']")
+            raise ModelLoadError(f"{source}: unsupported GGUF tokenizer model {model!r}; "
+                                 f"supported: ['gpt2', 'llama', 't5']")
 
         vocab = backend.get_vocab(with_added_tokens=True)
-        control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == _CONTROL]
+        orig = meta.get("tokenizer.ggml.tokens")
+        # a byte-level control token spelled outside the byte alphabet is a llama.cpp mislabel (transformers skips it)
+        control = [AddedToken(t, normalized=False, special=True) for t, o, ty in zip(tokens, orig, types)
+                   if ty == _CONTROL and (model != "gpt2" or t == o)]
         if control:
             backend.add_special_tokens(control)
-        orig = meta.get("tokenizer.ggml.tokens")
         user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(orig, types)
                 if ty == _USER_DEFINED and t in vocab]
         if user:
@@ -138,8 +193,8 @@ class Tokenizer:
         if (add_bos and bos_id is not None) or (add_eos and eos_id is not None):
             backend.post_processor = _bos_processor(tokens[bos_id] if bos_id is not None else None, bos_id, add_bos,
                                                     tokens[eos_id] if eos_id is not None else None, eos_id, add_eos)
-        eos_ids = [eos_id] if eos_id is not None else []
-        eos_ids += [vocab[t] for t in _EXTRA_EOS if t in vocab]
+        eos_ids = [i for i in (eos_id, tok_id("eot_token_id"), tok_id("eom_token_id")) if i is not None]
+        eos_ids += [vocab[t] for t in _EXTRA_EOS if t in vocab and types[vocab[t]] == _CONTROL]
         return cls(backend, bos_id, eos_ids, pad_id, unk_id, add_bos)
 
     @classmethod
