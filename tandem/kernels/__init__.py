@@ -5,8 +5,9 @@ attend(): every attention read goes through here (via the KV cache), so cache fo
   reference. Set TANDEM_NO_EXT=1 to force the reference everywhere.
 attend_quant(): the same contract over quantized KV buffers (tandem/kernels/quant_attention.py): the fused
   dequantise-while-attending C++ kernel on CPU, else the chunked torch one.
-prepare(model, weight_format): swaps every nn.Linear for a batch-invariant PackedLinear (tandem/kernels/linear.py)
-  and the tied input embedding for a PackedEmbedding that reads rows from the packed LM head.
+prepare(model, weight_format): swaps every nn.Linear for a batch-invariant PackedLinear (tandem/kernels/linear.py),
+  the tied input embedding for a PackedEmbedding that reads rows from the packed LM head, and lets modules that hold
+  linear weights in another shape (MoE experts and routers) pack them through their `pack_weights(fmt)`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def prepare(model: nn.Module, weight_format: str = "bf16") -> nn.Module:
 
     A tied input embedding (nn.Embedding sharing its weight with a Linear) becomes a PackedEmbedding reading
     dequantised rows from that packed Linear, so no full-precision copy of the table stays referenced.
+    Modules with a `pack_weights(fmt)` method (MoE experts [E, 2I, D], routers) then pack their own weights.
     weight_format="fp32" keeps the exact reference path (plain F.linear on the original fp32 weights).
     """
     check_format(weight_format)
@@ -42,6 +44,9 @@ def prepare(model: nn.Module, weight_format: str = "bf16") -> nn.Module:
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Embedding) and id(child.weight) in packed:
                     setattr(parent, name, PackedEmbedding(packed[id(child.weight)]))
+    for m in list(model.modules()):
+        if callable(getattr(m, "pack_weights", None)):
+            m.pack_weights(weight_format)
     return model
 
 

@@ -13,6 +13,11 @@ REGISTRY = {
     "gemma4_text": "gemma4",
     "gemma4": "gemma4",
     "gemma4_assistant": "gemma4_assistant",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
 }
 
 

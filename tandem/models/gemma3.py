@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 
 from tandem.kvcache import KVCache
-from tandem.models.base import (BaseConfig, CausalLM, Output, RMSNorm, apply_rope, embed_scale, gelu_tanh,
-                                rope_cos_sin, rope_inv_freq, softcap)
+from tandem.models.base import BaseConfig, CausalLM, Output, embed_scale, gelu_tanh, softcap
+from tandem.models.layers import RMSNorm
+from tandem.models.rope import apply_rope, inv_freq, rope_cos_sin
 
 
 @dataclass
@@ -141,7 +142,7 @@ class Model(CausalLM):
         self._inv_freq = {}
         for lt in set(args.layer_types):
             theta, factor = args.rope(lt)
-            self._inv_freq[lt] = rope_inv_freq(args.head_dim, theta) / factor
+            self._inv_freq[lt] = inv_freq(args.head_dim, {"rope_theta": theta})[0] / factor
 
     # -- what the engine and drafters need to know -------------------------------------------------------------
     def kv_specs(self) -> dict[int, tuple[int, int, int]]:

@@ -14,18 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tandem.errors import ConfigError
 from tandem.kvcache import KVCache
-from tandem.models.base import (BaseConfig, CausalLM, Output, RMSNorm, apply_rope, embed_scale, rope_cos_sin,
-                                softcap)
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-ACTIVATIONS = {"gelu_pytorch_tanh": _gelu_tanh, "gelu_new": _gelu_tanh, "gelu": F.gelu, "silu": F.silu}
+from tandem.models.base import BaseConfig, CausalLM, Output, embed_scale, softcap
+from tandem.models.layers import ACTIVATIONS, RMSNorm
+from tandem.models.moe import Experts
+from tandem.models.rope import apply_rope, inv_freq, rope_cos_sin
 
 
 @dataclass
@@ -117,14 +112,12 @@ class ModelArgs(BaseConfig):
 
 def gemma4_inv_freq(rp: dict, hd: int, where: str) -> torch.Tensor:
     """Inverse frequencies [hd/2] for one rope_parameters entry, as Gemma 4 computes them."""
-    kind, theta = rp.get("rope_type", "default"), float(rp["rope_theta"])
+    kind = rp.get("rope_type", "default")
     if kind == "default":  # Gemma 4's own default ignores partial_rotary_factor and factor
-        return 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
-    if kind == "proportional":  # first rot/2 frequencies as for the full head, the rest 0 (identity)
-        rot = int(rp.get("partial_rotary_factor", 1.0) * hd // 2)
-        f = 1.0 / theta ** (torch.arange(0, 2 * rot, 2, dtype=torch.int64).float() / hd)
-        return torch.cat([f, torch.zeros(hd // 2 - rot)]) / float(rp.get("factor", 1.0))
-    raise ConfigError(f"{where}: rope_type {kind!r} unsupported")
+        rp = {"rope_theta": rp["rope_theta"]}
+    elif kind != "proportional":
+        raise ConfigError(f"{where}: rope_type {kind!r} unsupported")
+    return inv_freq(hd, rp)[0]
 
 
 def _norm(dim: int, args: ModelArgs, with_scale: bool = True) -> RMSNorm:
@@ -192,26 +185,6 @@ class Gemma4Router(nn.Module):
         return w * self.per_expert_scale[idx], idx
 
 
-class Gemma4Experts(nn.Module):
-    """Expert weights as 3D tensors, HF layout: gate_up_proj [E, 2I, D], down_proj [E, D, I]."""
-
-    def __init__(self, args: ModelArgs, act):
-        super().__init__()
-        e, d, i = args.num_experts, args.hidden_size, args.moe_intermediate_size
-        self.act = act
-        self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, d))
-        self.down_proj = nn.Parameter(torch.zeros(e, d, i))
-
-    def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        for e in idx.unique().tolist():
-            tok, kk = (idx == e).nonzero(as_tuple=True)
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            h = F.linear(self.act(gate) * up, self.down_proj[e]) * w[tok, kk, None]
-            out.index_add_(0, tok, h.to(out.dtype))
-        return out
-
-
 class Gemma4DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
@@ -234,7 +207,7 @@ class Gemma4DecoderLayer(nn.Module):
         self.moe = args.enable_moe_block
         if self.moe:
             self.router = Gemma4Router(args)
-            self.experts = Gemma4Experts(args, act)
+            self.experts = Experts(args.num_experts, d, args.moe_intermediate_size, act)
             self.post_feedforward_layernorm_1 = _norm(d, args)
             self.post_feedforward_layernorm_2 = _norm(d, args)
             self.pre_feedforward_layernorm_2 = _norm(d, args)

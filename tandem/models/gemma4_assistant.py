@@ -32,7 +32,9 @@ import torch.nn as nn
 
 from tandem.errors import ConfigError, ModelLoadError
 from tandem.kvcache import KVCache
-from tandem.models.base import BaseConfig, CausalLM, Output, RMSNorm, apply_rope, rope_cos_sin
+from tandem.models.base import BaseConfig, CausalLM, Output
+from tandem.models.layers import RMSNorm
+from tandem.models.rope import apply_rope, rope_cos_sin
 from tandem.models.gemma4 import ACTIVATIONS as _ACT
 from tandem.models.gemma4 import gemma4_inv_freq
 

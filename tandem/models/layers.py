@@ -1,0 +1,106 @@
+"""Building blocks shared by the families: RMSNorm variants, activations, attention over the KV cache, GLU MLP,
+the pre-norm decoder layer. Module names copy the HF checkpoints so their state dicts load directly."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tandem.errors import ConfigError
+from tandem.kvcache import KVCache
+from tandem.models.base import gelu_tanh
+from tandem.models.rope import apply_rope
+
+ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh, "gelu_new": gelu_tanh, "gelu": F.gelu, "silu": F.silu, "swish": F.silu}
+
+
+def activation(name: str, where: str = "model") -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"{where}: hidden activation {name!r} not in {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32. Scale (1 + weight) with `unit_offset` (Gemma 2/3), else weight (Llama, Qwen,
+    Gemma 4); `with_scale=False` is the unscaled norm (Gemma 4's v_norm, router norm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = True, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            w = self.weight.float()
+            out = out * (1.0 + w if self.unit_offset else w)
+        return out.type_as(x)
+
+
+class Attention(nn.Module):
+    """GQA attention of layer `layer_idx` over the KV cache: optional QKV / output bias, q/k RMSNorm (before RoPE),
+    sliding window, logit softcap, any scale. Writes its K/V with cache.write and reads through cache.attend (the
+    one reader path that keeps quantized and rotated caches right)."""
+
+    def __init__(self, layer_idx: int, hidden: int, n_heads: int, n_kv: int, head_dim: int, *,
+                 qkv_bias: bool = False, o_bias: bool = False, qk_norm: Callable[[int], nn.Module] | None = None,
+                 scale: float | None = None, window: int | None = None, softcap: float | None = None):
+        super().__init__()
+        self.layer_idx, self.n_heads, self.n_kv, self.head_dim = layer_idx, n_heads, n_kv, head_dim
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.window, self.softcap = window, softcap
+        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, n_kv * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, n_kv * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
+        if qk_norm is not None:
+            self.q_norm, self.k_norm = qk_norm(head_dim), qk_norm(head_dim)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos_sin, positions: torch.Tensor, cache: KVCache,
+                slots: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D], positions [B, T] (-1 = padding), slots [B] -> [B, T, D]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        cache.write(self.layer_idx, slots, positions, k, v)
+        out = cache.attend(self.layer_idx, q, slots, positions, self.window, self.scale, self.softcap)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class GLUMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU (silu) or GeGLU (gelu_tanh)."""
+
+    def __init__(self, hidden: int, inter: int, act: Callable[[torch.Tensor], torch.Tensor], bias: bool = False):
+        super().__init__()
+        self.act = act
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block (Llama, Mistral, Qwen): x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, self_attn: Attention, mlp: nn.Module, hidden: int, eps: float):
+        super().__init__()
+        self.self_attn, self.mlp = self_attn, mlp
+        self.input_layernorm = RMSNorm(hidden, eps, unit_offset=False)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, unit_offset=False)
+
+    def forward(self, x, cos_sin, positions, cache, slots):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, positions, cache, slots)
+        return x + self.mlp(self.post_attention_layernorm(x))
