@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import datetime
-import logging
 from functools import lru_cache
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from tandem.errors import RequestError
+from tandem.errors import ModelLoadError, RequestError
 
 # Gemma turn format: system/developer text is put in front of the first user turn; assistant turns are "model".
 GEMMA_TEMPLATE = """{{- bos_token -}}
@@ -53,12 +52,9 @@ class ChatTemplate:
         self.bos_token, self.eos_token = bos_token, eos_token
         try:
             self.template = _compile(self.source)
-        except TemplateError as e:
-            # a model template our sandbox cannot compile: use the built-in one rather than fail every chat, loudly
-            logging.getLogger("tandem.chat").warning(
-                "the model's chat template does not compile in the sandbox (%s); using the built-in Gemma template", e)
-            self.builtin, self.source = True, GEMMA_TEMPLATE
-            self.template = _compile(self.source)
+        except TemplateError as e:  # another family's turn format would be silently wrong: refuse instead
+            raise ModelLoadError(f"the model's chat template does not compile in the jinja2 sandbox: "
+                                 f"{type(e).__name__}: {e}") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         try:
