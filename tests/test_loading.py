@@ -359,7 +359,7 @@ def test_hf_dir_errors(tmp_path):
     um = tmp_path / "other_type"
     shutil.copytree(d, um)
     cfg = json.loads((um / "config.json").read_text())
-    cfg["model_type"] = "llama"
+    cfg["model_type"] = "othermodel"
     (um / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="unsupported model_type"):
         load(str(um))
