@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tandem.errors import ConfigError
@@ -51,10 +51,12 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class SpecConfig:
-    """Speculation settings for one request. method names a drafter in tandem.spec's registry."""
+    """Speculation settings for one request. method: a name in tandem.spec.drafter.METHODS (a drafter kind and
+    whether drafts are sampled); "auto" = the engine's drafter, argmax drafts. n_max / n_min / p_min are applied
+    by tandem.spec.policy."""
 
     enabled: bool = True
-    method: str = "mtp"
+    method: str = "auto"
     n_max: int = 3
     n_min: int = 1
     p_min: float = 0.0
@@ -66,21 +68,5 @@ class SpecConfig:
             raise ConfigError(f"speculative.n_min must be an integer in [1, n_max={self.n_max}], got {self.n_min!r}")
         if not 0 <= self.p_min <= 1:
             raise ConfigError(f"speculative.p_min must be in [0, 1], got {self.p_min!r}")
-
-    from_dict = classmethod(_from_dict)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str | None = None
-    drafter: str | None = None
-    device: str = "cpu"
-    weight_format: str = "q8_0"
-    cache_type_k: str = "bf16"
-    cache_type_v: str = "bf16"
-    max_len: int = 4096
-    n_slots: int = 1
-    threads: int | None = None
-    spec: SpecConfig = field(default_factory=SpecConfig)
 
     from_dict = classmethod(_from_dict)

@@ -1,8 +1,9 @@
 """Continuous batching (tandem.engine.batch): a request's events do not depend on what else is in the batch.
 
 Tiny random Gemma 3 targets (token ids, no tokenizer: the real-tokenizer path is covered by test_server.py).
-Speculative slots use `SelfDrafter`: the target itself, greedy, on its own cache, so rounds accept several
-tokens (and every third round's last draft token is spoiled, so rejections happen too).
+Speculative slots use `SelfDrafter`: a draft model (kind `draft-model`) that is the target itself, greedy, on its
+own cache, so rounds accept several tokens (and every third round's last draft token is spoiled, so rejections
+happen too); and a different tiny model as a draft model. One propose() call per step drafts for all slots.
 """
 
 from __future__ import annotations
@@ -18,75 +19,41 @@ import torch
 from tandem.config import SamplingParams, SpecConfig
 from tandem.engine import Engine, Finished, Token
 from tandem.engine.batch import BatchScheduler, Failed
-from tandem.kvcache import KVCache
 from tandem.models.gemma3 import Model, ModelArgs
-from tandem.spec.drafter import Draft, Drafter, register
+from tandem.spec import DraftModelDrafter, register_method
 
 
-@register("test-self", help="tests only: the target drafts for itself (greedy) on its own cache")
-class SelfDrafter(Drafter):
-    """Drafts with the target model on a private cache. `corrupt_every`: spoil the last draft token of every
-    n-th round, so verification also rejects."""
+register_method("test-self", "draft-model", help="tests only: the target drafts for itself, every third round spoiled")
 
-    max_draft = 8
+
+class SelfDrafter(DraftModelDrafter):
+    """A draft model (the real kind) that is the target itself, on its own cache sized here (test_server attaches
+    it to a built engine). `corrupt_every`: spoil the last draft token of every n-th round, so verification also
+    rejects; records the batch size of every propose() call."""
 
     def __init__(self, model, n_slots: int, max_len: int, dtype=torch.float32, corrupt_every: int = 3):
-        self.model = model
-        self.cache = KVCache(model.kv_specs(), n_slots, max_len, dtype)
+        super().__init__(model, name="self")
+        self.make_cache(n_slots, max_len, k_type=dtype, v_type=dtype, device="cpu")
         self.corrupt_every = corrupt_every
         self.vocab = model.args.vocab_size
-        self.unfed: dict[int, list[int]] = {}  # slot -> tokens at positions >= our cache length, not yet run
-        self.proposed: dict[int, tuple[int, list[int]]] = {}
         self.rounds: dict[int, int] = defaultdict(int)
-
-    @torch.inference_mode()
-    def _feed(self, slot: int, toks: list[int]) -> torch.Tensor:
-        n = self.cache.lengths[slot]
-        out = self.model(torch.tensor([toks]), torch.arange(n, n + len(toks))[None], self.cache,
-                         torch.tensor([slot]), logit_rows=slice(-1, None))
-        self.cache.set_length(slot, n + len(toks))
-        return out.logits[0, -1]
+        self.batch_sizes: list[int] = []
 
     def begin(self, slot, prompt_state):
-        self.cache.set_length(slot, 0)
-        self._feed(slot, list(prompt_state.ids))
-        self.unfed[slot] = []
+        super().begin(slot, prompt_state)
         self.rounds[slot] = 0
 
-    def propose(self, ctx):
-        slot = ctx.slot
-        if ctx.k_max <= 0:
-            self.unfed[slot].append(ctx.last_token)
-            self.proposed[slot] = (ctx.position, [])
-            return Draft.empty()
-        feed = self.unfed[slot] + [ctx.last_token]
-        assert self.cache.lengths[slot] + len(feed) == ctx.position + 1
-        logits = self._feed(slot, feed)
-        self.unfed[slot] = []
-        toks = []
-        for i in range(ctx.k_max):
-            toks.append(int(logits.argmax()))
-            if i < ctx.k_max - 1:
-                logits = self._feed(slot, [toks[-1]])
-        r = self.rounds[slot]
-        self.rounds[slot] += 1
-        if self.corrupt_every and r % self.corrupt_every == self.corrupt_every - 1:
-            toks[-1] = (toks[-1] + 1) % self.vocab
-        self.proposed[slot] = (ctx.position, toks)
-        return Draft(torch.tensor([toks]), None, [1.0] * len(toks))
-
-    def accept(self, slot, n_accepted, target_hidden):
-        pos, toks = self.proposed.pop(slot)
-        if not toks:
-            return
-        keep = pos + 1 + n_accepted  # x, d_1..d_a
-        if keep <= self.cache.lengths[slot]:
-            self.cache.rollback(slot, keep)
-        else:  # all k accepted: d_k was never run through our cache
-            self.unfed[slot] = [toks[-1]]
-
-    def end(self, slot):
-        self.unfed.pop(slot, None)
+    def propose(self, batch):
+        self.batch_sizes.append(len(batch))
+        drafts = super().propose(batch)
+        for c, d in zip(batch, drafts):
+            if c.k_max <= 0:
+                continue
+            r = self.rounds[c.slot]
+            self.rounds[c.slot] += 1
+            if self.corrupt_every and r % self.corrupt_every == self.corrupt_every - 1 and d.k:
+                d.tokens[-1] = (d.tokens[-1] + 1) % self.vocab
+        return drafts
 
 
 def tiny_model(seed: int = 0, vocab: int = 512) -> Model:
@@ -159,6 +126,40 @@ def test_speculative_and_plain_mixed_equal_alone(engine):
         if sc.enabled and sp.greedy:
             plain = events_of(engine.generate(p, sp, SpecConfig(enabled=False, method="test-self")))
             assert [e[:3] for e in evs] == [e[:3] for e in plain]
+
+
+def test_one_propose_per_step_for_all_slots(engine):
+    engine.drafter.batch_sizes.clear()
+    reqs = [([i + 1, i + 2, i + 3], SamplingParams(max_tokens=12, ignore_eos=True), SpecConfig(method="test-self"))
+            for i in range(4)]
+    with BatchScheduler(engine) as sch:
+        for h in [sch.submit(*r) for r in reqs]:
+            list(h)
+    assert max(engine.drafter.batch_sizes) > 1
+
+
+def test_draft_model_batched_equals_alone_and_plain():
+    """A different model (the target with noise on its weights) as the draft model (kind draft-model, methods
+    "draft" / "draft_sample"): several slots batched give each request's events alone, and greedy requests give
+    the plain tokens."""
+    m, other = tiny_model(), tiny_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape) * 0.1)
+    eng = Engine(m, None, max_len=96, n_slots=4, drafter=DraftModelDrafter(other),
+                 spec=SpecConfig(method="draft"))
+    reqs = random_requests(10, m.args.vocab_size, seed=4, spec=True)
+    reqs = [(p, sp, SpecConfig(enabled=sc.enabled, method="draft_sample" if i % 4 == 2 else "draft", n_max=sc.n_max))
+            for i, (p, sp, sc) in enumerate(reqs)]
+    alone = [events_of(eng.generate(p, sp, sc)) for p, sp, sc in reqs]
+    with BatchScheduler(eng) as sch:
+        together = [events_of(h) for h in [sch.submit(p, sp, sc) for p, sp, sc in reqs]]
+    assert together == alone
+    for (p, sp, sc), evs in zip(reqs, together):
+        if sc.enabled and sp.greedy:
+            plain = events_of(eng.generate(p, sp, SpecConfig(enabled=False)))
+            assert [e[:3] for e in evs] == [e[:3] for e in plain]
+    assert any(e[3] for evs in together for e in evs if e[0] == "tok")  # some drafts were accepted
 
 
 def test_spec_stats_per_request(engine):

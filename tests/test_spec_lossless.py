@@ -1,12 +1,16 @@
 """Speculative decoding is lossless.
 
 - T = 0: over 60 random prompts and n_max in {1, 3, 5}, speculative output == plain output token for token, with
-  the Gemma 4 assistant drafter and with a noisy copy of the target (partial acceptances at every position).
+  the Gemma 4 assistant drafter and with draft models (kind `draft-model`): a noisy copy of the target (partial
+  acceptances at every position) and a different tiny model.
 - T > 0: verify()'s next-token distribution == the target's processed distribution (chi-square at alpha = 1e-3,
   20k samples, fixed seed), for deterministic drafts (sample-and-compare) and sampled drafts (p/q rejection),
   under temperature / top-k / top-p / min-p; an end-to-end sampled run matches plain sampling's distribution.
-- A drafter equal to the target is accepted 100 %.
-- Rollback: after every round the cache length is the accepted prefix and its entries equal plain decoding's.
+- A draft model equal to the target is accepted 100 %.
+- Rollback: after every round the target cache length is the accepted prefix and its entries equal plain
+  decoding's; the draft model's own cache holds only accepted tokens, and its next proposal equals a fresh draft
+  model's fed the same prefix.
+- The policy (n_max / n_min / p_min, tandem.spec.policy) cuts every drafter's drafts alike.
 """
 
 import pytest
@@ -14,11 +18,11 @@ import torch
 
 from tandem.config import SamplingParams, SpecConfig
 from tandem.engine import Engine
-from tandem.kvcache import KVCache
 from tandem.models import gemma3
 from tandem.models import gemma4_assistant as ga
-from tandem.sampling import process_logits, sample
-from tandem.spec import Draft, Drafter, MTPAssistantDrafter, SpecStats, register, verify
+from tandem.sampling import process_logits
+from tandem.spec import (Draft, DraftContext, DraftModelDrafter, DraftPolicy, MTPAssistantDrafter, PromptState,
+                         SpecStats, verify)
 
 V = 16
 S, F = "sliding_attention", "full_attention"
@@ -57,51 +61,19 @@ def tiny_assistant(seed=1, centroids=False):
     return m
 
 
-@register("test_copy")
-@register("test_copy_sample", sample_drafts=True)
-class TargetCopyDrafter(Drafter):
-    """Drafts with the target itself on its own cache; `corrupt` replaces each drafted token with probability c by
-    another one (deterministic drafts only), so partial acceptances happen at every draft position."""
+def noisy_copy(target, scale=0.3, seed=5):
+    """The target with noise on every weight: a draft model that agrees often, not always."""
+    m = tiny_target()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std())
+    return m
 
-    max_draft = 16
 
-    def __init__(self, target, max_len=256, n_slots=1, corrupt=0.0, seed=0):
-        self.target, self.corrupt = target, corrupt
-        self.cache = KVCache(target.kv_specs(), n_slots, max_len)
-        self.rng = torch.Generator().manual_seed(seed)
-        self.hist, self.valid, self.last = {}, {}, {}
-
-    def begin(self, slot, prompt_state):
-        self.hist[slot], self.valid[slot] = list(prompt_state.ids), 0
-
-    @torch.inference_mode()
-    def propose(self, ctx):
-        s, n = ctx.slot, ctx.position
-        assert len(self.hist[s]) == n
-        feed = self.hist[s][self.valid[s]:] + [ctx.last_token]
-        pos = torch.arange(self.valid[s], n + 1)[None]
-        logits = self.target(torch.tensor([feed]), pos, self.cache, torch.tensor([s])).logits[:, -1]
-        self.valid[s] = n + 1
-        toks, probs = [], []
-        for i in range(ctx.k_max):
-            if ctx.sample_drafts:
-                q = process_logits(logits, ctx.sampling)
-                t = int(sample(q, ctx.generator)[0])
-                probs.append(q[0])
-            else:
-                t = int(logits.argmax(-1))
-                if self.corrupt and float(torch.rand((), generator=self.rng)) < self.corrupt:
-                    t = (t + 1 + int(torch.randint(0, V - 1, (), generator=self.rng))) % V
-            toks.append(t)
-            if i + 1 < ctx.k_max:
-                logits = self.target(torch.tensor([[t]]), torch.tensor([[n + 1 + i]]), self.cache,
-                                     torch.tensor([s])).logits[:, -1]
-        self.last[s] = (ctx.last_token, toks)
-        return Draft(torch.tensor([toks], dtype=torch.long), torch.stack(probs)[None] if probs else None)
-
-    def accept(self, slot, n_accepted, target_hidden):
-        x, toks = self.last.pop(slot)
-        self.hist[slot] += [x] + toks[:n_accepted]
+def draft_engine(target, model, method="draft", max_len=64, n_max=3, **spec):
+    return Engine(target, max_len=max_len, drafter=DraftModelDrafter(model),
+                  spec=SpecConfig(method=method, n_max=n_max, **spec))
 
 
 N_PROMPTS = 60
@@ -121,14 +93,14 @@ def setup():
 
 
 @pytest.mark.parametrize("n_max", [1, 3, 5])
-@pytest.mark.parametrize("kind", ["mtp", "noisy_copy"])
+@pytest.mark.parametrize("kind", ["mtp", "noisy_copy", "other_model"])
 def test_greedy_equals_plain(setup, n_max, kind):
     target, prompts, ref = setup
     if kind == "mtp":
-        drafter, method = MTPAssistantDrafter(tiny_assistant(), target), "mtp"
+        eng = Engine(target, max_len=64, drafter=MTPAssistantDrafter(tiny_assistant(), target),
+                     spec=SpecConfig(method="mtp", n_max=n_max))
     else:
-        drafter, method = TargetCopyDrafter(target, corrupt=0.3), "test_copy"
-    eng = Engine(target, max_len=64, drafter=drafter, spec=SpecConfig(method=method, n_max=n_max))
+        eng = draft_engine(target, noisy_copy(target) if kind == "noisy_copy" else tiny_target(seed=9), n_max=n_max)
     total = SpecStats()
     for p, want in zip(prompts, ref):
         got, fin = eng.complete(p, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
@@ -138,17 +110,16 @@ def test_greedy_equals_plain(setup, n_max, kind):
     if kind == "noisy_copy":  # partial acceptances at every draft position
         assert 0 < total.acceptance_rate < 1
         assert all(0 < a < d for a, d in zip(total.accepted_at, total.drafted_at))
-    else:
+    elif kind == "mtp":
         assert total.accepted > 0, total.line()
 
 
 def test_drafter_equal_to_target_is_fully_accepted(setup):
     target, prompts, ref = setup
-    for method, sampling in (("test_copy", SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)),
-                             ("test_copy_sample", SamplingParams(temperature=0.9, top_k=8, seed=3,
-                                                                 max_tokens=MAX_TOKENS, ignore_eos=True))):
-        eng = Engine(target, max_len=64, drafter=TargetCopyDrafter(target),
-                     spec=SpecConfig(method=method, n_max=4))
+    for method, sampling in (("draft", SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)),
+                             ("draft_sample", SamplingParams(temperature=0.9, top_k=8, seed=3,
+                                                             max_tokens=MAX_TOKENS, ignore_eos=True))):
+        eng = draft_engine(target, target, method, n_max=4)
         total = SpecStats()
         for p in prompts[:10]:
             total.merge(eng.complete(p, sampling)[1].stats.spec)
@@ -156,42 +127,79 @@ def test_drafter_equal_to_target_is_fully_accepted(setup):
         assert total.acceptance_rate == 1.0
 
 
+def fresh_proposal(model, prefix, ctx):
+    """What a new draft model, prefilled with `prefix` alone, proposes for the same context."""
+    d = DraftModelDrafter(model)
+    d.make_cache(1, 64, k_type="f32", v_type="f32", device="cpu")
+    d.begin(0, PromptState(ids=prefix, hidden=None, cache=None))
+    c = DraftContext(slot=0, last_token=ctx.last_token, position=ctx.position, cache=None, sampling=ctx.sampling,
+                     k_max=ctx.k_max, p_floor=ctx.p_floor)
+    return d.propose([c])[0].tokens.tolist()
+
+
 def test_rollback_keeps_exactly_the_accepted_prefix(setup):
     target, prompts, ref = setup
     plain = Engine(target, max_len=64)
 
-    class Checked(TargetCopyDrafter):
-        def accept(self, slot, n_accepted, target_hidden):
-            x, toks = self.last[slot]
-            super().accept(slot, n_accepted, target_hidden)
-            L = len(self.hist[slot])  # prompt + emitted tokens whose K/V the target holds
-            assert eng.cache.lengths[slot] == L
+    class Checked(DraftModelDrafter):
+        """Checks the caches after every round and the next proposal against a fresh draft model's."""
+
+        def begin(self, slot, prompt_state):
+            super().begin(slot, prompt_state)
+            self.hist = list(prompt_state.ids)  # the tokens whose K/V the target holds
+
+        def propose(self, batch):
+            drafts = super().propose(batch)
+            for c, d in zip(batch, drafts):
+                assert d.tokens.tolist() == fresh_proposal(self.model, self.hist, c)
+                self.x = c.last_token
+            return drafts
+
+        def accept(self, slot, tokens, hidden):
+            super().accept(slot, tokens, hidden)
+            self.hist += [self.x] + tokens[:-1]
+            L = len(self.hist)
+            assert eng.cache.lengths[slot] == L and hidden.shape[0] == len(tokens)
+            # the draft model's cache: accepted tokens only; still to run at most the last accepted draft (and x
+            # after a round that could not draft)
+            assert self.cache.lengths[slot] + len(self._todo[slot]) == L and len(self._todo[slot]) <= 2
             m = min(L, plain.cache.lengths[0])
-            for layer in eng.cache.k:
-                torch.testing.assert_close(eng.cache.k[layer][slot, :, :m], plain.cache.k[layer][0, :, :m],
-                                           rtol=0, atol=1e-5)
-                torch.testing.assert_close(eng.cache.v[layer][slot, :, :m], plain.cache.v[layer][0, :, :m],
-                                           rtol=0, atol=1e-5)
+            own = [(self.cache, min(m, self.cache.lengths[slot]))] if self.same_weights else []
+            for cache, n in [(eng.cache, m)] + own:
+                for layer in cache.k:
+                    torch.testing.assert_close(cache.k[layer][slot, :, :n], plain.cache.k[layer][0, :, :n],
+                                               rtol=0, atol=1e-5)
+                    torch.testing.assert_close(cache.v[layer][slot, :, :n], plain.cache.v[layer][0, :, :n],
+                                               rtol=0, atol=1e-5)
             self.rounds += 1
 
-    drafter = Checked(target, corrupt=0.3)
-    drafter.rounds = 0
-    eng = Engine(target, max_len=64, drafter=drafter, spec=SpecConfig(method="test_copy", n_max=3))
-    for p, want in zip(prompts[:15], ref):
-        plain.complete(p, SamplingParams(max_tokens=MAX_TOKENS + 4, ignore_eos=True))
-        got, _ = eng.complete(p, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
-        assert got == want
-    assert drafter.rounds > 30
+    same = Checked(noisy_copy(target, scale=0.0))  # the target's weights: plain's K/V are its K/V too
+    noisy = Checked(noisy_copy(target))  # rejections at every position
+    same.same_weights, noisy.same_weights = True, False
+    for d in (same, noisy):
+        d.rounds = 0
+        eng = Engine(target, max_len=64, drafter=d, spec=SpecConfig(method="draft", n_max=3))
+        for p, want in zip(prompts[:15], ref):
+            plain.complete(p, SamplingParams(max_tokens=MAX_TOKENS + 4, ignore_eos=True))
+            got, _ = eng.complete(p, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+            assert got == want
+        assert d.rounds > 30
 
 
-def test_p_min_and_n_min(setup):
+@pytest.mark.parametrize("kind", ["mtp", "draft"])
+def test_p_min_and_n_min(setup, kind):
+    """The policy cuts every drafter's drafts alike: p_min = 1 never drafts; n_min = n_max keeps all-or-none."""
     target, prompts, ref = setup
     greedy = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
-    d = MTPAssistantDrafter(tiny_assistant(), target)
-    never = Engine(target, max_len=64, drafter=d, spec=SpecConfig(n_max=3, p_min=1.0))
-    got, fin = never.complete(prompts[0], greedy)
+
+    def engine(**spec):
+        if kind == "mtp":
+            return Engine(target, max_len=64, drafter=MTPAssistantDrafter(tiny_assistant(), target),
+                          spec=SpecConfig(n_max=3, **spec))
+        return draft_engine(target, noisy_copy(target, scale=1.0), n_max=3, **spec)
+    got, fin = engine(p_min=1.0).complete(prompts[0], greedy)
     assert got == ref[0] and fin.stats.spec.drafts == 0 and fin.stats.spec.rounds == MAX_TOKENS - 1
-    all_or_none = Engine(target, max_len=64, drafter=d, spec=SpecConfig(n_max=3, n_min=3, p_min=0.15))
+    all_or_none = engine(n_min=3, p_min=0.15 if kind == "mtp" else 0.6)
     st = SpecStats()
     for p, want in zip(prompts[:10], ref):
         got, fin = all_or_none.complete(p, greedy)
@@ -199,6 +207,20 @@ def test_p_min_and_n_min(setup):
         st.merge(fin.stats.spec)
     assert st.drafts > 0 and st.drafts < st.rounds  # some drafts cut by p_min, then dropped by n_min
     assert st.drafted == 3 * st.drafts  # every verified draft has exactly n_min = 3 tokens
+
+
+def test_policy_k_max_and_cut():
+    pol = DraftPolicy(SpecConfig(n_max=4, n_min=2, p_min=0.5), max_draft=16)
+    assert pol.k_max(position=10, max_len=64, tokens_left=100) == 4
+    assert pol.k_max(position=60, max_len=64, tokens_left=100) == 3  # room for the round's own token
+    assert pol.k_max(position=10, max_len=64, tokens_left=2) == 1 and pol.k_max(10, 64, 1) == 0
+    assert DraftPolicy(SpecConfig(n_max=8), max_draft=5).k_max(0, 64, 100) == 5
+    d = Draft(torch.tensor([5, 6, 7, 8]), None, [0.9, 0.7, 0.4, 0.99])
+    assert pol.cut(d).tokens.tolist() == [5, 6]  # stops at the first token below p_min
+    assert pol.cut(Draft(torch.tensor([5, 6]), None, [0.9, 0.3])).k == 0  # shorter than n_min: dropped
+    q = torch.rand(4, V)
+    cut = pol.cut(Draft(torch.tensor([5, 6, 7, 8]), q, [0.9, 0.8, 0.7, 0.1]))
+    assert cut.tokens.tolist() == [5, 6, 7] and torch.equal(cut.probs, q[:3]) and cut.confidence == [0.9, 0.8, 0.7]
 
 
 # -- verify() distribution at T > 0 --------------------------------------------------------------------------------
@@ -271,7 +293,7 @@ def test_verify_greedy_terms():
     assert v.tokens.tolist() == [[2]]
 
 
-@pytest.mark.parametrize("method", ["mtp", "mtp_sample"])
+@pytest.mark.parametrize("method", ["mtp", "mtp_sample", "draft", "draft_sample"])
 def test_end_to_end_sampling_matches_target_distribution(setup, method):
     """The 2nd generated token (the first one a verify round emits) of sampled speculative runs is distributed as
     the target's exact 2nd-token marginal sum_t1 p(t1) p(. | t1); chi-square at alpha = 1e-3."""
@@ -284,8 +306,11 @@ def test_end_to_end_sampling_matches_target_distribution(setup, method):
     for t1 in range(V):
         if p1[t1] > 0:
             marg += p1[t1] * process_logits(plain.prefill(0, prompt + [t1]).logits[:, -1], SamplingParams(**sp))[0]
-    eng = Engine(target, max_len=64, drafter=MTPAssistantDrafter(tiny_assistant(), target),
-                 spec=SpecConfig(method=method, n_max=2))
+    if method.startswith("mtp"):
+        eng = Engine(target, max_len=64, drafter=MTPAssistantDrafter(tiny_assistant(), target),
+                     spec=SpecConfig(method=method, n_max=2))
+    else:  # a draft model that is not the target: p != q, so p/q rejection really rejects
+        eng = draft_engine(target, noisy_copy(target, scale=1.0), method, n_max=2)
     n = 400
     seconds = torch.tensor([eng.complete(prompt, SamplingParams(**sp, seed=s))[0][1] for s in range(n)])
     counts = torch.bincount(seconds, minlength=V).double()
@@ -333,8 +358,7 @@ def test_context_full_and_budget_edges(setup):
     target, prompts, _ = setup
     for max_len, max_tokens in ((16, 100), (40, 3), (40, 1)):
         plain = Engine(target, max_len=max_len)
-        eng = Engine(target, max_len=max_len, drafter=TargetCopyDrafter(target, max_len=max_len, corrupt=0.2),
-                     spec=SpecConfig(method="test_copy", n_max=5))
+        eng = draft_engine(target, noisy_copy(target), max_len=max_len, n_max=5)
         for p in prompts[:8]:
             if len(p) >= max_len:
                 continue
@@ -355,8 +379,7 @@ def test_trace_ndjson(setup, tmp_path, monkeypatch):
     set_tracer(None)
     monkeypatch.setenv("TANDEM_TRACE", str(path))
     try:
-        eng = Engine(target, max_len=64, drafter=TargetCopyDrafter(target, corrupt=0.3),
-                     spec=SpecConfig(method="test_copy", n_max=3))
+        eng = draft_engine(target, noisy_copy(target))
         toks, fin = eng.complete(prompts[0], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True),
                                  request_id="req-7")
     finally:

@@ -4,9 +4,9 @@ Requests wait in a queue until a slot is free; the prompt is then prefilled into
 Engine.generate uses, at most PREFILL_CHUNK prompt tokens per scheduler iteration so decoding slots keep moving)
 and the first token sampled. Then every step runs ONE target forward over all active slots:
 tokens/positions [B, T_max], padded with position -1; a plain slot contributes 1 row (its pending token), a
-speculating slot its k+1 verify rows (pending token + the drafter's proposals). Each slot gets its own rows'
-logits and runs its own sampling / verification with its own generator, and its tokens go through the same
-`RequestOutput` (EOS, detokenizer, stop strings, budget) as Engine.generate. With batch-invariant kernels a
+speculating slot its k+1 verify rows (pending token + the drafter's proposals, from ONE drafter.propose for all
+speculating slots). Each slot gets its own rows' logits and runs its own sampling / verification with its own
+generator, and its tokens go through the same `RequestOutput` (EOS, detokenizer, stop strings, budget) as Engine.generate. With batch-invariant kernels a
 request's tokens therefore do not depend on what else is in the batch.
 
 Consumers talk to the scheduler only through `submit()` (returns a `RequestHandle`: a sync or async iterator of
@@ -24,13 +24,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator
+from typing import AsyncIterator, Iterator
 
 import torch
 
 from tandem.config import SamplingParams, SpecConfig
 from tandem.engine.core import PREFILL_CHUNK, Engine, RequestOutput, sample_token
 from tandem.engine.events import Finished, Token
+from tandem.engine.speculative import SlotSpeculator, draft_rows
 from tandem.errors import RequestError
 from tandem.sampling import make_generator
 
@@ -254,7 +255,7 @@ class BatchScheduler:
         self._slots[i] = None
         if s is not None:
             s.handle.slot = None
-            if s.spec is not None and hasattr(s.spec, "close"):
+            if s.spec is not None:
                 s.spec.close()
 
     def _fail_all(self, message: str) -> None:
@@ -316,12 +317,7 @@ class BatchScheduler:
         tok = sample_token(out.logits[:, -1], s.req.sampling, s.gen)
         self._emit(s, [(tok, False)])
 
-    def _spec_state(self, s: _Slot, out) -> Any:
-        """Per-slot speculative state from tandem.engine.speculative, or None (plain decoding) when unavailable."""
-        try:
-            from tandem.engine.speculative import SlotSpeculator
-        except ImportError:
-            return None
+    def _spec_state(self, s: _Slot, out) -> SlotSpeculator:
         return SlotSpeculator(self.engine, s.idx, s.req.ids, out, s.req.sampling, s.req.spec, s.gen, s.out.stats,
                               s.handle.id)
 
@@ -349,10 +345,21 @@ class BatchScheduler:
                     log.exception("on_finish callback failed")
         s.handle._deliver(events)
 
+    def _rows(self, active: list[_Slot]) -> list[list[int]]:
+        """Each slot's rows this step: [pending] (plain), or [pending, d_1..d_k] from ONE propose for all
+        speculating slots."""
+        rows = [[s.pending] for s in active]
+        spec = [b for b, s in enumerate(active) if s.spec is not None]
+        if spec:
+            drafted = draft_rows(self.engine.drafter, [active[b].spec for b in spec], [active[b].pending for b in spec])
+            for b, r in zip(spec, drafted):
+                rows[b] = r
+        return rows
+
     def _step(self) -> None:
         eng = self.engine
         active = [s for s in self._slots if s is not None and not s.prefilling]
-        rows = [s.spec.rows(s.pending) if s.spec is not None else [s.pending] for s in active]
+        rows = self._rows(active)
         B, T = len(active), max(len(r) for r in rows)
         tokens = torch.zeros(B, T, dtype=torch.long)
         positions = torch.full((B, T), -1, dtype=torch.long)

@@ -16,7 +16,6 @@ from tandem.config import SamplingParams, SpecConfig
 from tandem.engine.events import Finished, GenStats, Token
 from tandem.engine.stops import StopMatcher
 from tandem.errors import RequestError
-from tandem.kvcache import KVCache
 from tandem.sampling import make_generator, process_logits, sample
 
 PREFILL_CHUNK = 512
@@ -77,16 +76,20 @@ class RequestOutput:
 
 
 class Engine:
+    """Generation over `n_slots` cache slots. The cache comes from the model (`model.make_cache`); a drafter that
+    owns a cache gets one sized the same way (slots, context, cache types)."""
+
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, max_len: int = 4096, n_slots: int = 1,
-                 cache_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 drafter: Any = None, spec: SpecConfig | None = None, cache_type_k: str | None = None,
-                 cache_type_v: str | None = None):
+                 device: str | torch.device = "cpu", drafter: Any = None, spec: SpecConfig | None = None,
+                 cache_type_k: str = "f32", cache_type_v: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.cache = KVCache(model.kv_specs(), n_slots, max_len, cache_dtype, self.device, k_type=cache_type_k,
-                             v_type=cache_type_v)
+        types = dict(k_type=cache_type_k, v_type=cache_type_v or cache_type_k, device=self.device)
+        self.cache = model.make_cache(n_slots, max_len, **types)
         self.drafter = drafter
+        if drafter is not None:
+            drafter.make_cache(n_slots, max_len, **types)
         self.spec = spec or SpecConfig(enabled=drafter is not None)
 
     @property

@@ -1,7 +1,8 @@
-"""Speculative decoding: drafter protocol + registry, verification, stats, tracing.
+"""Speculative decoding: drafter protocol v2 + the registry of kinds, the draft-length policy, verification,
+stats, tracing.
 
-Methods (SpecConfig.method) are registered in tandem.spec.drafter.METHODS; importing this package registers the
-built-in ones.
+Drafter kinds (tandem.spec.drafter.KINDS) are registered by their modules, imported here; request-level method
+names (SpecConfig.method) map onto kinds in tandem.spec.drafter.METHODS.
 """
 
 from __future__ import annotations
@@ -9,15 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 from tandem.errors import ModelLoadError
-from tandem.spec.drafter import METHODS, Draft, DraftContext, Drafter, Method, PromptState, get_method, register
-from tandem.spec.mtp_assistant import MTPAssistantDrafter
+from tandem.spec.assistant import MTPAssistantDrafter
+from tandem.spec.draft_model import DraftModelDrafter
+from tandem.spec.drafter import (KINDS, METHODS, Draft, DraftContext, Drafter, Kind, Method, PromptState,
+                                 get_method, kind_of, register_kind, register_method)
+from tandem.spec.policy import DraftPolicy
 from tandem.spec.stats import SpecStats
 from tandem.spec.trace import Tracer, get_tracer, set_tracer
 from tandem.spec.verify import Verdict, verify
 
-__all__ = ["METHODS", "Draft", "DraftContext", "Drafter", "Method", "PromptState", "get_method", "register",
-           "MTPAssistantDrafter", "SpecStats", "Tracer", "get_tracer", "set_tracer", "Verdict", "verify",
-           "load_drafter", "drafter_for_model"]
+__all__ = ["KINDS", "METHODS", "Draft", "DraftContext", "Drafter", "Kind", "Method", "PromptState", "get_method",
+           "kind_of", "register_kind", "register_method", "DraftPolicy", "MTPAssistantDrafter", "DraftModelDrafter",
+           "SpecStats", "Tracer", "get_tracer", "set_tracer", "Verdict", "verify", "load_drafter",
+           "drafter_for_model"]
 
 
 def _name(loaded: Any, fallback: str) -> str:
@@ -28,18 +33,19 @@ def _name(loaded: Any, fallback: str) -> str:
     return fallback
 
 
-def drafter_for_model(model: Any, target: Any, target_name: str = "target", name: str = "drafter") -> Drafter:
-    """Wrap an already built drafter model for `target` (raises ModelLoadError if it does not fit)."""
-    mtype = getattr(getattr(model, "args", None), "model_type", None)
-    if mtype == "gemma4_assistant":
-        return MTPAssistantDrafter(model, target, target_name, name)
-    raise ModelLoadError(f"drafter {name}: model_type {mtype!r} is not a supported drafter (supported: "
-                         f"gemma4_assistant)")
+def drafter_for_model(model: Any, target: Any, target_name: str = "target", name: str = "drafter", *,
+                      tokenizer: Any = None, target_tokenizer: Any = None) -> Drafter:
+    """Wrap an already built drafter model for `target`, as the kind the model is (ModelLoadError if it does not
+    fit). A drafter that owns a cache still needs make_cache (Engine.__init__ calls it)."""
+    return kind_of(model, name).build(model, target, target_name=target_name, name=name, tokenizer=tokenizer,
+                                      target_tokenizer=target_tokenizer)
 
 
 def load_drafter(drafter: str | None, *, target: Any, target_loaded: Any = None, device: str = "cpu",
                  weight_format: str = "bf16") -> Drafter | None:
-    """Load a drafter from a path for `target`. drafter=None: the shipped drafter known for this target, or None."""
+    """Load a drafter from a path for `target`; its kind comes from what the path holds (an assistant, or any
+    full model with the target's vocabulary: a draft model). drafter=None: the shipped drafter known for this
+    target, or None."""
     import torch
 
     from tandem import loading
@@ -51,14 +57,17 @@ def load_drafter(drafter: str | None, *, target: Any, target_loaded: Any = None,
             return None
         drafter = str(found)
     cfg = _shared_embedding_config(drafter)
+    tokenizer = None
     if cfg is not None:
         model = _load_shared_embedding_drafter(drafter, cfg, target)
     else:
-        model = loading.load(drafter, device=device, dtype=torch.float32, tokenizer=False).model.eval()
+        loaded = loading.load(drafter, device=device, dtype=torch.float32)
+        model, tokenizer = loaded.model.eval(), loaded.tokenizer
     if weight_format != "fp32":
         from tandem import kernels
         kernels.prepare(model, weight_format)
-    return drafter_for_model(model, target, _name(target_loaded, "target"), str(drafter))
+    return drafter_for_model(model, target, _name(target_loaded, "target"), str(drafter), tokenizer=tokenizer,
+                             target_tokenizer=getattr(target_loaded, "tokenizer", None))
 
 
 def _shared_embedding_config(path: str) -> dict | None:

@@ -1,69 +1,82 @@
-"""The drafter protocol and the one registry of speculative methods (name -> drafter class + options).
+"""Drafter protocol v2, the registry of drafter kinds, and the one table of request-level method names.
 
-A round of speculative decoding, as the engine (tandem.engine.speculative) runs it for one slot:
+A scheduler step, as the engine runs it (tandem.engine.speculative) for ALL speculating slots at once:
 
-    drafter.begin(slot, prompt_state)             once, after prefill (the prompt's last hidden state)
+    drafter.make_cache(n_slots, max_len, ...)    once, by Engine.__init__: a drafter that owns a cache is sized here
+    drafter.begin(slot, prompt_state)            once per request, after the target's prefill
     loop:
-        draft = drafter.propose(ctx)              ctx.last_token is the last emitted token, at ctx.position
-                                                  (not yet in the target cache: cache length == ctx.position)
-        target forward over [last_token, d1..dk]  ONE forward, k+1 rows of logits and hidden states
-        verdict = verify(...)                     a accepted drafts, then one recovered or bonus token
-        cache rolled back to position + a + 1     only the engine moves cache lengths
-        drafter.accept(slot, a, target_hidden)    target_hidden [B, D]: the row that produced the last emitted token
+        drafts = drafter.propose([ctx_1..ctx_B]) ONE call for all speculating slots -> one Draft per context, in order
+                                                 (ragged: each Draft has its own length k_b <= ctx_b.k_max)
+        policy.cut(draft)                        the speculator's rule (n_min / p_min), not the drafter's
+        target forward over [x, d_1..d_k] per slot, verify, cache rolled back to position + a + 1
+        drafter.accept(slot, tokens, hidden)     tokens = the a+1 emitted [d_1..d_a, y]; hidden [a+1, D] = the
+                                                 target's rows that produced them (row i produced tokens[i])
+    drafter.end(slot)
 
-A drafter never writes the target cache and never leaves it longer than the accepted tokens.
+ctx.last_token x sits at ctx.position; the target cache holds entries 0..position-1 when propose runs. A drafter
+never writes the target cache. A drafter with its own cache keeps in it only accepted tokens (it learns what was
+accepted from accept()'s tokens); a token it has not run yet (the last draft of a fully accepted round) it runs
+with the next propose. `Draft.probs = None` marks deterministic drafts (verified as one-hot q).
+
+Kinds (`assistant`, `draft-model`, ...) are registered by the modules that implement them; which kind a drafter
+checkpoint is comes from `KINDS[...].model_types` (a table), the `fallback` kind taking any full model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
-from tandem.config import SamplingParams, SpecConfig
-from tandem.errors import ConfigError
+from tandem.config import SamplingParams
+from tandem.errors import ConfigError, ModelLoadError
 
 
 @dataclass
 class Draft:
-    """tokens [B, k] (long); probs [B, k, V] fp32: the distribution each token was SAMPLED from, or None when the
-    tokens are deterministic (greedy / argmax drafts: verify treats them as one-hot q). k may be 0 (no draft)."""
+    """tokens [k] long; probs [k, V] fp32 = the distribution each token was SAMPLED from, or None (deterministic
+    drafts). confidence [k]: the drafter's top-1 probability (softmax of its raw logits) at each step, what the
+    policy's p_min compares against. k may be 0."""
 
     tokens: torch.Tensor
     probs: torch.Tensor | None = None
-    confidences: list[float] = field(default_factory=list)  # drafter's probability of each token (for traces)
+    confidence: list[float] = field(default_factory=list)
 
     @property
     def k(self) -> int:
-        return int(self.tokens.shape[1])
+        return int(self.tokens.shape[0])
 
     @staticmethod
-    def empty(batch: int = 1, device="cpu") -> "Draft":
-        return Draft(torch.zeros(batch, 0, dtype=torch.long, device=device), None)
+    def empty(device="cpu") -> "Draft":
+        return Draft(torch.zeros(0, dtype=torch.long, device=device), None, [])
+
+    def head(self, n: int) -> "Draft":
+        """The first n tokens."""
+        return Draft(self.tokens[:n], None if self.probs is None else self.probs[:n], self.confidence[:n])
 
 
 @dataclass
 class PromptState:
     """What a drafter may read after prefill. hidden: the target's final-norm hidden state of the last prompt
-    row [B, D] (it produced the first generated token)."""
+    row [1, D] (it produced the first generated token)."""
 
     ids: list[int]
     hidden: torch.Tensor
-    cache: Any  # tandem.kvcache.KVCache of the target
+    cache: Any  # the target's cache
 
 
 @dataclass
 class DraftContext:
-    """One propose() call. last_token sits at `position`; the target cache holds entries 0..position-1."""
+    """One slot of a propose() call. last_token sits at `position`; the target cache holds entries 0..position-1."""
 
     slot: int
     last_token: int
     position: int
-    cache: Any
+    cache: Any  # the target's cache (read-only for drafters)
     sampling: SamplingParams
-    spec: SpecConfig
-    k_max: int  # most tokens this round may draft (n_max capped by context and budget)
+    k_max: int  # most tokens this slot may draft this round (decided by tandem.spec.policy)
+    p_floor: float = 0.0  # a drafter may stop a row early once its top-1 probability falls below this
     sample_drafts: bool = False  # draw from the drafter's processed distribution (T > 0 and the method asks)
     generator: torch.Generator | None = None
     request_id: str | None = None
@@ -71,47 +84,101 @@ class DraftContext:
 
 
 class Drafter:
-    """Base class / protocol. Class attributes say what the engine must provide."""
+    """Base class of every drafter kind (see the module docstring for the call order)."""
 
-    needs_target_hidden: ClassVar[bool] = False  # accept() gets the target hidden row
-    reads_target_kv: ClassVar[bool] = False  # propose() reads the target cache (must hold exactly the prefix)
+    kind: ClassVar[str] = ""
     max_draft: ClassVar[int] = 16
+
+    def make_cache(self, n_slots: int, max_len: int, *, k_type: str, v_type: str, device) -> None:
+        """Allocate the drafter's own cache (only drafters that own one override this)."""
 
     def begin(self, slot: int, prompt_state: PromptState) -> None:
         raise NotImplementedError
 
-    def propose(self, ctx: DraftContext) -> Draft:
+    def propose(self, batch: list[DraftContext]) -> list[Draft]:
         raise NotImplementedError
 
-    def accept(self, slot: int, n_accepted: int, target_hidden: torch.Tensor | None) -> None:
+    def accept(self, slot: int, tokens: list[int], hidden: torch.Tensor) -> None:
         raise NotImplementedError
 
     def end(self, slot: int) -> None:
-        """Forget the slot's state (optional)."""
+        """Forget the slot's state."""
 
+
+# -- kinds ----------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Method:
+class Kind:
+    """A drafter kind. build(model, target, *, target_name, name, tokenizer, target_tokenizer) -> Drafter."""
+
     name: str
-    drafter_cls: type
-    sample_drafts: bool  # at T > 0 drafts are sampled (p/q rejection) instead of argmax (sample-and-compare)
+    cls: type
+    build: Callable[..., Drafter]
+    model_types: frozenset[str]  # drafter checkpoints of these model types are this kind
+    fallback: bool  # the kind of any other full model the engine runs
     help: str = ""
 
 
-# name -> Method: the only place speculative method names are defined (SpecConfig.method picks one)
-METHODS: dict[str, Method] = {}
+KINDS: dict[str, Kind] = {}
 
 
-def register(name: str, sample_drafts: bool = False, help: str = ""):
+def register_kind(name: str, *, model_types: tuple[str, ...] = (), fallback: bool = False, help: str = ""):
+    """Class decorator: the class's `build` classmethod makes the drafter from a loaded model."""
     def deco(cls):
-        METHODS[name] = Method(name, cls, sample_drafts, help)
+        cls.kind = name
+        KINDS[name] = Kind(name, cls, cls.build, frozenset(model_types), fallback, help)
         return cls
     return deco
 
 
+def kind_of(model: Any, name: str = "drafter") -> Kind:
+    """The kind a loaded drafter model is, from the model-type table (a full model: the fallback kind)."""
+    import tandem.spec  # noqa: F401  (registers the built-in kinds)
+    mtype = getattr(getattr(model, "args", None), "model_type", None)
+    for k in KINDS.values():
+        if mtype in k.model_types:
+            return k
+    fallback = [k for k in KINDS.values() if k.fallback]
+    if fallback and getattr(model, "owns_kv", True) and hasattr(model, "make_cache"):
+        return fallback[0]
+    raise ModelLoadError(f"drafter {name}: model_type {mtype!r} is not a drafter kind (kinds: "
+                         f"{ {k.name: sorted(k.model_types) or 'any full model' for k in KINDS.values()} })")
+
+
+# -- request-level method names -> (kind, sampling of drafts) --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str | None  # None: whatever kind the engine's drafter is
+    sample_drafts: bool  # at T > 0 drafts are sampled (p/q rejection) instead of argmax (sample-and-compare)
+    help: str = ""
+
+    @property
+    def drafter_cls(self) -> type:
+        return KINDS[self.kind].cls if self.kind is not None else Drafter
+
+    def fits(self, drafter: Any) -> bool:
+        return isinstance(drafter, self.drafter_cls)
+
+
+# the only place method names are defined (SpecConfig.method picks one); tests add their own via register_method
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("auto", None, False, "the engine's drafter, argmax drafts (sample-and-compare at T > 0)"),
+    Method("mtp", "assistant", False, "Gemma 4 assistant, argmax drafts (sample-and-compare at T > 0)"),
+    Method("mtp_sample", "assistant", True, "Gemma 4 assistant, sampled drafts (p/q rejection at T > 0)"),
+    Method("draft", "draft-model", False, "a draft model, argmax drafts (sample-and-compare at T > 0)"),
+    Method("draft_sample", "draft-model", True, "a draft model, sampled drafts (p/q rejection at T > 0)"),
+)}
+
+
+def register_method(name: str, kind: str | None, sample_drafts: bool = False, help: str = "") -> Method:
+    METHODS[name] = Method(name, kind, sample_drafts, help)
+    return METHODS[name]
+
+
 def get_method(name: str) -> Method:
-    # importing the package registers the built-in drafters
-    import tandem.spec  # noqa: F401
+    import tandem.spec  # noqa: F401  (registers the built-in kinds)
     m = METHODS.get(name)
     if m is None:
         raise ConfigError(f"speculative.method {name!r} unknown; known: {sorted(METHODS)}")

@@ -1,0 +1,93 @@
+"""Kind `assistant`: the Gemma 4 assistant drafter (multi-token prediction from one position, HF's
+SinglePositionMultiTokenCandidateGenerator), reading the target's KV cache.
+
+Per round, from the last emitted token x at position p (target cache = entries 0..p-1) and the target hidden state
+h that produced x:
+    step 1: assistant(concat(target.embed(x), h)) at RoPE position p -> logits_1, h_1; d_1 = argmax (or sample)
+    step i: assistant(concat(target.embed(d_{i-1}), h_{i-1})) at the SAME position p -> d_i
+Each step is ONE assistant forward over all slots still drafting (a slot stops at its k_max, or below p_floor).
+First round (HF convention): h = the prompt's last hidden state, x = the target's first sampled token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tandem.sampling import process_logits, sample
+from tandem.spec.drafter import Draft, DraftContext, Drafter, PromptState, register_kind
+
+
+@register_kind("assistant", model_types=("gemma4_assistant",), help="Gemma 4 assistant (reads the target's KV)")
+class MTPAssistantDrafter(Drafter):
+    max_draft = 16
+
+    def __init__(self, assistant: torch.nn.Module, target: torch.nn.Module, target_name: str = "target",
+                 assistant_name: str = "assistant"):
+        self.assistant = assistant.bind(target, target_name, assistant_name)
+        self.target = target
+        self.names = (target_name, assistant_name)
+        self._hidden: dict[int, torch.Tensor] = {}  # slot -> [Db] target hidden that produced the last token
+
+    @classmethod
+    def build(cls, model, target, *, target_name="target", name="assistant", **_) -> "MTPAssistantDrafter":
+        return cls(model, target, target_name, name)
+
+    def begin(self, slot: int, prompt_state: PromptState) -> None:
+        self._hidden[slot] = prompt_state.hidden.reshape(-1)
+
+    def accept(self, slot: int, tokens: list[int], hidden: torch.Tensor) -> None:
+        self._hidden[slot] = hidden[-1].reshape(-1)  # only the row that produced the last emitted token
+
+    def end(self, slot: int) -> None:
+        self._hidden.pop(slot, None)
+
+    @torch.inference_mode()
+    def propose(self, batch: list[DraftContext]) -> list[Draft]:
+        dev = self._hidden[batch[0].slot].device if batch else torch.device("cpu")
+        toks: list[list[int]] = [[] for _ in batch]
+        probs: list[list[torch.Tensor]] = [[] for _ in batch]
+        conf: list[list[float]] = [[] for _ in batch]
+        live = [b for b, c in enumerate(batch) if c.k_max > 0]
+        h = {b: self._hidden[batch[b].slot] for b in live}
+        last = {b: batch[b].last_token for b in live}
+        while live:
+            # greedy rows and sampled rows go through separate forwards: a sampled row needs its [V] logits
+            for group in ([b for b in live if not batch[b].sample_drafts], [b for b in live if batch[b].sample_drafts]):
+                if group:
+                    self._step([batch[b] for b in group], group, h, last, toks, probs, conf, dev)
+            live = [b for b in live if len(toks[b]) == len(conf[b]) and len(toks[b]) < batch[b].k_max
+                    and (not conf[b] or conf[b][-1] >= batch[b].p_floor)]
+        out = []
+        for b, c in enumerate(batch):
+            t = torch.tensor(toks[b], dtype=torch.long, device=dev)
+            q = torch.stack(probs[b]) if c.sample_drafts and probs[b] else None
+            out.append(Draft(t, q, conf[b][:len(toks[b])]))
+        return out
+
+    def _step(self, ctxs: list[DraftContext], rows: list[int], h, last, toks, probs, conf, dev) -> None:
+        """One assistant forward for `rows` (indices into the batch); appends one token (or stops) per row."""
+        pos = torch.tensor([[c.position] for c in ctxs], device=dev)  # [B, 1]
+        slots = torch.tensor([c.slot for c in ctxs], device=dev)
+        tok = torch.tensor([[last[b]] for b in rows], device=dev)
+        hb = torch.stack([h[b] for b in rows])[:, None]  # [B, 1, Db]
+        x = torch.cat([self.target.embed(tok).to(hb.dtype), hb], dim=-1)
+        if not ctxs[0].sample_drafts:  # argmax drafts: no [V] vector needed
+            t, top, hn = self.assistant.greedy_step(x, pos, ctxs[0].cache, slots, pos - 1)
+            t, top = t[:, -1].tolist(), top[:, -1].tolist()
+            qs = [None] * len(rows)
+        else:
+            out = self.assistant(x, pos, ctxs[0].cache, slots, kv_positions=pos - 1)
+            logits, hn = out.logits[:, -1], out.hidden  # [B, V] fp32
+            top = torch.softmax(logits, -1).max(-1).values.tolist()
+            # nothing is drawn for a row below its floor (it stops here)
+            qs = [process_logits(logits[i:i + 1], c.sampling) if top[i] >= c.p_floor else None
+                  for i, c in enumerate(ctxs)]
+            t = [int(sample(q, c.generator)[0]) if q is not None else -1 for q, c in zip(qs, ctxs)]
+        for i, b in enumerate(rows):
+            conf[b].append(float(top[i]))
+            if top[i] < ctxs[i].p_floor:
+                continue  # below the floor: the token is not drafted (the policy would cut it anyway)
+            toks[b].append(int(t[i]))
+            if qs[i] is not None:
+                probs[b].append(qs[i][0])
+            last[b], h[b] = int(t[i]), hn[i, -1]

@@ -1,0 +1,153 @@
+"""Kind `draft-model`: any model the engine runs, with the target's vocabulary, drafting on its OWN KV cache.
+
+The engine sizes the cache (make_cache: slots, context, cache types). begin() prefills the prompt into it. Each
+propose() runs the draft steps for all slots together: step 1 feeds, per slot, the accepted tokens it has not run
+yet plus the last emitted token x (ragged rows, padded with position -1); step i feeds d_{i-1}. Drafts are the
+argmax (deterministic, probs None) or, when the method samples drafts, draws from the processed distribution
+(probs = q, for p/q rejection). accept() rolls the cache back to the longest prefix of what it ran that the target accepted (the verified tokens
+decide, not the drafter's memory); an accepted token it has not run (the last draft of a fully accepted round) is
+run with the next propose's first step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tandem.errors import ModelLoadError
+from tandem.sampling import process_logits, sample
+from tandem.spec.drafter import Draft, DraftContext, Drafter, PromptState, register_kind
+
+PREFILL_CHUNK = 512
+
+
+def check_vocab(model, target, name: str, target_name: str, tokenizer=None, target_tokenizer=None) -> None:
+    """The drafter must speak the target's vocabulary: same size and, when both have a tokenizer, the same token
+    strings and special ids. Raises ModelLoadError naming both and the first differing token id."""
+    dv, tv = model.args.vocab_size, target.args.vocab_size
+    if dv != tv:
+        raise ModelLoadError(f"drafter {name} has vocabulary size {dv}, its target {target_name} {tv}: a draft "
+                             f"model must use the target's vocabulary")
+    if tokenizer is None or target_tokenizer is None:
+        return
+    for what in ("bos_id", "eos_ids", "pad_id"):
+        a, b = getattr(tokenizer, what, None), getattr(target_tokenizer, what, None)
+        if a != b:
+            raise ModelLoadError(f"drafter {name}: special token {what} = {a!r}, target {target_name}: {b!r}")
+    for i in range(max(tokenizer.vocab_size, target_tokenizer.vocab_size)):
+        a, b = tokenizer.id_to_piece(i), target_tokenizer.id_to_piece(i)
+        if a != b:
+            raise ModelLoadError(f"drafter {name} and target {target_name} have different vocabularies: first "
+                                 f"differing token id {i} ({a!r} vs {b!r})")
+
+
+@register_kind("draft-model", fallback=True, help="any model with the target's vocabulary, own KV cache")
+class DraftModelDrafter(Drafter):
+    max_draft = 16
+
+    def __init__(self, model: torch.nn.Module, target_name: str = "target", name: str = "draft model"):
+        self.model = model
+        self.names = (target_name, name)
+        self.cache = None
+        self._todo: dict[int, list[int]] = {}  # slot -> accepted tokens at positions cache.lengths[slot].. not run
+        self._round: dict[int, tuple[int, list[int]]] = {}  # slot -> (cache length before propose, fed + drafted)
+        self._fed: dict[int, int] = {}  # slot -> tokens fed before this round's drafts (not yet run + x)
+
+    @classmethod
+    def build(cls, model, target, *, target_name="target", name="draft model", tokenizer=None,
+              target_tokenizer=None, **_) -> "DraftModelDrafter":
+        check_vocab(model, target, name, target_name, tokenizer, target_tokenizer)
+        return cls(model, target_name, name)
+
+    def make_cache(self, n_slots: int, max_len: int, *, k_type: str, v_type: str, device) -> None:
+        self.cache = self.model.make_cache(n_slots, max_len, k_type=k_type, v_type=v_type, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.device
+
+    # -- protocol ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def begin(self, slot: int, prompt_state: PromptState) -> None:
+        if self.cache is None:
+            raise RuntimeError(f"draft model {self.names[1]}: no cache (the engine calls make_cache)")
+        ids, dev = list(prompt_state.ids), self.device
+        for c in range(0, len(ids), PREFILL_CHUNK):
+            chunk = ids[c:c + PREFILL_CHUNK]
+            self.model(torch.tensor([chunk], device=dev), torch.arange(c, c + len(chunk), device=dev)[None],
+                       self.cache, torch.tensor([slot], device=dev), logit_rows=slice(0, 0))
+        self.cache.set_length(slot, len(ids))
+        self._todo[slot] = []
+
+    def accept(self, slot: int, tokens: list[int], hidden: torch.Tensor) -> None:
+        start, ran = self._round.pop(slot)  # the cache holds `ran` at positions start.. (maybe fewer: see below)
+        accepted = ran[: self._fed[slot]] + tokens[:-1]  # not yet run + x, then d_1..d_a as verified
+        ran = ran[: self.cache.lengths[slot] - start]  # the last draft token of a row is never run
+        keep = 0
+        while keep < min(len(ran), len(accepted)) and ran[keep] == accepted[keep]:
+            keep += 1
+        self.cache.rollback(slot, start + keep)
+        self._todo[slot] = accepted[keep:]
+
+    def end(self, slot: int) -> None:
+        for d in (self._todo, self._round, self._fed):
+            d.pop(slot, None)
+
+    @torch.inference_mode()
+    def propose(self, batch: list[DraftContext]) -> list[Draft]:
+        toks: list[list[int]] = [[] for _ in batch]
+        probs: list[list[torch.Tensor]] = [[] for _ in batch]
+        conf: list[list[float]] = [[] for _ in batch]
+        feeds = {}
+        for b, c in enumerate(batch):
+            start = self.cache.lengths[c.slot]
+            feed = self._todo[c.slot] + [c.last_token]
+            assert start + len(feed) == c.position + 1, (start, feed, c.position)
+            self._round[c.slot], self._fed[c.slot] = (start, list(feed)), len(feed)
+            if c.k_max > 0:
+                feeds[b] = feed
+        while feeds:
+            logits = self._forward(batch, feeds)  # [B', V] fp32, one row per fed slot
+            nxt = {}
+            for i, b in enumerate(feeds):
+                c = batch[b]
+                top = float(torch.softmax(logits[i], -1).max())
+                if top < c.p_floor:
+                    continue
+                if c.sample_drafts:
+                    q = process_logits(logits[i:i + 1], c.sampling)
+                    t = int(sample(q, c.generator)[0])
+                    probs[b].append(q[0])
+                else:
+                    t = int(logits[i].argmax())
+                toks[b].append(t)
+                conf[b].append(top)
+                if len(toks[b]) < c.k_max:
+                    nxt[b] = [t]
+            feeds = nxt
+        out = []
+        for b, c in enumerate(batch):
+            self._round[c.slot][1].extend(toks[b])
+            q = torch.stack(probs[b]) if probs[b] else None
+            out.append(Draft(torch.tensor(toks[b], dtype=torch.long, device=self.device), q, conf[b]))
+        return out
+
+    def _forward(self, batch: list[DraftContext], feeds: dict[int, list[int]]) -> torch.Tensor:
+        """Run each fed slot's tokens at its next positions (ragged, padded with position -1) into the own cache;
+        returns the logits of each slot's last fed row [B', V]."""
+        B, T = len(feeds), max(len(f) for f in feeds.values())
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        positions = torch.full((B, T), -1, dtype=torch.long)
+        slots = []
+        for i, (b, f) in enumerate(feeds.items()):
+            s = batch[b].slot
+            n = self.cache.lengths[s]
+            tokens[i, :len(f)] = torch.tensor(f)
+            positions[i, :len(f)] = torch.arange(n, n + len(f))
+            self.cache.set_length(s, n + len(f))
+            slots.append(s)
+        dev = self.device
+        out = self.model(tokens.to(dev), positions.to(dev), self.cache, torch.tensor(slots, device=dev),
+                         logit_rows=slice(0, 0))
+        last = torch.tensor([len(f) - 1 for f in feeds.values()], device=dev)
+        hidden = out.hidden[torch.arange(B, device=dev), last]  # [B', D]
+        return self.model.logits(hidden[:, None])[:, 0].float()
