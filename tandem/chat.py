@@ -1,4 +1,5 @@
-"""Chat templates: the model's own (GGUF/HF metadata) or a built-in Gemma one, rendered in a jinja2 sandbox."""
+"""Chat templates: the model's own (GGUF/HF metadata), else a built-in one for Gemma models only, rendered in a
+jinja2 sandbox. A non-Gemma model without a template has none: chat requests are refused, never mis-formatted."""
 
 from __future__ import annotations
 
@@ -46,10 +47,15 @@ def _compile(source: str):
 
 
 class ChatTemplate:
-    def __init__(self, source: str | None, bos_token: str = "<bos>", eos_token: str = "<eos>"):
+    def __init__(self, source: str | None, bos_token: str = "<bos>", eos_token: str = "<eos>",
+                 fallback: str | None = GEMMA_TEMPLATE, model_type: str = "gemma"):
         self.builtin = not source
-        self.source = source or GEMMA_TEMPLATE
+        self.source = source or fallback
+        self.model_type = model_type
         self.bos_token, self.eos_token = bos_token, eos_token
+        if self.source is None:
+            self.template = None
+            return
         try:
             self.template = _compile(self.source)
         except TemplateError as e:  # another family's turn format would be silently wrong: refuse instead
@@ -57,6 +63,9 @@ class ChatTemplate:
                                  f"{type(e).__name__}: {e}") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if self.template is None:
+            raise RequestError(f"messages: this {self.model_type} model has no chat template (none in its GGUF "
+                               f"metadata or tokenizer_config.json); send a plain prompt to /v1/completions")
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_token, eos_token=self.eos_token)
@@ -77,4 +86,5 @@ def template_for(loaded, tokenizer) -> ChatTemplate:
             eos_ids = getattr(tokenizer, "eos_ids", None) or []
             if eos_ids:
                 eos = piece(eos_ids[0]) or eos
-    return ChatTemplate(source, bos, eos)
+    mtype = str((getattr(loaded, "config", None) or {}).get("model_type", "gemma"))
+    return ChatTemplate(source, bos, eos, GEMMA_TEMPLATE if mtype.startswith("gemma") else None, mtype)
