@@ -52,7 +52,7 @@ class SelfDrafter(DraftModelDrafter):
             r = self.rounds[c.slot]
             self.rounds[c.slot] += 1
             if self.corrupt_every and r % self.corrupt_every == self.corrupt_every - 1 and d.k:
-                d.tokens[-1] = (d.tokens[-1] + 1) % self.vocab
+                d.tokens = torch.cat([d.tokens[:-1], (d.tokens[-1:] + 1) % self.vocab])
         return drafts
 
 
