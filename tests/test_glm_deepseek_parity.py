@@ -37,7 +37,9 @@ CONFIGS = {
     "deepseek_v3_no_q_lora": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                               dict(MOE, **MLA | dict(q_lora_rank=None), rope_interleave=False,
                                    attention_bias=True)),
+    "mimo": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),  # MiMo's trunk is Qwen2
 }
+OURS_TYPE = {"mimo": "mimo"}  # transformers 5.23 has no MiMo: ours is built as `mimo` from the Qwen2 config
 
 
 def make_pair(name):
@@ -54,7 +56,7 @@ def make_pair(name):
         for bname, b in hf.named_buffers():
             if "e_score_correction_bias" in bname:
                 b.normal_(0.0, 0.3)
-    ours = build(cfg.to_dict()).eval()
+    ours = build({**cfg.to_dict(), "model_type": OURS_TYPE.get(name, cfg.model_type)}).eval()
     ours.load_state_dict(ours.sanitize(hf.state_dict()), strict=True)
     return hf, ours
 
@@ -114,3 +116,91 @@ def test_mla_cache_latent_and_rollback():
         o = ours(tokens[:, 5:], torch.arange(5, 8)[None], cache, slot)
         fresh = ours(tokens, torch.arange(8)[None], ours.make_cache(1, 16, k_type="f32"), slot)
     assert (o.logits - fresh.logits[:, 5:]).abs().max() < 1e-5
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["glm4_moe", "deepseek_v3_yarn", "deepseek_v3_no_q_lora"])
+def test_rows_bitwise_after_prepare(name):
+    """After prepare(q8_0): a slot's decode row is bitwise the same alone or among 1..16 slots (padding rows
+    included), and a 4-token verify forward equals 4 single-token steps bitwise."""
+    cfg_cls, _, kw = CONFIGS[name]
+    model = prepare(randomize(build(getattr(transformers, cfg_cls)(**BASE, **kw).to_dict()).eval()), "q8_0")
+    if name.startswith("deepseek"):
+        assert not hasattr(model.model.layers[0].self_attn, "kv_b_proj")  # absorbed per head, packed
+    g = torch.Generator().manual_seed(1)
+    prompts, nxt = torch.randint(0, 128, (16, 5), generator=g), torch.randint(0, 128, (16, 4), generator=g)
+    cache = model.make_cache(16, 16, k_type="f32")
+    slots = torch.arange(16)
+    with torch.no_grad():
+        model(prompts, torch.arange(5).repeat(16, 1), cache, slots)
+        step = lambda s: model(nxt[s, :1], torch.full((len(s), 1), 5), cache, s).logits  # noqa: E731
+        alone = torch.cat([step(slots[i:i + 1]) for i in range(16)])
+        for m in (1, 2, 3, 5, 8, 13, 16):
+            assert torch.equal(step(slots[:m]), alone[:m]), m
+        pos = torch.tensor([[5, -1, -1, -1], [5, 6, 7, 8]])  # a decode row padded beside a verify row
+        mixed = model(torch.stack([nxt[1], nxt[0]]), pos, cache, slots[[1, 0]]).logits
+        verify = model(nxt[:1], torch.arange(5, 9)[None], cache, slots[:1]).logits
+        single = torch.cat([model(nxt[:1, t:t + 1], torch.tensor([[5 + t]]), cache, slots[:1]).logits
+                            for t in range(4)], dim=1)
+    assert torch.equal(verify, single) and torch.equal(mixed[1:], verify)
+    assert torch.equal(mixed[0, :1], alone[1:2, 0])
+
+
+def hub_layout(weights: dict) -> dict:
+    """transformers 5's fused experts -> the per-expert names the hub checkpoints use."""
+    out = {}
+    for k, v in weights.items():
+        if k.endswith("experts.gate_up_proj"):
+            gate, up = v.chunk(2, dim=1)
+            for e in range(v.shape[0]):
+                out[k.replace("gate_up_proj", f"{e}.gate_proj.weight")] = gate[e].clone()
+                out[k.replace("gate_up_proj", f"{e}.up_proj.weight")] = up[e].clone()
+        elif k.endswith("experts.down_proj"):
+            for e in range(v.shape[0]):
+                out[k.replace("down_proj", f"{e}.down_proj.weight")] = v[e].clone()
+        else:
+            out[k] = v
+    return out
+
+
+def mtp_weights(name: str, trunk: dict) -> dict:
+    """Hub-layout MTP layer 0: DeepSeek/GLM at model.layers.{L} (a decoder layer + enorm, hnorm, eh_proj,
+    shared_head), MiMo at model.mtp_layers.0 (a Qwen2 block + token/hidden norms, input_proj, final norm)."""
+    L, D = BASE["num_hidden_layers"], BASE["hidden_size"]
+    if name == "mimo":
+        block = {k.replace(f"model.layers.{L - 1}.", "model.mtp_layers.0."): v.clone() for k, v in trunk.items()
+                 if k.startswith(f"model.layers.{L - 1}.")}
+        extra = {f"model.mtp_layers.0.{n}.weight": torch.ones(D) for n in
+                 ("token_layernorm", "hidden_layernorm", "final_layernorm")}
+        return {**block, **extra, "model.mtp_layers.0.input_proj.weight": torch.randn(D, 2 * D)}
+    block = {k.replace(f"model.layers.{L - 1}.", f"model.layers.{L}."): v.clone() for k, v in trunk.items()
+             if k.startswith(f"model.layers.{L - 1}.")}
+    extra = {f"model.layers.{L}.{n}": torch.ones(D) for n in ("enorm.weight", "hnorm.weight",
+                                                             "shared_head.norm.weight")}
+    return {**block, **extra, f"model.layers.{L}.eh_proj.weight": torch.randn(D, 2 * D),
+            f"model.layers.{L}.shared_head.head.weight": torch.randn(BASE["vocab_size"], D)}
+
+
+@pytest.mark.parametrize("name", ["glm4_moe", "deepseek_v3_yarn", "mimo"])
+def test_load_checkpoint_with_mtp_layers(tmp_path, name):
+    """An HF directory in the hub layout with its MTP layer loads: the target == transformers, the MTP weights
+    are set aside untouched in nextn_weights; an MTP index the config does not declare is a clear error."""
+    hf, _ = make_pair(name)
+    trunk = hub_layout({k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()})
+    mtp = mtp_weights(name, trunk)
+    config = {**hf.config.to_dict(), "model_type": OURS_TYPE.get(name, hf.config.model_type),
+              "num_nextn_predict_layers": 1}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({**trunk, **mtp}, str(tmp_path / "model.safetensors"))
+    loaded = load(str(tmp_path), tokenizer=False).model
+    assert loaded.nextn_weights.keys() == mtp.keys()
+    assert all(torch.equal(loaded.nextn_weights[k], v) for k, v in mtp.items())
+    tokens = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        got = loaded(tokens, torch.arange(9)[None], loaded.make_cache(1, 16, k_type="f32")).logits
+    assert (got - ref).abs().max() < TOL
+    L = BASE["num_hidden_layers"]
+    stray = "model.mtp_layers.1.final_layernorm.weight" if name == "mimo" else f"model.layers.{L + 1}.enorm.weight"
+    with pytest.raises(ModelLoadError, match=rf"unexpected \['{stray}'\]"):
+        load_state_into(loaded, loaded.sanitize({**trunk, **mtp, stray: torch.ones(1)}), "ckpt")

@@ -4,13 +4,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
 from tandem.models import qwen2
 
-_MTP = "model.mtp_layers."
+_MTP = re.compile(r"^model\.mtp_layers\.(\d+)\.")
 
 
 @dataclass
@@ -25,5 +26,10 @@ class Model(qwen2.Model):
         self.nextn_weights: dict[str, torch.Tensor] = {}
 
     def sanitize(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.nextn_weights = {k: v for k, v in weights.items() if k.startswith(_MTP)}
-        return super().sanitize({k: v for k, v in weights.items() if not k.startswith(_MTP)})
+        """MTP layers 0..n-1 go aside; one the config does not declare stays and fails the strict load by name."""
+        def is_nextn(k: str) -> bool:
+            m = _MTP.match(k)
+            return m is not None and int(m[1]) < self.args.num_nextn_predict_layers
+
+        self.nextn_weights = {k: v for k, v in weights.items() if is_nextn(k)}
+        return super().sanitize({k: v for k, v in weights.items() if not is_nextn(k)})
