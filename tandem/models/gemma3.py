@@ -6,14 +6,15 @@ Sliding/global layer pattern, q/k RMSNorm, sandwich norms, sqrt(D) embedding sca
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
 
 from tandem.kvcache import KVCache
 from tandem.models.base import BaseConfig, CausalLM, Output, embed_scale, gelu_tanh, softcap
-from tandem.models.layers import RMSNorm
-from tandem.models.rope import apply_rope, inv_freq, rope_cos_sin
+from tandem.models.layers import GLUMLP, Attention, RMSNorm
+from tandem.models.rope import inv_freq, rope_cos_sin
 
 
 @dataclass
@@ -63,51 +64,17 @@ class ModelArgs(BaseConfig):
         return float(theta), factor
 
 
-class Gemma3Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
-        self.scale = args.query_pre_attn_scalar ** -0.5
-        self.window = args.sliding_window if args.layer_types[layer_idx] == "sliding_attention" else None
-        self.softcap = None  # HF Gemma 3 ignores attn_logit_softcapping; so do we, to stay identical
-        d = args.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
-
-    def forward(self, x: torch.Tensor, cos_sin, positions: torch.Tensor, cache: KVCache,
-                slots: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim))
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
-        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-        cache.write(self.layer_idx, slots, positions, k, v)
-        out = cache.attend(self.layer_idx, q, slots, positions, self.window, self.scale, self.softcap)
-        return self.o_proj(out.reshape(B, T, -1))
-
-
-class Gemma3MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.layer_type = args.layer_types[layer_idx]
-        self.self_attn = Gemma3Attention(args, layer_idx)
-        self.mlp = Gemma3MLP(args)
+        # HF Gemma 3 ignores attn_logit_softcapping; so do we, to stay identical
+        sliding = self.layer_type == "sliding_attention"
+        self.self_attn = Attention(layer_idx, args.hidden_size, args.num_attention_heads, args.num_key_value_heads,
+                                   args.head_dim, qk_norm=partial(RMSNorm, eps=args.rms_norm_eps),
+                                   scale=args.query_pre_attn_scalar ** -0.5,
+                                   window=args.sliding_window if sliding else None)
+        self.mlp = GLUMLP(args.hidden_size, args.intermediate_size, gelu_tanh)
         eps = args.rms_norm_eps
         self.input_layernorm = RMSNorm(args.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps)
@@ -142,7 +109,8 @@ class Model(CausalLM):
         self._inv_freq = {}
         for lt in set(args.layer_types):
             theta, factor = args.rope(lt)
-            self._inv_freq[lt] = inv_freq(args.head_dim, {"rope_theta": theta})[0] / factor
+            self._inv_freq[lt] = inv_freq(args.head_dim, {"rope_type": "linear", "rope_theta": theta,
+                                                          "factor": factor})[0]
 
     # -- what the engine and drafters need to know -------------------------------------------------------------
     def kv_specs(self) -> dict[int, tuple[int, int, int]]:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from tandem.errors import ConfigError
 from tandem.kvcache import KVCache
 from tandem.models.base import BaseConfig, CausalLM, Output, embed_scale, softcap
-from tandem.models.layers import ACTIVATIONS, RMSNorm
+from tandem.models.layers import GLUMLP, RMSNorm, activation
 from tandem.models.moe import Experts
 from tandem.models.rope import apply_rope, inv_freq, rope_cos_sin
 
@@ -68,26 +68,10 @@ class ModelArgs(BaseConfig):
         self.layer_types[-1] = "full_attention"  # HF forces this too
         if self.use_bidirectional_attention == "all":
             raise ConfigError("gemma4: use_bidirectional_attention='all' is not a causal LM; unsupported")
-        if self.hidden_activation not in ACTIVATIONS:
-            raise ConfigError(f"gemma4: hidden_activation {self.hidden_activation!r} not in {sorted(ACTIVATIONS)}")
+        activation(self.hidden_activation, "gemma4")
         if self.rope_parameters is None:
-            self.rope_parameters = {
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                                   "rope_theta": 1_000_000.0}}
-        # per-layer (n_kv_heads, head_dim), resolved exactly as Gemma4TextConfig.__post_init__ does
-        if self.per_layer_config is None:
-            over = {"head_dim": self.global_head_dim}
-            if self.attention_k_eq_v and self.num_global_key_value_heads is not None:
-                over["num_key_value_heads"] = self.num_global_key_value_heads
-            plc = {i: over for i, t in enumerate(self.layer_types) if t == "full_attention"}
-        else:
-            plc = {int(i): o for i, o in self.per_layer_config.items()}
-        for o in plc.values():
-            if set(o) - {"head_dim", "num_key_value_heads"}:
-                raise ConfigError(f"gemma4: unsupported per_layer_config override(s) {sorted(o)}")
-        self._dims = [(plc.get(i, {}).get("num_key_value_heads", self.num_key_value_heads),
-                       plc.get(i, {}).get("head_dim", self.head_dim)) for i in range(n)]
+            self.rope_parameters = default_rope_parameters()
+        self._dims = layer_dims(self, "gemma4")
         # KV sharing: layer i >= first_shared reads the cache of the last non-shared layer of its type
         first = n - self.num_kv_shared_layers
         owners = {t: max(i for i in range(first) if self.layer_types[i] == t)
@@ -108,6 +92,28 @@ class ModelArgs(BaseConfig):
         """RoPE inverse frequencies [head_dim/2] of a layer type (Gemma 4's default, or proportional)."""
         hd = self._dims[self.layer_types.index(layer_type)][1]
         return gemma4_inv_freq(self.rope_parameters[layer_type], hd, f"gemma4 {layer_type}")
+
+
+def default_rope_parameters() -> dict:
+    return {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}}
+
+
+def layer_dims(a, where: str) -> list[tuple[int, int]]:
+    """Per-layer (n_kv_heads, head_dim) of a Gemma 4 (or assistant) config, resolved exactly as
+    Gemma4TextConfig.__post_init__ does (global_head_dim / num_global_key_value_heads, or per_layer_config)."""
+    if a.per_layer_config is None:
+        over = {"head_dim": a.global_head_dim}
+        if a.attention_k_eq_v and a.num_global_key_value_heads is not None:
+            over["num_key_value_heads"] = a.num_global_key_value_heads
+        plc = {i: over for i, t in enumerate(a.layer_types) if t == "full_attention"}
+    else:
+        plc = {int(i): o for i, o in a.per_layer_config.items()}
+    for o in plc.values():
+        if set(o) - {"head_dim", "num_key_value_heads"}:
+            raise ConfigError(f"{where}: unsupported per_layer_config override(s) {sorted(o)}")
+    return [(plc.get(i, {}).get("num_key_value_heads", a.num_key_value_heads),
+             plc.get(i, {}).get("head_dim", a.head_dim)) for i in range(a.num_hidden_layers)]
 
 
 def gemma4_inv_freq(rp: dict, hd: int, where: str) -> torch.Tensor:
@@ -156,18 +162,6 @@ class Gemma4Attention(nn.Module):
         return self.o_proj(out.reshape(B, T, -1))
 
 
-class Gemma4MLP(nn.Module):
-    def __init__(self, d: int, inter: int, act):
-        super().__init__()
-        self.act = act
-        self.gate_proj = nn.Linear(d, inter, bias=False)
-        self.up_proj = nn.Linear(d, inter, bias=False)
-        self.down_proj = nn.Linear(inter, d, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Gemma4Router(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -188,11 +182,11 @@ class Gemma4Router(nn.Module):
 class Gemma4DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
-        d, act = args.hidden_size, ACTIVATIONS[args.hidden_activation]
+        d, act = args.hidden_size, activation(args.hidden_activation)
         self.layer_type = args.layer_types[layer_idx]
         self.self_attn = Gemma4Attention(args, layer_idx)
         wide = 2 if (args.use_double_wide_mlp and self.self_attn.shared) else 1
-        self.mlp = Gemma4MLP(d, args.intermediate_size * wide, act)
+        self.mlp = GLUMLP(d, args.intermediate_size * wide, act)
         self.input_layernorm = _norm(d, args)
         self.post_attention_layernorm = _norm(d, args)
         self.pre_feedforward_layernorm = _norm(d, args)

@@ -33,10 +33,9 @@ import torch.nn as nn
 from tandem.errors import ConfigError, ModelLoadError
 from tandem.kvcache import KVCache
 from tandem.models.base import BaseConfig, CausalLM, Output
-from tandem.models.layers import RMSNorm
+from tandem.models.layers import GLUMLP, RMSNorm, activation
 from tandem.models.rope import apply_rope, rope_cos_sin
-from tandem.models.gemma4 import ACTIVATIONS as _ACT
-from tandem.models.gemma4 import gemma4_inv_freq
+from tandem.models.gemma4 import default_rope_parameters, gemma4_inv_freq, layer_dims
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 FULL_CONFIG = True  # tandem.models.build passes the whole config (top-level fields + text_config), not text_config
@@ -107,25 +106,13 @@ class ModelArgs(BaseConfig):
                               f"got num_kv_shared_layers={self.num_kv_shared_layers}")
         if self.use_bidirectional_attention == "all":
             raise ConfigError("gemma4_assistant: use_bidirectional_attention='all' unsupported")
-        if self.hidden_activation not in _ACT:
-            raise ConfigError(f"gemma4_assistant: hidden_activation {self.hidden_activation!r} not in {sorted(_ACT)}")
+        activation(self.hidden_activation, "gemma4_assistant")
         if self.use_ordered_embeddings and self.vocab_size % self.num_centroids:
             raise ConfigError(f"gemma4_assistant: vocab_size {self.vocab_size} not divisible by "
                               f"num_centroids {self.num_centroids}")
         if self.rope_parameters is None:
-            self.rope_parameters = {
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                                   "rope_theta": 1_000_000.0}}
-        if self.per_layer_config is None:  # as Gemma4TextConfig.__post_init__ resolves it
-            over = {"head_dim": self.global_head_dim}
-            if self.attention_k_eq_v and self.num_global_key_value_heads is not None:
-                over["num_key_value_heads"] = self.num_global_key_value_heads
-            plc = {i: over for i, t in enumerate(self.layer_types) if t == "full_attention"}
-        else:
-            plc = {int(i): o for i, o in self.per_layer_config.items()}
-        self._dims = [(plc.get(i, {}).get("num_key_value_heads", self.num_key_value_heads),
-                       plc.get(i, {}).get("head_dim", self.head_dim)) for i in range(n)]
+            self.rope_parameters = default_rope_parameters()
+        self._dims = layer_dims(self, "gemma4_assistant")
         for t in set(self.layer_types):  # one K/V layout per type: all layers of a type read the same cache
             dims = {self._dims[i] for i in range(n) if self.layer_types[i] == t}
             if len(dims) > 1:
@@ -170,25 +157,13 @@ class AssistantAttention(nn.Module):
         return self.o_proj(out.reshape(B, T, -1))
 
 
-class AssistantMLP(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.act = _ACT[args.hidden_activation]
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
 class AssistantDecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         d = args.hidden_size
         self.layer_type = args.layer_types[layer_idx]
         self.self_attn = AssistantAttention(args, layer_idx)
-        self.mlp = AssistantMLP(args)
+        self.mlp = GLUMLP(d, args.intermediate_size, activation(args.hidden_activation))
         self.input_layernorm = _norm(d, args)
         self.post_attention_layernorm = _norm(d, args)
         self.pre_feedforward_layernorm = _norm(d, args)
