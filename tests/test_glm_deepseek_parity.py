@@ -12,10 +12,13 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import save_file  # noqa: E402
 
+from tandem.config import SamplingParams, SpecConfig  # noqa: E402
+from tandem.engine import Engine  # noqa: E402
 from tandem.errors import ConfigError, ModelLoadError  # noqa: E402
 from tandem.kernels import prepare  # noqa: E402
 from tandem.loading import load, load_state_into  # noqa: E402
 from tandem.models import build  # noqa: E402
+from tandem.spec import DraftModelDrafter  # noqa: E402
 from tests.test_families_parity import (N, TOL, check, test_batched_slots_with_padding,  # noqa: E402,F401
                                         test_embed_and_logit_rows, test_parity)
 from tests.test_moe import needs_ext, randomize  # noqa: E402
@@ -204,3 +207,25 @@ def test_load_checkpoint_with_mtp_layers(tmp_path, name):
     stray = "model.mtp_layers.1.final_layernorm.weight" if name == "mimo" else f"model.layers.{L + 1}.enorm.weight"
     with pytest.raises(ModelLoadError, match=rf"unexpected \['{stray}'\]"):
         load_state_into(loaded, loaded.sanitize({**trunk, **mtp, stray: torch.ones(1)}), "ckpt")
+
+
+@needs_ext
+@pytest.mark.parametrize("target_name,draft_name", [("deepseek_v3_yarn", "deepseek_v3_yarn"),
+                                                    ("deepseek_v3_yarn", "glm4_moe")])
+def test_spec_equals_plain(target_name, draft_name):
+    """Engine over the MLA cache / GLM: speculative T=0 (a draft model: the target's twin accepts, the other
+    family mostly rejects, so rollbacks happen) == plain decoding token for token, q8_0 weights."""
+    def tiny(name, seed):
+        cfg_cls, _, kw = CONFIGS[name]
+        return prepare(randomize(build(getattr(transformers, cfg_cls)(**BASE, **kw).to_dict()).eval(), seed), "q8_0")
+
+    target, draft = tiny(target_name, 0), tiny(draft_name, 0 if draft_name == target_name else 1)
+    eng = Engine(target, None, max_len=64, drafter=DraftModelDrafter(draft), spec=SpecConfig(method="draft"),
+                 cache_type_k="bf16")
+    g = torch.Generator().manual_seed(5)
+    for n in (3, 17):
+        prompt = torch.randint(0, 128, (n,), generator=g).tolist()
+        sp = SamplingParams(max_tokens=16, temperature=0.0)
+        plain, _ = eng.complete(prompt, sp, spec=SpecConfig(enabled=False))
+        spec, _ = eng.complete(prompt, sp, spec=SpecConfig(enabled=True, method="draft", n_max=4))
+        assert spec == plain and len(plain) == 16
