@@ -119,3 +119,15 @@ def test_config_resolution():
     assert [type(layer.mlp).__name__ for layer in moe.model.layers] == ["GLUMLP", "SparseMoeBlock", "GLUMLP"]
     _, tied = make_pair("llama_tied_bias")
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
+
+
+def test_legacy_config_json_forms():
+    """config.json as hub checkpoints write it (rope_scaling + top-level rope_theta, Qwen3-MoE's num_experts) builds
+    the same model as the transformers 5 serialisation."""
+    legacy = {**BASE, "model_type": "llama", "head_dim": 32, "rope_theta": 500_000.0,
+              "rope_scaling": {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}}
+    new = transformers.LlamaConfig(**{**BASE, **CONFIGS["llama3"][2]}).to_dict()
+    assert torch.equal(build(legacy)._inv_freq, build(new)._inv_freq)
+    moe = build({**BASE, "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
+                 "moe_intermediate_size": 32})
+    assert moe.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 64, 64)
