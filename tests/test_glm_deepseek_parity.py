@@ -1,7 +1,8 @@
 """GLM-4.5 (glm4_moe), DeepSeek-V3 (deepseek_v3, MLA over the latent cache) and MiMo (mimo) against transformers 5.23
 (fp32, eager) on tiny random configs: the house parity tests of test_families_parity (prefill, token-by-token
 cached decode, mixed chunks = chunked verify, two batched slots with padding) run here on this module's `pair`;
-the MLA cache size; bitwise row invariance after prepare(q8_0); MTP weights set aside when loading a checkpoint."""
+the MLA cache (size, contents, rollback); bitwise row invariance after prepare(q8_0); MTP weights set aside when
+loading a hub-layout checkpoint; speculative == plain at T=0 through the engine."""
 
 import json
 
@@ -19,7 +20,8 @@ from tandem.kernels import prepare  # noqa: E402
 from tandem.loading import load, load_state_into  # noqa: E402
 from tandem.models import build  # noqa: E402
 from tandem.spec import DraftModelDrafter  # noqa: E402
-from tests.test_families_parity import (N, TOL, check, test_batched_slots_with_padding,  # noqa: E402,F401
+# the house parity tests, collected here and run on this module's `pair` fixture
+from tests.test_families_parity import (N, TOL, test_batched_slots_with_padding,  # noqa: E402,F401
                                         test_embed_and_logit_rows, test_parity)
 from tests.test_moe import needs_ext, randomize  # noqa: E402
 
@@ -27,7 +29,8 @@ BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             max_position_embeddings=64, rms_norm_eps=1e-6)
 MOE = dict(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
            norm_topk_prob=True, routed_scaling_factor=2.5, first_k_dense_replace=1, n_shared_experts=1)
-MLA = dict(num_key_value_heads=4, kv_lora_rank=64, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32)
+MLA = dict(num_key_value_heads=4, kv_lora_rank=64, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32,
+           v_head_dim=32)
 YARN = dict(rope_type="yarn", rope_theta=10_000.0, factor=4.0, original_max_position_embeddings=16, mscale=1.0,
             mscale_all_dim=0.7, beta_fast=32, beta_slow=1)
 CONFIGS = {
