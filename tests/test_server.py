@@ -54,18 +54,16 @@ class ServerThread:
 
 
 def default_engine(n_slots: int, max_len: int):
-    from tandem import kernels
+    from tandem.config import SpecConfig
     from tandem.engine.factory import load_engine
 
-    wf = "bf16" if hasattr(kernels, "prepare") else "fp32"
-    return load_engine(None, weight_format=wf, max_len=max_len, n_slots=n_slots, use_spec=False)
+    return load_engine(None, weight_format="bf16", max_len=max_len, n_slots=n_slots, spec=SpecConfig(enabled=False))
 
 
 @pytest.fixture(scope="module")
 def server():
-    from tandem.server import create_app
-
     from tandem.config import SpecConfig
+    from tandem.server.app import create_app
     from test_batch import SelfDrafter
 
     eng = default_engine(n_slots=N_SLOTS, max_len=N_CTX)
@@ -261,6 +259,18 @@ def test_cancelled_stream_frees_slot(server):
         time.sleep(0.05)
     h = httpx.get(server.url + "/health").json()
     assert h["slots_processing"] == 0 and h["requests_waiting"] == 0
+
+
+def test_loadtest_over_http(server):
+    """bench/loadtest.py drives the server over HTTP only: every request answered, tokens and acceptance counted."""
+    from tandem.bench.loadtest import format_table, run_loadtest
+
+    rows = run_loadtest(server.url, clients=(2,), spec_modes=(True, False), max_tokens=4, requests_per_client=1,
+                        api_key=KEY, model=server.model)
+    assert [(r["speculative_effective"], r["requests"], r["errors"]) for r in rows] == [(True, 2, 0), (False, 2, 0)]
+    assert all(r["completion_tokens"] == 8 and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["draft_n"] > 0 and rows[1]["draft_n"] == 0 and rows[1]["acceptance"] is None
+    assert len(format_table(rows).splitlines()) == 3
 
 
 # -- metrics ---------------------------------------------------------------------------------------------------------

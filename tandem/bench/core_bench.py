@@ -83,10 +83,10 @@ def measure_llama_cpp(path: str, threads: int, context: int, decode_tokens: int,
 
 
 def run_core_bench(a) -> dict:
-    from tandem.cli import _engine_from
+    from tandem.engine.factory import build_engine
+    from tandem.engine.options import EngineOptions
 
-    a.no_spec = True
-    eng = _engine_from(a)
+    eng = build_engine(EngineOptions.from_args(a).plain())
     threads = a.threads or torch.get_num_threads()
     ks = [int(k) for k in a.ks.split(",")]
     eng_ctx = max(a.context + a.decode_tokens + max(ks) + 8, 0)

@@ -9,6 +9,7 @@ with the bf16-cache output (whole outputs identical, and tokens up to the first 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sysconfig
 import time
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from tandem.kvcache import KVCache
 
 PIECE = 128  # rows per forward: bounds the [PIECE, vocab] logits held at once
 DEFAULT_TYPES = "bf16,q8_0,turbo4,turbo3,turbo2"
@@ -56,11 +56,11 @@ def score(eng, chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_kv_quality(a) -> dict:
-    from tandem.cli import _engine_from
+    from tandem.engine.factory import build_engine
+    from tandem.engine.options import EngineOptions
 
-    a.no_spec = True
-    a.ctx_size = max(a.ctx_size, a.kv_chunk_len)
-    eng = _engine_from(a)
+    opts = EngineOptions.from_args(a).plain()
+    eng = build_engine(dataclasses.replace(opts, max_len=max(opts.max_len, a.kv_chunk_len)))
     path = Path(a.kv_text) if a.kv_text else default_text()
     chunks = chunks_of(eng.tokenizer, path.read_text(encoding="utf-8", errors="replace"), a.kv_chunks,
                        a.kv_chunk_len)
@@ -75,7 +75,8 @@ def run_kv_quality(a) -> dict:
     for t in types:
         kt, _, vt = t.partition(":")  # "K:V" measures a mixed pair, e.g. q8_0:turbo4
         # room for a chunk, or for a bench prompt (well under a chunk) plus its greedy tokens
-        eng.cache = KVCache(eng.model.kv_specs(), 1, a.kv_chunk_len + a.kv_greedy_tokens, k_type=kt, v_type=vt or kt)
+        eng.cache = eng.model.make_cache(1, a.kv_chunk_len + a.kv_greedy_tokens, k_type=kt, v_type=vt or kt,
+                                         device=eng.device)
         name = eng.cache.k_type if eng.cache.k_type == eng.cache.v_type else f"{eng.cache.k_type}:{eng.cache.v_type}"
         t0 = time.perf_counter()
         scored = [score(eng, c) for c in chunks]

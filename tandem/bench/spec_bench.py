@@ -23,13 +23,17 @@ def _run(eng, prompt: str, sampling: SamplingParams, spec) -> tuple[list[int], o
 
 
 def run_spec_bench(a) -> dict:
-    from tandem.cli import _engine_from, _spec_from
+    from tandem.engine.factory import build_engine
+    from tandem.engine.options import EngineOptions
 
-    eng = _engine_from(a)
+    opts = EngineOptions.from_args(a)
+    if not opts.spec.enabled:
+        raise ConfigError("bench --spec compares runs with and without the drafter: drop --no-spec")
+    eng = build_engine(opts)
     if eng.drafter is None:
         raise ConfigError("bench --spec needs a drafter: none is known for this model and none was given "
                           "(--drafter DIR)")
-    spec_on = _spec_from(a)
+    spec_on = opts.spec
     spec_off = dataclasses.replace(spec_on, enabled=False)
     cats = a.categories.split(",") if a.categories else CATEGORIES
     unknown = [c for c in cats if c not in PROMPTS]

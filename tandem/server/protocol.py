@@ -1,4 +1,5 @@
-"""OpenAI request bodies (pydantic: types, ranges, the OpenAPI schema) and their translation to engine settings.
+"""OpenAI request bodies (pydantic: types, ranges, the OpenAPI schema), their translation to engine settings, and
+the response pieces every endpoint shares (usage, llama-server's timings).
 
 Every rejected request becomes an APIError (status, message, param, code) that the app renders as OpenAI's
 `{"error": {"message", "type", "param", "code"}}`.
@@ -12,6 +13,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from tandem.config import SamplingParams, SpecConfig
+from tandem.engine.events import GenStats
 from tandem.errors import ConfigError
 
 MAX_STOPS = 16
@@ -218,3 +220,26 @@ def message_text(m: ChatMessage, i: int) -> str:
                            f"messages[{i}].content[{j}]")
         parts.append(p.text)
     return "".join(parts)
+
+
+def timings_of(stats: GenStats) -> dict:
+    """llama-server's `timings` for one finished request, plus the draft acceptance at each position."""
+    sp = stats.spec
+    return {
+        "prompt_n": stats.prompt_n,
+        "prompt_ms": round(stats.prompt_ms, 3),
+        "prompt_per_token_ms": round(stats.prompt_ms / stats.prompt_n, 3) if stats.prompt_n else 0.0,
+        "prompt_per_second": round(stats.prompt_per_second, 3),
+        "predicted_n": stats.predicted_n,
+        "predicted_ms": round(stats.predicted_ms, 3),
+        "predicted_per_token_ms": round(stats.predicted_ms / stats.predicted_n, 3) if stats.predicted_n else 0.0,
+        "predicted_per_second": round(stats.predicted_per_second, 3),
+        "draft_n": sp.drafted if sp is not None else 0,
+        "draft_n_accepted": sp.accepted if sp is not None else 0,
+        "draft_acceptance_per_position": [round(x, 6) for x in sp.acceptance_by_position] if sp is not None else [],
+    }
+
+
+def usage_of(stats: GenStats) -> dict:
+    return {"prompt_tokens": stats.prompt_n, "completion_tokens": stats.predicted_n,
+            "total_tokens": stats.prompt_n + stats.predicted_n}

@@ -1,4 +1,4 @@
-"""Kernel benchmarks on a random-weight Gemma-3-270M: `python -m tandem.kernels.bench [--formats ...]`.
+"""Kernel benchmarks on a random-weight Gemma-3-270M: `python -m tandem.bench.kernels [--formats ...]`.
 
 Reports per format: single-token decode ms/step at a given context, the k-forward cost table (k-token forward /
 1-token forward), the share of a step that is not kernel time (all linears and attention replaced by no-ops),
@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from tandem import kernels
 from tandem.kernels import linear as klinear
-from tandem.kvcache import KVCache
 from tandem.models.gemma3 import Model, ModelArgs
 
 
@@ -43,7 +42,7 @@ def build(fmt: str, seed: int = 0) -> Model:
 
 
 def step_times(model: Model, ctx: int, ks, reps: int):
-    cache = KVCache(model.kv_specs(), n_slots=1, max_len=ctx + 16, dtype=torch.float32)
+    cache = model.make_cache(1, ctx + 16, k_type="f32")
     slots = torch.tensor([0])
     with torch.inference_mode():
         model(torch.randint(0, 1000, (1, ctx)), torch.arange(ctx)[None], cache, slots, logit_rows=slice(-1, None))
@@ -106,13 +105,14 @@ def linear_gbps(fmt: str, reps: int = 20):
     return res
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tandem.bench.kernels", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", nargs="+", default=["fp32", "bf16", "q8_0"])
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--linears", action="store_true", help="also per-linear GB/s")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     ks = (1, 2, 4, 8)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fast kernels: "
           f"{'yes' if kernels.linear.ext() is not None else 'no'}")

@@ -1,6 +1,6 @@
 """Throughput against a running `tandem serve`: completion tokens per second summed over concurrent clients.
 
-    python -m tandem.server.loadtest --url http://127.0.0.1:8080 --clients 1,4,8 --spec on,off
+    python -m tandem.bench.loadtest --url http://127.0.0.1:8080 --clients 1,4,8 --spec on,off
 
 Each client sends `requests_per_client` completions back to back (bench prompts, temperature 0, ignore_eos so
 every request generates exactly max_tokens); throughput = all completion tokens / wall time of the run. Also
@@ -112,7 +112,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tandem.server.loadtest", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m tandem.bench.loadtest", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8080")
     ap.add_argument("--clients", default="1,4,8", help="comma-separated concurrency levels")

@@ -1,0 +1,67 @@
+"""Engine options shared by `tandem generate`, `serve` and `bench`: the flags are defined here once.
+
+    add_engine_args(parser)        --model/--drafter/--no-spec/--spec-*/--weight-format/-ctk/-ctv/--ctx-size/...
+    EngineOptions.from_args(a)     the parsed flags as one frozen, validated value
+    tandem.engine.factory.build_engine(options, n_slots)   the Engine they describe
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from tandem.config import SpecConfig
+from tandem.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What to load and how. model/drafter None: the embedded default model and its known drafter (if any).
+
+    spec.enabled=False loads no drafter at all; cache_type_v None means the same type as K."""
+
+    model: str | None = None
+    drafter: str | None = None
+    spec: SpecConfig = field(default_factory=SpecConfig)
+    weight_format: str = "q8_0"
+    cache_type_k: str = "bf16"
+    cache_type_v: str | None = None
+    max_len: int = 4096
+    threads: int | None = None
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if not (isinstance(self.max_len, int) and self.max_len >= 1):
+            raise ConfigError(f"--ctx-size must be an integer >= 1, got {self.max_len!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads!r}")
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> EngineOptions:
+        spec = SpecConfig(enabled=not a.no_spec, n_max=a.spec_n_max, n_min=a.spec_n_min, p_min=a.spec_p_min)
+        return cls(model=a.model, drafter=a.drafter, spec=spec, weight_format=a.weight_format,
+                   cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v, max_len=a.ctx_size,
+                   threads=a.threads, device=a.device)
+
+    def plain(self) -> EngineOptions:
+        """The same options without speculation (no drafter is loaded)."""
+        return dataclasses.replace(self, spec=dataclasses.replace(self.spec, enabled=False))
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineOptions()
+    p.add_argument("--model", "-m", default=None, help="GGUF file or HF directory (default: embedded gemma-3-270m)")
+    p.add_argument("--drafter", default=None, help="drafter directory/file (default: the known drafter, if any)")
+    p.add_argument("--no-spec", action="store_true", help="plain decoding, no drafter")
+    p.add_argument("--spec-n-max", type=int, default=d.spec.n_max, help="max draft tokens per round")
+    p.add_argument("--spec-n-min", type=int, default=d.spec.n_min, help="discard drafts shorter than this")
+    p.add_argument("--spec-p-min", type=float, default=d.spec.p_min, help="stop drafting when top-1 prob < p_min")
+    p.add_argument("--weight-format", default=d.weight_format,
+                   help="q8_0 (default: GGUF Q8_0 blocks), bf16, fp32 (exact reference)")
+    p.add_argument("--cache-type-k", "-ctk", default=d.cache_type_k,
+                   help="KV cache type for K: bf16, f16, f32, q8_0 (int8), turbo4, turbo3, turbo2 (rotated 4/3/2-bit)")
+    p.add_argument("--cache-type-v", "-ctv", default=None, help="KV cache type for V (default: same as K)")
+    p.add_argument("--ctx-size", "-c", type=int, default=d.max_len, help="context length (tokens)")
+    p.add_argument("--threads", "-t", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default=d.device, help="torch device (default: cpu)")

@@ -1,0 +1,80 @@
+"""The endpoints: /health, /v1/models[/{model}], /metrics, /v1/chat/completions, /v1/completions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse
+
+from tandem.errors import RequestError
+from tandem.server.generation import check_model, encode_text, run
+from tandem.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, message_text, spec_echo
+from tandem.server.state import ServerState, state_of
+
+router = APIRouter()
+
+
+def model_card(state: ServerState) -> dict:
+    sched = state.scheduler
+    return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "tandem",
+            "meta": {"n_ctx": state.n_ctx, "n_vocab": state.vocab_size, "n_slots": sched.n_slots,
+                     "speculative_available": state.spec_available, "speculative": spec_echo(state.spec_default)}}
+
+
+@router.get("/health")
+async def health(state: ServerState = Depends(state_of)):
+    sched = state.scheduler
+    return {"status": "ok", "slots_idle": sched.n_slots - sched.n_active, "slots_processing": sched.n_active,
+            "requests_waiting": sched.n_waiting}
+
+
+@router.get("/v1/models")
+async def list_models(state: ServerState = Depends(state_of)):
+    return {"object": "list", "data": [model_card(state)]}
+
+
+@router.get("/v1/models/{model}")
+async def get_model(model: str, state: ServerState = Depends(state_of)):
+    check_model(state, model)
+    return model_card(state)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(state: ServerState = Depends(state_of)):
+    sched = state.scheduler
+    text = state.metrics.render(sched.n_active, sched.n_waiting, sched.n_slots, state.spec_default.n_max)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request, state: ServerState = Depends(state_of)):
+    check_model(state, req.model)
+    msgs = [{"role": m.role, "content": message_text(m, i), **({"name": m.name} if m.name else {})}
+            for i, m in enumerate(req.messages)]
+    try:
+        prompt = state.template.render(msgs, add_generation_prompt=True)
+    except RequestError as e:
+        raise APIError(400, str(e), "messages") from None
+    ids = encode_text(state, prompt, add_special=False)
+    if req.max_completion_tokens is not None:
+        return await run(state, request, req, ids, req.max_completion_tokens, "max_completion_tokens")
+    return await run(state, request, req, ids, req.max_tokens, "max_tokens")
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request, state: ServerState = Depends(state_of)):
+    check_model(state, req.model)
+    p = req.prompt
+    if isinstance(p, list):
+        if len(p) == 0:
+            raise APIError(400, "the prompt is empty", "prompt")
+        if isinstance(p[0], (list, str)):  # a batch of prompts: one is all a request may hold
+            if len(p) != 1:
+                raise APIError(400, "only one prompt per request is supported", "prompt")
+            p = p[0]
+    if isinstance(p, str):
+        ids = encode_text(state, p, add_special=True)
+    else:
+        ids = list(p)
+        if state.vocab_size is not None and any(not 0 <= t < state.vocab_size for t in ids):
+            raise APIError(400, f"token ids must be in [0, {state.vocab_size})", "prompt")
+    return await run(state, request, req, ids, req.max_tokens, "max_tokens")
