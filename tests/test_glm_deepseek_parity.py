@@ -89,6 +89,21 @@ def test_config_resolution():
     assert ds._rope_scale != 1.0 and ds.model.layers[0].self_attn.scale != 48 ** -0.5
 
 
+def test_hub_config_forms():
+    """config.json as the hubs ship it (legacy rope_scaling with `type`, top-level rope_theta and
+    partial_rotary_factor, no rope_interleave) resolves as transformers' own dict does."""
+    _, ds = make_pair("deepseek_v3_yarn")
+    hub = {**BASE, **MOE, **MLA, "model_type": "deepseek_v3", "rope_theta": 10_000.0,
+           "rope_scaling": {k if k != "rope_type" else "type": v for k, v in YARN.items() if k != "rope_theta"}}
+    ds_hub = build(hub)
+    assert torch.equal(ds_hub._inv_freq, ds._inv_freq) and ds_hub._rope_scale == ds._rope_scale
+    assert ds_hub.model.layers[0].self_attn.scale == ds.model.layers[0].self_attn.scale and ds_hub.args.rope_interleave
+    _, glm = make_pair("glm4_moe")
+    glm_hub = build({**BASE, **MOE, "model_type": "glm4_moe", "num_key_value_heads": 2, "head_dim": 32,
+                     "rope_theta": 10_000.0, "partial_rotary_factor": 0.5, "rope_scaling": None})
+    assert torch.equal(glm_hub._inv_freq, glm._inv_freq)
+
+
 def test_mla_cache_holds_the_latent_once():
     _, ours = make_pair("deepseek_v3_yarn")
     L, R, Dr = BASE["num_hidden_layers"], MLA["kv_lora_rank"], MLA["qk_rope_head_dim"]
