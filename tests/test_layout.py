@@ -161,6 +161,8 @@ def test_bad_engine_flags_are_clear_errors(capsys):
     assert "n_min" in capsys.readouterr().err
     assert main(["bench", "-ctk", "q9"]) == 2  # refused before any model is loaded
     assert "q9" in capsys.readouterr().err
+    assert main(["bench", "--context", "512", "-c", "256"]) == 2
+    assert "--ctx-size 256 is too small" in capsys.readouterr().err
 
 
 def test_serve_without_fastapi_says_so(monkeypatch, capsys):

@@ -9,6 +9,7 @@ import time
 import torch
 
 from tandem.bench.text import text_of_tokens
+from tandem.errors import ConfigError
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -58,7 +59,6 @@ def measure_llama_cpp(path: str, threads: int, context: int, decode_tokens: int,
     try:
         import llama_cpp
     except ImportError:
-        from tandem.errors import ConfigError
         raise ConfigError("--compare llama.cpp needs llama-cpp-python: pip install 'tandem[llama]'") from None
     llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=context + 2 * decode_tokens,
                           n_batch=512, verbose=False, logits_all=False)
@@ -86,19 +86,21 @@ def run_core_bench(a) -> dict:
     from tandem.engine.factory import build_engine
     from tandem.engine.options import EngineOptions
 
-    eng = build_engine(EngineOptions.from_args(a).plain())
-    threads = a.threads or torch.get_num_threads()
+    opts = EngineOptions.from_args(a).plain()
     ks = [int(k) for k in a.ks.split(",")]
-    eng_ctx = max(a.context + a.decode_tokens + max(ks) + 8, 0)
-    if eng.max_len < eng_ctx:
-        raise SystemExit(f"--ctx-size {eng.max_len} too small for --context {a.context}; need {eng_ctx}")
+    need = a.context + a.decode_tokens + max(ks) + 8
+    if opts.max_len < need:  # before loading anything
+        raise ConfigError(f"--ctx-size {opts.max_len} is too small for --context {a.context} + --decode-tokens "
+                          f"{a.decode_tokens} + k {max(ks)}; need {need}")
+    eng = build_engine(opts)
+    threads = a.threads or torch.get_num_threads()
     res = {"model": str(eng.loaded.path), "weight_format": a.weight_format, "threads": threads,
            "context": a.context, "cache_type_k": eng.cache.k_type, "cache_type_v": eng.cache.v_type,
            "kv_bytes_per_token": eng.cache.bytes_per_token, "kv_total_mb": round(eng.cache.total_bytes / 2**20, 1)}
     res.update(measure_engine(eng, a.context, a.decode_tokens, ks, a.reps))
     if a.compare == "llama.cpp":
         if eng.loaded.kind != "gguf":
-            raise SystemExit("--compare llama.cpp needs a GGUF model")
+            raise ConfigError(f"--compare llama.cpp needs a GGUF model, got {eng.loaded.kind} {eng.loaded.path}")
         ids = text_of_tokens(eng.tokenizer, a.context)
         res.update(measure_llama_cpp(str(eng.loaded.path), threads, a.context, a.decode_tokens, a.reps, ids))
         res["decode_ratio_vs_llama_cpp"] = round(res["decode_tok_s"] / res["llama_cpp_decode_tok_s"], 3)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from tandem.errors import ConfigError
 
 PIECE = 128  # rows per forward: bounds the [PIECE, vocab] logits held at once
 DEFAULT_TYPES = "bf16,q8_0,turbo4,turbo3,turbo2"
@@ -27,7 +28,7 @@ def default_text() -> Path:
     for rel in ("idlelib/NEWS.txt", "argparse.py"):
         if (stdlib / rel).is_file():
             return stdlib / rel
-    raise SystemExit("no default text found in the Python stdlib; pass --kv-text FILE")
+    raise ConfigError("no default text found in the Python stdlib; pass --kv-text FILE")
 
 
 def chunks_of(tokenizer, text: str, n_chunks: int, length: int) -> list[list[int]]:
@@ -37,7 +38,7 @@ def chunks_of(tokenizer, text: str, n_chunks: int, length: int) -> list[list[int
     body = length - len(bos)
     n = min(n_chunks, len(ids) // body)
     if n == 0:
-        raise SystemExit(f"text has {len(ids)} tokens, fewer than one chunk of {length}")
+        raise ConfigError(f"text has {len(ids)} tokens, fewer than one chunk of {length} (--kv-chunk-len)")
     return [bos + ids[i * body:(i + 1) * body] for i in range(n)]
 
 
