@@ -12,6 +12,7 @@ from typing import Any
 from tandem.errors import ModelLoadError
 from tandem.spec.assistant import MTPAssistantDrafter
 from tandem.spec.draft_model import DraftModelDrafter
+from tandem.spec.nextn import NextNDrafter  # noqa: F401  (registers kind `nextn`)
 from tandem.spec.drafter import (KINDS, METHODS, Draft, DraftContext, Drafter, Kind, Method, PromptState,
                                  get_method, kind_of, register_kind, register_method)
 from tandem.spec.policy import DraftPolicy
