@@ -14,10 +14,13 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 from transformers.generation import candidate_generator as cg  # noqa: E402
 
-from tandem.config import SamplingParams  # noqa: E402
+from tandem.config import SamplingParams, SpecConfig  # noqa: E402
+from tandem.engine import Engine, Token  # noqa: E402
+from tandem.engine.batch import BatchScheduler  # noqa: E402
+from tandem.kernels import prepare  # noqa: E402
 from tandem.loading import load  # noqa: E402
 from tandem.spec import DraftContext, PromptState  # noqa: E402
-from tandem.spec.nextn import NextNDrafter, nextn_drafter  # noqa: E402
+from tandem.spec.nextn import NextNDrafter, nextn_drafter, weight_format_of  # noqa: E402
 from tests.test_glm_deepseek_parity import BASE, hub_layout, make_pair  # noqa: E402
 
 FAMILIES = ["deepseek_v3_yarn", "glm4_moe"]
@@ -128,3 +131,75 @@ def test_no_mtp_layers_runs_plain(caplog):
     with caplog.at_level(logging.WARNING, logger="tandem.spec"):
         assert nextn_drafter(ours) is None
     assert "no MTP layers; running plain" in caplog.text
+
+
+def heads_from_scratch(target, heads, seq: list[int], off: int):
+    """Every head's cache entries and last output, recomputed on a fresh cache over the accepted sequence `seq`
+    (head 0's entries from position `off`): what the drafter's cache must hold after a round."""
+    n = len(seq) - 1
+    with torch.no_grad():
+        hidden = target(torch.tensor([seq]), torch.arange(n + 1)[None], target.make_cache(1, 64, k_type="f32")).hidden
+        cache, prev, outs = heads.make_cache(1, 64, k_type="f32"), hidden[:, off - 1:n], []
+        for j in range(heads.n_heads):
+            pos = torch.arange(off + j, n + 1)[None]
+            o = heads(j, torch.tensor([seq[off + j:]]), prev, pos, cache, torch.tensor([0]), torch.tensor([off]))
+            outs.append(o[0, -1])
+            prev = o[:, :-1]
+    cache.set_length(0, n + 1 - off)
+    return cache, outs
+
+
+def cache_rows(cache, j: int, n: int) -> torch.Tensor:
+    return torch.cat([t[..., :n, :].reshape(-1) if t.dim() > 2 else t[:n].reshape(-1) for t in cache.view(j, 0)])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cache_holds_the_accepted_prefix(tmp_path, monkeypatch, name):
+    """After every round (recursive drafts k = 3 with one head; chained heads), the heads' own cache holds exactly
+    the accepted prefix: its length, every entry and the last outputs equal a from-scratch run over it."""
+    for n_heads in (1, 2):
+        write_checkpoint(tmp_path, name, n_heads)
+        target = load(str(tmp_path), tokenizer=False).model.eval()
+        drafter = nextn_drafter(target)
+        prompt = torch.randint(0, 128, (6,), generator=torch.Generator().manual_seed(4)).tolist()
+
+        def check(d, gen):
+            seq = prompt + gen
+            ref, outs = heads_from_scratch(target, d.heads, seq, 1)
+            n = len(seq) - 1
+            assert d.cache.lengths[0] == n  # entries at positions 1..n
+            for j in range(d.heads.n_heads):
+                assert torch.allclose(cache_rows(d.cache, j, n - j), cache_rows(ref, j, n - j), atol=1e-5)
+                assert torch.allclose(d._out[0][j], outs[j], atol=1e-5)
+
+        tandem_rounds(target, drafter, prompt, 14, 3, check_cache=check)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_spec_equals_plain_engine_and_batch(tmp_path, name):
+    """q8_0 target, its nextn heads (q8_0 by default): speculative T=0 (k up to 4: recursive drafts, rejections)
+    == plain decoding on 60 prompts, through Engine.generate and through the batch scheduler (4 slots)."""
+    write_checkpoint(tmp_path, name, 1)
+    target = prepare(load(str(tmp_path), tokenizer=False).model.eval(), "q8_0")
+    drafter = nextn_drafter(target)
+    assert weight_format_of(drafter.heads) == "q8_0"
+    eng = Engine(target, None, max_len=64, n_slots=4, drafter=drafter, spec=SpecConfig(method="auto"),
+                 cache_type_k="bf16")
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 128, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(60)]
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    spec = SpecConfig(enabled=True, method="auto", n_max=4)
+    plain = [eng.complete(p, sp, spec=SpecConfig(enabled=False))[0] for p in prompts]
+    alone, stats = [], []
+    for p in prompts:
+        toks, fin = eng.complete(p, sp, spec=spec)
+        alone.append(toks)
+        stats.append(fin.stats.spec)
+    assert alone == plain
+    assert sum(s.drafted for s in stats) > sum(s.accepted for s in stats) > 0  # accepted and rejected rounds
+    with BatchScheduler(eng) as sch:
+        handles = [sch.submit(p, sp, spec) for p in prompts]
+        together = [[e.id for e in h if isinstance(e, Token) and e.id >= 0] for h in handles]
+    assert together == plain
