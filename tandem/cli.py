@@ -37,8 +37,8 @@ def cmd_generate(a) -> int:
     sys.stdout.write("\n")
     st = fin.stats
     print(f"[{fin.reason}] {st.timing_line()}", file=sys.stderr)
-    if st.spec is not None:
-        print(st.spec.line(), file=sys.stderr)
+    spec_line = f" | {st.spec.line()}" if st.spec is not None else ""
+    print(f"drafter: {eng.describe_drafter()}{spec_line}", file=sys.stderr)
     return 0
 
 

@@ -33,6 +33,7 @@ from tandem.engine.core import PREFILL_CHUNK, Engine, RequestOutput, sample_toke
 from tandem.engine.events import Finished, Token
 from tandem.engine.speculative import SlotSpeculator, draft_rows
 from tandem.errors import RequestError
+from tandem.models.base import Output
 from tandem.sampling import make_generator
 
 log = logging.getLogger("tandem.batch")
@@ -139,6 +140,9 @@ class _Slot:
         self.spec = None  # per-slot speculative state, when speculating
         self.prefilling = True
         self.prefill_pos = 0  # prompt tokens already in the cache
+        # the drafter reads every prompt row's hidden state: prefill chunks' hidden [1, c, D] kept until it starts
+        self.keep_hidden = req.spec.enabled and engine.drafter is not None and engine.drafter.needs_prompt_hidden
+        self.hidden: list[torch.Tensor] = []
 
     @property
     def handle(self) -> RequestHandle:
@@ -296,11 +300,15 @@ class BatchScheduler:
             chunk = ids[c:c + PREFILL_CHUNK]
             try:
                 t0 = time.perf_counter()
-                out = self.engine.prefill(s.idx, chunk, start=c)
+                out = self.engine.prefill(s.idx, chunk, start=c, keep_hidden=s.keep_hidden)
                 s.out.stats.prompt_ms += 1000 * (time.perf_counter() - t0)
                 s.prefill_pos += len(chunk)
                 budget -= len(chunk)
+                if s.keep_hidden:
+                    s.hidden.append(out.hidden)
                 if s.prefill_pos >= len(ids):
+                    if s.keep_hidden:
+                        out, s.hidden = Output(out.logits, torch.cat(s.hidden, 1)), []
                     self._start_decoding(s, out)
             except Exception as e:  # noqa: BLE001 - fail this request only
                 log.exception("prefill failed")

@@ -16,6 +16,7 @@ from tandem.config import SamplingParams, SpecConfig
 from tandem.engine.events import Finished, GenStats, Token
 from tandem.engine.stops import StopMatcher
 from tandem.errors import RequestError
+from tandem.models.base import Output
 from tandem.sampling import make_generator, process_logits, sample
 
 PREFILL_CHUNK = 512
@@ -97,17 +98,24 @@ class Engine:
         return self.cache.max_len
 
     # -- target forwards -----------------------------------------------------------------------------------------
+    def describe_drafter(self) -> str:
+        """The drafter requests use by default, for people: its own describe(), or `none (plain)`."""
+        return self.drafter.describe() if self.drafter is not None and self.spec.enabled else "none (plain)"
+
     @torch.inference_mode()
-    def prefill(self, slot: int, ids: list[int], start: int = 0):
-        """Run ids at positions start.. into the slot's cache; returns the Output of the last chunk."""
-        out = None
+    def prefill(self, slot: int, ids: list[int], start: int = 0, keep_hidden: bool = False):
+        """Run ids at positions start.. into the slot's cache; returns the Output of the last chunk, its hidden
+        [1, len(ids), D] (all chunks) when keep_hidden."""
+        out, hidden = None, []
         for c in range(0, len(ids), PREFILL_CHUNK):
             chunk = ids[c:c + PREFILL_CHUNK]
             toks = torch.tensor([chunk], device=self.device)
             pos = torch.arange(start + c, start + c + len(chunk), device=self.device)[None]
             out = self.model(toks, pos, self.cache, torch.tensor([slot], device=self.device), logit_rows=slice(-1, None))
+            if keep_hidden:
+                hidden.append(out.hidden)
         self.cache.set_length(slot, start + len(ids))
-        return out
+        return Output(out.logits, torch.cat(hidden, 1)) if len(hidden) > 1 else out
 
     @torch.inference_mode()
     def forward_rows(self, slot: int, ids: list[int], logit_rows=None):
@@ -145,10 +153,10 @@ class Engine:
         gen = make_generator(sampling.seed, "cpu")
 
         t0 = time.perf_counter()
-        out = self.prefill(slot, ids)
+        use_spec = spec.enabled and self.drafter is not None
+        out = self.prefill(slot, ids, keep_hidden=use_spec and self.drafter.needs_prompt_hidden)
         stats.prompt_ms = 1000 * (time.perf_counter() - t0)
         t1 = time.perf_counter()
-        use_spec = spec.enabled and self.drafter is not None
         if use_spec:
             from tandem.engine.speculative import speculative_tokens
             stream = speculative_tokens(self, slot, ids, out, sampling, spec, gen, stats, request_id)

@@ -19,7 +19,8 @@ def check_cache_type(name: str) -> str:
 def build_engine(opts: EngineOptions, n_slots: int = 1) -> Engine:
     """Load the target (+ its drafter when opts.spec.enabled) and return an Engine with n_slots slots.
 
-    With no drafter (none given and none known for the target) the engine's speculation is switched off."""
+    With no drafter (none given, none known for the target, none in its checkpoint) the engine's speculation is
+    switched off."""
     k_type = check_cache_type(opts.cache_type_k)  # before loading anything: a typo fails fast
     v_type = check_cache_type(opts.cache_type_v or opts.cache_type_k)
     from tandem import kernels, loading, spec
@@ -33,7 +34,7 @@ def build_engine(opts: EngineOptions, n_slots: int = 1) -> Engine:
     drafter = None
     if opts.spec.enabled:
         drafter = spec.load_drafter(opts.drafter, target=target, target_loaded=loaded, device=opts.device,
-                                    weight_format=opts.weight_format)
+                                    weight_format=opts.weight_format, mtp_weight_format=opts.mtp_weight_format)
     spec_cfg = opts.spec if drafter is not None else dataclasses.replace(opts.spec, enabled=False)
     eng = Engine(target, loaded.tokenizer, max_len=opts.max_len, n_slots=n_slots, cache_type_k=k_type,
                  cache_type_v=v_type, device=opts.device, drafter=drafter, spec=spec_cfg)

@@ -17,14 +17,17 @@ from tandem.errors import ConfigError
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """What to load and how. model/drafter None: the embedded default model and its known drafter (if any).
+    """What to load and how. model/drafter None: the embedded default model and its known drafter, else the
+    drafter its checkpoint carries (MTP heads), if any.
 
-    spec.enabled=False loads no drafter at all; cache_type_v None means the same type as K."""
+    spec.enabled=False loads no drafter at all; cache_type_v None means the same type as K; mtp_weight_format None
+    means the in-target drafter's layers get the target's weight_format."""
 
     model: str | None = None
     drafter: str | None = None
     spec: SpecConfig = field(default_factory=SpecConfig)
     weight_format: str = "q8_0"
+    mtp_weight_format: str | None = None
     cache_type_k: str = "bf16"
     cache_type_v: str | None = None
     max_len: int = 4096
@@ -36,13 +39,17 @@ class EngineOptions:
             raise ConfigError(f"--ctx-size must be an integer >= 1, got {self.max_len!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads!r}")
+        from tandem.kernels.linear import FORMATS
+        for flag, fmt in (("--weight-format", self.weight_format), ("--mtp-weight-format", self.mtp_weight_format)):
+            if fmt is not None and fmt not in FORMATS:
+                raise ConfigError(f"{flag} {fmt!r} unknown; valid formats: {', '.join(FORMATS)}")
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> EngineOptions:
         spec = SpecConfig(enabled=not a.no_spec, n_max=a.spec_n_max, n_min=a.spec_n_min, p_min=a.spec_p_min)
         return cls(model=a.model, drafter=a.drafter, spec=spec, weight_format=a.weight_format,
-                   cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v, max_len=a.ctx_size,
-                   threads=a.threads, device=a.device)
+                   mtp_weight_format=a.mtp_weight_format, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
+                   max_len=a.ctx_size, threads=a.threads, device=a.device)
 
     def plain(self) -> EngineOptions:
         """The same options without speculation (no drafter is loaded)."""
@@ -59,6 +66,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-p-min", type=float, default=d.spec.p_min, help="stop drafting when top-1 prob < p_min")
     p.add_argument("--weight-format", default=d.weight_format,
                    help="q8_0 (default: GGUF Q8_0 blocks), bf16, fp32 (exact reference)")
+    p.add_argument("--mtp-weight-format", default=None,
+                   help="weight format of the target's own MTP (nextn) drafter layers (default: --weight-format); "
+                        "acceptance is sensitive to quantizing them")
     p.add_argument("--cache-type-k", "-ctk", default=d.cache_type_k,
                    help="KV cache type for K: bf16, f16, f32, q8_0 (int8), turbo4, turbo3, turbo2 (rotated 4/3/2-bit)")
     p.add_argument("--cache-type-v", "-ctv", default=None, help="KV cache type for V (default: same as K)")

@@ -11,7 +11,7 @@ Round r of a slot, with x = its last emitted token at position n (the target cac
          cache.rollback(slot, n + a + 1)                keeps x, d_1..d_a; y (at n+a+1) is not in the cache
          drafter.accept(slot, [d_1..d_a, y], hidden[:a+1])
 First round (HF's convention): x = the target's own token sampled from the prefill logits, h = the prompt's last
-hidden state. Once verify() returns, the target cache never holds more than the accepted tokens.
+hidden state (every prompt row's, [P, D], for a drafter with needs_prompt_hidden: prefill keeps them for it). Once verify() returns, the target cache never holds more than the accepted tokens.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from tandem.spec.verify import verify
 
 
 class SlotSpeculator:
-    """Speculative state of one request on one slot. Made right after prefill (`out` = prefill Output)."""
+    """Speculative state of one request on one slot. Made right after prefill (`out` = prefill Output; its hidden
+    holds every prompt row when the drafter needs_prompt_hidden)."""
 
     def __init__(self, engine, slot: int, ids: list[int], out, sampling: SamplingParams, spec: SpecConfig,
                  gen: torch.Generator | None, stats: Any = None, request_id: str | None = None):
@@ -54,7 +55,16 @@ class SlotSpeculator:
         self.tracer = get_tracer()
         self.round = 0
         self._pending: tuple[Draft, int, float] | None = None
-        self.drafter.begin(slot, PromptState(ids=list(ids), hidden=out.hidden[:, -1], cache=self.cache))
+        self.drafter.begin(slot, PromptState(ids=list(ids), hidden=self._prompt_hidden(ids, out), cache=self.cache))
+
+    def _prompt_hidden(self, ids: list[int], out) -> torch.Tensor:
+        """The prefill rows the drafter reads: all of them [P, D] when it asks (prefill kept them), else [1, D]."""
+        if not self.drafter.needs_prompt_hidden:
+            return out.hidden[0, -1:]
+        if out.hidden.shape[1] != len(ids):
+            raise RuntimeError(f"{type(self.drafter).__name__} needs every prompt row's hidden state; prefill kept "
+                               f"{out.hidden.shape[1]} of {len(ids)} (prefill(..., keep_hidden=True))")
+        return out.hidden[0]
 
     def context(self, last_token: int) -> DraftContext:
         """This round's DraftContext: `last_token` sits at the slot's cache length; k_max from the policy."""

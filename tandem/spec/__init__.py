@@ -7,6 +7,7 @@ names (SpecConfig.method) map onto kinds in tandem.spec.drafter.METHODS.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from tandem.errors import ModelLoadError
@@ -14,16 +15,18 @@ from tandem.spec.assistant import MTPAssistantDrafter
 from tandem.spec.draft_model import DraftModelDrafter
 from tandem.spec.nextn import NextNDrafter  # noqa: F401  (registers kind `nextn`)
 from tandem.spec.drafter import (KINDS, METHODS, Draft, DraftContext, Drafter, Kind, Method, PromptState,
-                                 get_method, kind_of, register_kind, register_method)
+                                 get_method, in_target_kind, kind_of, register_kind, register_method)
 from tandem.spec.policy import DraftPolicy
 from tandem.spec.stats import SpecStats
 from tandem.spec.trace import Tracer, get_tracer, set_tracer
 from tandem.spec.verify import Verdict, verify
 
 __all__ = ["KINDS", "METHODS", "Draft", "DraftContext", "Drafter", "Kind", "Method", "PromptState", "get_method",
-           "kind_of", "register_kind", "register_method", "DraftPolicy", "MTPAssistantDrafter", "DraftModelDrafter",
-           "SpecStats", "Tracer", "get_tracer", "set_tracer", "Verdict", "verify", "load_drafter",
+           "in_target_kind", "kind_of", "register_kind", "register_method", "DraftPolicy", "MTPAssistantDrafter",
+           "DraftModelDrafter", "SpecStats", "Tracer", "get_tracer", "set_tracer", "Verdict", "verify", "load_drafter",
            "drafter_for_model"]
+
+log = logging.getLogger("tandem.spec")
 
 
 def _name(loaded: Any, fallback: str) -> str:
@@ -43,10 +46,11 @@ def drafter_for_model(model: Any, target: Any, target_name: str = "target", name
 
 
 def load_drafter(drafter: str | None, *, target: Any, target_loaded: Any = None, device: str = "cpu",
-                 weight_format: str = "bf16") -> Drafter | None:
+                 weight_format: str = "bf16", mtp_weight_format: str | None = None) -> Drafter | None:
     """Load a drafter from a path for `target`; its kind comes from what the path holds (an assistant, or any
     full model with the target's vocabulary: a draft model). drafter=None: the shipped drafter known for this
-    target, or None."""
+    target, else the one its checkpoint carries (an in-target kind, e.g. nextn MTP heads, in mtp_weight_format,
+    default the target's format), else None (logged: the target runs plain)."""
     import torch
 
     from tandem import loading
@@ -55,7 +59,7 @@ def load_drafter(drafter: str | None, *, target: Any, target_loaded: Any = None,
         from tandem.drafters import known_drafter
         found = known_drafter(getattr(target_loaded, "path", None))
         if found is None:
-            return None
+            return _in_target_drafter(target, _name(target_loaded, "target"), mtp_weight_format)
         drafter = str(found)
     cfg = _shared_embedding_config(drafter)
     tokenizer = None
@@ -69,6 +73,15 @@ def load_drafter(drafter: str | None, *, target: Any, target_loaded: Any = None,
         kernels.prepare(model, weight_format)
     return drafter_for_model(model, target, _name(target_loaded, "target"), str(drafter), tokenizer=tokenizer,
                              target_tokenizer=getattr(target_loaded, "tokenizer", None))
+
+
+def _in_target_drafter(target: Any, target_name: str, weight_format: str | None) -> Drafter | None:
+    kind = in_target_kind(target)
+    if kind is None:
+        log.warning("%s: no drafter given, none shipped for it, and its checkpoint carries none (no MTP layers); "
+                    "running plain", target_name)
+        return None
+    return kind.build(None, target, target_name=target_name, name=target_name, weight_format=weight_format)
 
 
 def _shared_embedding_config(path: str) -> dict | None:

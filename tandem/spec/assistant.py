@@ -32,8 +32,11 @@ class MTPAssistantDrafter(Drafter):
     def build(cls, model, target, *, target_name="target", name="assistant", **_) -> "MTPAssistantDrafter":
         return cls(model, target, target_name, name)
 
+    def describe(self) -> str:
+        return f"assistant {self.names[1]}"
+
     def begin(self, slot: int, prompt_state: PromptState) -> None:
-        self._hidden[slot] = prompt_state.hidden.reshape(-1)
+        self._hidden[slot] = prompt_state.hidden[-1].reshape(-1)  # [r, D]: the last prompt row
 
     def accept(self, slot: int, tokens: list[int], hidden: torch.Tensor) -> None:
         self._hidden[slot] = hidden[-1].reshape(-1)  # only the row that produced the last emitted token

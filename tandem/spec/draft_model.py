@@ -58,6 +58,9 @@ class DraftModelDrafter(Drafter):
         check_vocab(model, target, name, target_name, tokenizer, target_tokenizer)
         return cls(model, target_name, name)
 
+    def describe(self) -> str:
+        return f"draft-model {self.names[1]}"
+
     def make_cache(self, n_slots: int, max_len: int, *, k_type: str, v_type: str, device) -> None:
         self.cache = self.model.make_cache(n_slots, max_len, k_type=k_type, v_type=v_type, device=device)
 

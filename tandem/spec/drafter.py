@@ -3,7 +3,10 @@
 A scheduler step, as the engine runs it (tandem.engine.speculative) for ALL speculating slots at once:
 
     drafter.make_cache(n_slots, max_len, ...)    once, by Engine.__init__: a drafter that owns a cache is sized here
-    drafter.begin(slot, prompt_state)            once per request, after the target's prefill
+    drafter.begin(slot, prompt_state)            once per request, after the target's prefill; prompt_state.hidden
+                                                 = the last prompt row [1, D], or every prompt row [P, D] when the
+                                                 drafter's class sets needs_prompt_hidden (only then does the
+                                                 engine's prefill keep them: plain decoding pays nothing)
     loop:
         drafts = drafter.propose([ctx_1..ctx_B]) ONE call for all speculating slots -> one Draft per context, in order
                                                  (ragged: each Draft has its own length k_b <= ctx_b.k_max)
@@ -18,8 +21,10 @@ never writes the target cache. A drafter with its own cache keeps in it only acc
 accepted from accept()'s tokens); a token it has not run yet (the last draft of a fully accepted round) it runs
 with the next propose. `Draft.probs = None` marks deterministic drafts (verified as one-hot q).
 
-Kinds (`assistant`, `draft-model`, ...) are registered by the modules that implement them; which kind a drafter
-checkpoint is comes from `KINDS[...].model_types` (a table), the `fallback` kind taking any full model.
+Kinds (`assistant`, `draft-model`, `nextn`, ...) are registered by the modules that implement them; which kind a
+drafter checkpoint is comes from `KINDS[...].model_types` (a table), the `fallback` kind taking any full model. A
+kind with `in_target` builds from the target itself (its checkpoint carries the drafter: `nextn`'s MTP heads);
+load_drafter(None) uses it when the predicate holds. describe() names a drafter for people (`tandem generate`).
 """
 
 from __future__ import annotations
@@ -58,8 +63,9 @@ class Draft:
 
 @dataclass
 class PromptState:
-    """What a drafter may read after prefill. hidden: the target's final-norm hidden state of the last prompt
-    row [1, D] (it produced the first generated token)."""
+    """What a drafter may read after prefill. hidden: the target's final-norm hidden rows [r, D] of the last r
+    prompt positions (row r-1 produced the first generated token): r = 1, or r = len(ids) for a drafter whose
+    class sets needs_prompt_hidden."""
 
     ids: list[int]
     hidden: torch.Tensor
@@ -88,6 +94,11 @@ class Drafter:
 
     kind: ClassVar[str] = ""
     max_draft: ClassVar[int] = 16
+    needs_prompt_hidden: ClassVar[bool] = False  # begin() gets every prompt row's hidden state, not just the last
+
+    def describe(self) -> str:
+        """What this drafter is, for people: kind and source (e.g. `assistant <path>`)."""
+        return self.kind
 
     def make_cache(self, n_slots: int, max_len: int, *, k_type: str, v_type: str, device) -> None:
         """Allocate the drafter's own cache (only drafters that own one override this)."""
@@ -109,7 +120,8 @@ class Drafter:
 
 @dataclass(frozen=True)
 class Kind:
-    """A drafter kind. build(model, target, *, target_name, name, tokenizer, target_tokenizer) -> Drafter."""
+    """A drafter kind. build(model, target, *, target_name, name, tokenizer, target_tokenizer, weight_format)
+    -> Drafter; an in-target kind is built with model=None."""
 
     name: str
     cls: type
@@ -117,18 +129,27 @@ class Kind:
     model_types: frozenset[str]  # drafter checkpoints of these model types are this kind
     fallback: bool  # the kind of any other full model the engine runs
     help: str = ""
+    in_target: Callable[[Any], bool] | None = None  # the target's own checkpoint carries a drafter of this kind
 
 
 KINDS: dict[str, Kind] = {}
 
 
-def register_kind(name: str, *, model_types: tuple[str, ...] = (), fallback: bool = False, help: str = ""):
-    """Class decorator: the class's `build` classmethod makes the drafter from a loaded model."""
+def register_kind(name: str, *, model_types: tuple[str, ...] = (), fallback: bool = False, help: str = "",
+                  in_target: Callable[[Any], bool] | None = None):
+    """Class decorator: the class's `build` classmethod makes the drafter from a loaded model (or, for a kind
+    with an `in_target` predicate, from the target alone)."""
     def deco(cls):
         cls.kind = name
-        KINDS[name] = Kind(name, cls, cls.build, frozenset(model_types), fallback, help)
+        KINDS[name] = Kind(name, cls, cls.build, frozenset(model_types), fallback, help, in_target)
         return cls
     return deco
+
+
+def in_target_kind(target: Any) -> Kind | None:
+    """The first registered kind whose drafter the target's own checkpoint carries, or None."""
+    import tandem.spec  # noqa: F401  (registers the built-in kinds)
+    return next((k for k in KINDS.values() if k.in_target is not None and k.in_target(target)), None)
 
 
 def kind_of(model: Any, name: str = "drafter") -> Kind:
@@ -169,6 +190,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("mtp_sample", "assistant", True, "Gemma 4 assistant, sampled drafts (p/q rejection at T > 0)"),
     Method("draft", "draft-model", False, "a draft model, argmax drafts (sample-and-compare at T > 0)"),
     Method("draft_sample", "draft-model", True, "a draft model, sampled drafts (p/q rejection at T > 0)"),
+    Method("nextn", "nextn", False, "the target's MTP heads, argmax drafts (sample-and-compare at T > 0)"),
+    Method("nextn_sample", "nextn", True, "the target's MTP heads, sampled drafts (p/q rejection at T > 0)"),
 )}
 
 

@@ -2,8 +2,9 @@
 
 Head 0's entry at position q is head(embed(t_q), h_{q-1}) with h_{q-1} the target's hidden row that produced t_q;
 head j's is head_j(embed(t_q), out_{j-1}(q-1)). So every accepted (token, hidden) pair runs through the heads:
-    begin(slot, prompt)   the prompt's pairs (PromptState.hidden = the last r prompt rows [r, D]: r-1 pairs); the
-                          pair (x, h_{P-1}) waits for x, the first propose's last_token
+    begin(slot, prompt)   the prompt's pairs (PromptState.hidden = the last r prompt rows [r, D]: r-1 pairs; the
+                          engine passes all P, as needs_prompt_hidden asks), in BEGIN_CHUNK pieces; the pair
+                          (x, h_{P-1}) waits for x, the first propose's last_token
     accept(slot, toks, h) rolls every head back to the previous round's last token, then runs the a+1 emitted pairs
                           (one forward per head): the cache holds exactly the accepted prefix after every round
     propose(batch)        d_1 = argmax of head 0's output at the last token; step i >= 1 runs head min(i, n-1) on
@@ -25,6 +26,8 @@ from tandem.spec.drafter import Draft, DraftContext, Drafter, PromptState, regis
 
 log = logging.getLogger("tandem.spec")
 
+BEGIN_CHUNK = 512  # prompt pairs per heads' forward in begin() (bounds the attention scores of a long prompt)
+
 
 def weight_format_of(model: torch.nn.Module) -> str:
     """The format kernels.prepare() gave the model's linears ("fp32" when unprepared)."""
@@ -39,9 +42,10 @@ def nextn_drafter(target: torch.nn.Module, weight_format: str | None = None) -> 
     return NextNDrafter.build(target, target, weight_format=weight_format)
 
 
-@register_kind("nextn", help="the target's own MTP (nextn) heads, own KV cache")
+@register_kind("nextn", help="the target's own MTP (nextn) heads, own KV cache", in_target=has_nextn)
 class NextNDrafter(Drafter):
     max_draft = 16
+    needs_prompt_hidden = True  # the heads run over every prompt position, so their cache is complete
 
     def __init__(self, heads: NextN):
         self.heads, self.target = heads, heads.target
@@ -62,6 +66,10 @@ class NextNDrafter(Drafter):
             kernels.prepare(heads, fmt)
         return cls(heads)
 
+    def describe(self) -> str:
+        n = self.heads.n_heads
+        return f"nextn ({n} MTP head{'s' if n > 1 else ''}, in-target, {weight_format_of(self.heads)})"
+
     def make_cache(self, n_slots: int, max_len: int, *, k_type: str, v_type: str, device) -> None:
         self.cache = self.heads.make_cache(n_slots, max_len, k_type=k_type, v_type=v_type, device=device)
 
@@ -79,8 +87,9 @@ class NextNDrafter(Drafter):
         self._off[slot], self._last[slot] = P - r + 1, P - r
         self._out[slot] = [None] * self.heads.n_heads
         self.cache.set_length(slot, 0)
-        if r > 1:
-            self._run([(slot, ids[P - r + 1:], h[:-1])])
+        for c in range(P - r + 1, P, BEGIN_CHUNK):  # token at position c pairs with h's row for c - 1
+            e = min(c + BEGIN_CHUNK, P)
+            self._run([(slot, ids[c:e], h[c - 1 - (P - r):e - 1 - (P - r)])])
         self._wait[slot] = h[-1]
 
     @torch.inference_mode()
