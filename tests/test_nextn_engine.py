@@ -68,7 +68,7 @@ def test_engine_drafts_equal_reference(tmp_path, monkeypatch, name, n_heads):
     assert isinstance(drafter, NextNDrafter) and drafter.needs_prompt_hidden
     eng = Engine(target, None, max_len=64, n_slots=4, drafter=drafter, spec=SpecConfig(n_max=3),
                  cache_type_k="f32")
-    ps = prompts(6, 3)
+    ps = prompts(4, 3)
     sp = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
     plain = [eng.complete(p, sp, spec=SpecConfig(enabled=False))[0] for p in ps]
     ref_drafter = load_drafter(None, target=target, weight_format="fp32")  # the same heads, on a 1-slot cache
