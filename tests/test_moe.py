@@ -4,13 +4,12 @@ new path: MoE blocks (softmax top-k, sigmoid grouped top-k, gated shared expert)
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tandem.errors import ModelLoadError
 from tandem.kernels import PackedLinear, prepare
 from tandem.kernels._ext import ext
 from tandem.models import build, gemma4
-from tandem.models.layers import GLUMLP
+from tandem.models.layers import GLUMLP, activation
 from tandem.models.moe import Experts, SigmoidGroupedTopKRouter, SoftmaxTopKRouter, SparseMoeBlock, fuse_experts
 
 transformers = pytest.importorskip("transformers")
@@ -50,7 +49,7 @@ def test_softmax_router_and_experts_match_qwen3_moe():
     cfg = transformers.Qwen3MoeConfig(hidden_size=D, num_experts=E, num_experts_per_tok=2, moe_intermediate_size=I,
                                       norm_topk_prob=True)
     hf = randomize(Qwen3MoeSparseMoeBlock(cfg))
-    ours = SparseMoeBlock(SoftmaxTopKRouter(D, E, 2, True), Experts(E, D, I, F.silu))
+    ours = SparseMoeBlock(SoftmaxTopKRouter(D, E, 2, True), Experts(E, D, I, activation("silu")))
     ours.load_state_dict(hf.state_dict(), strict=True)
     x = torch.randn(2, 5, D)
     assert (ours(x) - hf(x)).abs().max() < 1e-5
@@ -73,15 +72,17 @@ def test_fuse_experts_per_expert_and_3d_forms():
 
 
 @needs_ext
-@pytest.mark.parametrize("fmt", ["bf16", "q8_0"])
+@pytest.mark.parametrize("fmt,inter", [("bf16", I), ("q8_0", I), ("bf16", 48)])  # q8_0 packs 32-blocks
 @pytest.mark.parametrize("kind", ["softmax", "grouped_shared_gate"])
-def test_moe_block_row_invariant(fmt, kind):
-    """A row's MoE output is bitwise the same alone or among 1..16 rows (any order), experts packed."""
+def test_moe_block_row_invariant(fmt, kind, inter):
+    """A row's MoE output is bitwise the same alone or among 1..16 rows (any order), experts packed; expert widths
+    that are not multiples of 32 too (bf16), and the width-1 shared-expert gate."""
+    act = activation("silu")
     if kind == "softmax":
-        block = SparseMoeBlock(SoftmaxTopKRouter(D, E, 2, False), Experts(E, D, I, F.silu))
+        block = SparseMoeBlock(SoftmaxTopKRouter(D, E, 2, False), Experts(E, D, inter, act))
     else:
-        block = SparseMoeBlock(SigmoidGroupedTopKRouter(D, E, 3, 4, 2, True, 2.5), Experts(E, D, I, F.silu),
-                               GLUMLP(D, I, F.silu), "shared_expert", shared_gate=True)
+        block = SparseMoeBlock(SigmoidGroupedTopKRouter(D, E, 3, 4, 2, True, 2.5), Experts(E, D, inter, act),
+                               GLUMLP(D, inter, act), "shared_expert", shared_gate=True)
     prepare(randomize(block), fmt)
     assert isinstance(block.experts.packed[0][0], PackedLinear) and isinstance(block.gate.proj, PackedLinear)
     x = torch.randn(16, 1, D)

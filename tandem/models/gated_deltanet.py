@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from tandem.kvcache.hybrid import HybridCache
 from tandem.kvcache.recurrent import LayerSpec, delta_rule_step, expand_heads
+from tandem.models.layers import rowwise
 
 RECURRENT_MAX_ROWS = 32
 CHUNK = 64
@@ -76,7 +77,7 @@ class GatedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         out = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return (out * F.silu(gate.float())).to(x.dtype)
+        return (out * rowwise(F.silu, gate.float())).to(x.dtype)
 
 
 class GatedDeltaNet(nn.Module):
@@ -122,8 +123,8 @@ class GatedDeltaNet(nn.Module):
         q = l2norm(q.reshape(B, T, self.n_k, self.k_dim).contiguous()) * self.k_dim ** -0.5
         k = l2norm(k.reshape(B, T, self.n_k, self.k_dim).contiguous()) * valid[..., None]
         v = v.reshape(B, T, self.n_v, self.v_dim)
-        beta = torch.sigmoid(self.in_proj_b(x).float()) * valid  # padding: beta = g = 0 leaves the state as is
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float()) * valid
+        beta = rowwise(torch.sigmoid, self.in_proj_b(x).float()) * valid  # padding: beta = g = 0 leaves the state as is
+        g = -self.A_log.float().exp() * rowwise(F.softplus, self.in_proj_a(x).float() + self.dt_bias.float()) * valid
         rule = recurrent_delta_rule if T <= RECURRENT_MAX_ROWS else chunked_delta_rule
         out, new_state = rule(expand_heads(q, self.n_v), expand_heads(k, self.n_v), v, g, beta, state)
         cache.recurrent.write(self.layer_idx, slots, n_valid, window, state, mixed, new_state, (k, v, g, beta))

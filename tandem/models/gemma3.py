@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from tandem.kvcache import KVCache
-from tandem.models.base import BaseConfig, CausalLM, Output, embed_scale, gelu_tanh, softcap
-from tandem.models.layers import GLUMLP, Attention, RMSNorm
+from tandem.models.base import BaseConfig, CausalLM, Output, embed_scale, softcap
+from tandem.models.layers import GLUMLP, Attention, RMSNorm, activation
 from tandem.models.rope import inv_freq, rope_cos_sin
 
 
@@ -74,7 +74,7 @@ class Gemma3DecoderLayer(nn.Module):
                                    args.head_dim, qk_norm=partial(RMSNorm, eps=args.rms_norm_eps),
                                    scale=args.query_pre_attn_scalar ** -0.5,
                                    window=args.sliding_window if sliding else None)
-        self.mlp = GLUMLP(args.hidden_size, args.intermediate_size, gelu_tanh)
+        self.mlp = GLUMLP(args.hidden_size, args.intermediate_size, activation("gelu_pytorch_tanh"))
         eps = args.rms_norm_eps
         self.input_layernorm = RMSNorm(args.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps)

@@ -3,6 +3,7 @@ the pre-norm decoder layer. Module names copy the HF checkpoints so their state 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -15,12 +16,37 @@ from tandem.models.base import gelu_tanh
 from tandem.models.rope import apply_rope
 
 ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh, "gelu_new": gelu_tanh, "gelu": F.gelu, "silu": F.silu, "swish": F.silu}
+_VEC_BYTES = 128  # one step of torch's CPU elementwise loop: 2 AVX-512 registers (whole AVX2 / NEON steps too)
+_GRAIN = 32768  # at::internal::GRAIN_SIZE: above it an elementwise op splits over ceil(n / GRAIN) threads at most
+_ONE_THREAD = 6144  # gelu splits over all threads above 6144 elements; below it every activation runs on one
+
+
+def rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Elementwise `fn` of x, every element's bits independent of x's size, so a row's result does not depend on the
+    rows beside it. Torch's CPU loops (silu, sigmoid, gelu, softplus) run vector steps over each thread's share
+    (ceil(n / threads), OpenMP) of the flat tensor and its tail in scalar code (other last bits): the flat tensor is
+    zero-padded to whole steps and, unless every thread's share is whole steps too, run in one-thread segments.
+    A no-op in the usual case (contiguous, numel a multiple of 32 floats times the thread count)."""
+    if x.device.type != "cpu":
+        return fn(x)
+    step, flat = _VEC_BYTES // x.element_size(), x.reshape(-1)
+    n = flat.numel()
+    if n % step:
+        flat = F.pad(flat, (0, -n % step))
+    total, threads = flat.numel(), torch.get_num_threads()
+    steps, split = total // step, max(1, min(threads, -(-total // _GRAIN)))
+    if total <= _ONE_THREAD or (steps % threads == 0 and steps % split == 0):
+        out = fn(flat)
+    else:
+        out = torch.cat([fn(flat[i:i + _ONE_THREAD]) for i in range(0, total, _ONE_THREAD)])
+    return out[:n].view(x.shape)
 
 
 def activation(name: str, where: str = "model") -> Callable[[torch.Tensor], torch.Tensor]:
+    """The named activation, row-invariant (`rowwise`)."""
     if name not in ACTIVATIONS:
         raise ConfigError(f"{where}: hidden activation {name!r} not in {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
+    return functools.partial(rowwise, ACTIVATIONS[name])
 
 
 class RMSNorm(nn.Module):

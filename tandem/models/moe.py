@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from tandem.errors import ModelLoadError
 from tandem.kernels.linear import PackedLinear
+from tandem.models.layers import rowwise
 
 
 class _Router(nn.Module):
@@ -54,16 +55,6 @@ class SoftmaxTopKRouter(_Router):
         return w, idx
 
 
-def sigmoid_rows(x: torch.Tensor) -> torch.Tensor:
-    """sigmoid of x [N, E], each row bitwise independent of N. Torch's CPU elementwise kernels run full 32-float
-    chunks vectorised and the tail scalar (last bits differ), so rows are zero-padded to a multiple of 32 and sent
-    in blocks small enough for one thread: every element takes the vector path, whatever N is."""
-    N, E = x.shape
-    xp = F.pad(x, (0, -E % 32))
-    step = max(1, 8192 // xp.shape[1])
-    return torch.cat([xp[i:i + step].sigmoid() for i in range(0, N, step)])[:, :E]
-
-
 class SigmoidGroupedTopKRouter(_Router):
     """DeepSeek-V3 / GLM-4.5: sigmoid scores; experts chosen on score + e_score_correction_bias among the
     `topk_group` best of `n_group` groups (group score = sum of its 2 best); weights are the raw sigmoid scores,
@@ -78,7 +69,7 @@ class SigmoidGroupedTopKRouter(_Router):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, K] fp32, expert ids [N, K])."""
-        scores = sigmoid_rows(self.router_logits(x))
+        scores = rowwise(torch.sigmoid, self.router_logits(x))
         choice = scores + self.e_score_correction_bias.float()
         N, E, G = choice.shape[0], self.n_experts, self.n_group
         group_scores = choice.view(N, G, E // G).topk(2, dim=-1)[0].sum(-1)  # [N, G]
@@ -155,7 +146,7 @@ class SparseMoeBlock(nn.Module):
         if shared is not None:
             s = shared(flat)
             if self.shared_expert_gate is not None:
-                s = torch.sigmoid(self.shared_expert_gate(flat)) * s
+                s = rowwise(torch.sigmoid, self.shared_expert_gate(flat)) * s
             out = out + s
         return out.reshape(x.shape)
 

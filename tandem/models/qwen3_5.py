@@ -21,7 +21,7 @@ from tandem.kvcache.hybrid import HybridCache
 from tandem.models.base import CausalLM, Output
 from tandem.models.decoder import DecoderArgs, DecoderLM, DecoderModel
 from tandem.models.gated_deltanet import GatedDeltaNet
-from tandem.models.layers import GLUMLP, Attention, RMSNorm, activation
+from tandem.models.layers import GLUMLP, Attention, RMSNorm, activation, rowwise
 from tandem.models.moe import Experts, SoftmaxTopKRouter, SparseMoeBlock, fuse_experts
 from tandem.models.rope import apply_rope, inv_freq, rope_cos_sin
 
@@ -74,7 +74,7 @@ class GatedAttention(Attention):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
         cache.write(self.layer_idx, slots, positions, k, v)
         out = cache.attend(self.layer_idx, q, slots, positions, self.window, self.scale, self.softcap)
-        return self.o_proj(out.reshape(B, T, -1) * torch.sigmoid(gate.reshape(B, T, -1)))
+        return self.o_proj(out.reshape(B, T, -1) * rowwise(torch.sigmoid, gate.reshape(B, T, -1)))
 
 
 class HybridLayer(nn.Module):
