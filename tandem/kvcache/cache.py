@@ -20,7 +20,24 @@ from tandem import kernels
 from tandem.kernels import quant_attention as qa
 
 
-class KVCache:
+class SlotLengths:
+    """The per-slot length bookkeeping every position-indexed cache shares; only the engine moves lengths."""
+
+    max_len: int
+    lengths: list[int]
+
+    def rollback(self, slot: int, length: int) -> None:
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"rollback of slot {slot} to {length} outside [0, {self.lengths[slot]}]")
+        self.lengths[slot] = length
+
+    def set_length(self, slot: int, length: int) -> None:
+        if not 0 <= length <= self.max_len:
+            raise ValueError(f"slot {slot}: length {length} outside [0, {self.max_len}]")
+        self.lengths[slot] = length
+
+
+class KVCache(SlotLengths):
     """K/V buffers [S, Hkv, Tmax, D] for the layers that own KV (`specs`: layer -> (n_kv_heads, k_dim, v_dim)).
 
     `dtype` is the storage of both K and V unless `k_type` / `v_type` (names, e.g. "bf16", "q8_0", "turbo3")
@@ -122,13 +139,3 @@ class KVCache:
             else:
                 out.append(buf[slot, :, :n])
         return out[0], out[1]
-
-    def rollback(self, slot: int, length: int) -> None:
-        if not 0 <= length <= self.lengths[slot]:
-            raise ValueError(f"rollback of slot {slot} to {length} outside [0, {self.lengths[slot]}]")
-        self.lengths[slot] = length
-
-    def set_length(self, slot: int, length: int) -> None:
-        if not 0 <= length <= self.max_len:
-            raise ValueError(f"slot {slot}: length {length} outside [0, {self.max_len}]")
-        self.lengths[slot] = length

@@ -17,9 +17,10 @@ import torch
 from tandem import kernels
 from tandem.errors import ConfigError
 from tandem.kernels import quant_attention as qa
+from tandem.kvcache.cache import SlotLengths
 
 
-class MLACache:
+class MLACache(SlotLengths):
     """Latent buffers for `n_layers` MLA layers: [S, 1, Tmax, kv_lora_rank + rope_dim] each, float storage."""
 
     def __init__(self, n_layers: int, kv_lora_rank: int, rope_dim: int, n_slots: int, max_len: int, *,
@@ -66,13 +67,3 @@ class MLACache:
         """The valid (c_kv [length, R], k_pe [length, Dr]) of one slot (views, no copy)."""
         buf = self.latent[layer][slot, 0, :self.lengths[slot]]
         return buf[:, :self.kv_lora_rank], buf[:, self.kv_lora_rank:]
-
-    def rollback(self, slot: int, length: int) -> None:
-        if not 0 <= length <= self.lengths[slot]:
-            raise ValueError(f"rollback of slot {slot} to {length} outside [0, {self.lengths[slot]}]")
-        self.lengths[slot] = length
-
-    def set_length(self, slot: int, length: int) -> None:
-        if not 0 <= length <= self.max_len:
-            raise ValueError(f"slot {slot}: length {length} outside [0, {self.max_len}]")
-        self.lengths[slot] = length
