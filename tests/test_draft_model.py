@@ -91,3 +91,15 @@ def test_an_assistant_is_not_a_draft_model():
     target = tiny_target()
     d = KINDS[kind_of(tiny_assistant()).name].build(tiny_assistant(), target)
     assert isinstance(d, MTPAssistantDrafter) and d.kind == "assistant" and not get_method("draft").fits(d)
+
+
+def test_recurrent_model_refused_as_draft_model():
+    """Drafting k tokens is k forwards; a Gated DeltaNet cache rolls back only within one: refused at engine build."""
+    from tandem.models import build
+    from tests.test_qwen3_5 import BASE
+    target = build({"model_type": "gemma3_text", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+                    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                    "query_pre_attn_scalar": 16, "layer_types": ["full_attention"]}).eval()
+    drafter = DraftModelDrafter(build({**BASE, "model_type": "qwen3_5_text"}).eval(), "target", "qwen3_5 tiny")
+    with pytest.raises(ModelLoadError, match="qwen3_5 tiny.*rolls back only within one forward"):
+        Engine(target, None, max_len=64, drafter=drafter)

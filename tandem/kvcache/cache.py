@@ -25,6 +25,7 @@ class SlotLengths:
 
     max_len: int
     lengths: list[int]
+    rolls_back_across_forwards = True  # False: only to a row of the last forward (recurrent state)
 
     def rollback(self, slot: int, length: int) -> None:
         if not 0 <= length <= self.lengths[slot]:

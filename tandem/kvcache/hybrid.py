@@ -13,6 +13,8 @@ from tandem.kvcache.recurrent import LayerSpec, RecurrentState
 class HybridCache(KVCache):
     """KVCache over the attention layers in `kv_specs`, plus `recurrent` for the layers in `recurrent_specs`."""
 
+    rolls_back_across_forwards = False
+
     def __init__(self, kv_specs: dict[int, tuple[int, int, int]], recurrent_specs: dict[int, LayerSpec],
                  n_slots: int, max_len: int, *, device: torch.device | str = "cpu", k_type: str = "bf16",
                  v_type: str | None = None):

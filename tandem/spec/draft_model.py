@@ -62,7 +62,11 @@ class DraftModelDrafter(Drafter):
         return f"draft-model {self.names[1]}"
 
     def make_cache(self, n_slots: int, max_len: int, *, k_type: str, v_type: str, device) -> None:
-        self.cache = self.model.make_cache(n_slots, max_len, k_type=k_type, v_type=v_type, device=device)
+        cache = self.model.make_cache(n_slots, max_len, k_type=k_type, v_type=v_type, device=device)
+        if not cache.rolls_back_across_forwards:  # drafting k tokens is k forwards, rejected ones undone later
+            raise ModelLoadError(f"draft model {self.names[1]}: its cache ({type(cache).__name__}) keeps recurrent "
+                                 f"state that rolls back only within one forward; it cannot serve as a draft model")
+        self.cache = cache
 
     @property
     def device(self) -> torch.device:
