@@ -64,8 +64,10 @@ class NextN(nn.Module):
         if not has_nextn(target):
             raise ModelLoadError(f"{target.args.model_type}: this checkpoint has no MTP (nextn) layers")
         t = target.args
-        # the family's config seen by its heads: n layers, all MoE (as transformers' get_mtp_config)
-        self.args = dataclasses.replace(t, num_hidden_layers=t.num_nextn_predict_layers, first_k_dense_replace=0)
+        # the family's config seen by its heads: n layers, all MoE (as transformers' get_mtp_config); a dense
+        # family (a head trained by `tandem train-nextn`) has no dense/MoE split
+        moe = {"first_k_dense_replace": 0} if hasattr(t, "first_k_dense_replace") else {}
+        self.args = dataclasses.replace(t, num_hidden_layers=t.num_nextn_predict_layers, **moe)
         self._target = [target]
         self.layers = nn.ModuleList(NextNLayer(target, self.args, j) for j in range(self.n_heads))
         self._load(target.nextn_weights, t.num_hidden_layers)
