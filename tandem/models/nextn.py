@@ -1,13 +1,17 @@
-"""The nextn (MTP) heads that DeepSeek-V3 and GLM-4.5 checkpoints carry at `model.layers.{L + j}`, built from the
-target (its config, `nextn_weights`, RoPE tables; embedding and LM head are the target's, shared, never copied).
+"""The nextn (MTP) heads a checkpoint carries, built from the target (its config, set-aside MTP weights, RoPE
+tables; embedding and LM head are the target's, shared, never copied).
 
-Head j, as transformers' MtpLayer (modeling_layers.py) with these families' configs:
+This base class is the DeepSeek-V3 / GLM-4.5 layout, `model.layers.{L + j}` (head j, as transformers' MtpLayer):
     h' = eh_proj(concat(enorm(embed(token)), hnorm(prev)))        prev: the target's final-norm hidden (j = 0) or
     h' = decoder block of the family (attention + MoE) over h'      head j-1's output one position earlier
     out = shared_head.norm(h')                                     logits = target.lm_head(out)
 The block is always MoE (transformers' get_mtp_config sets first_k_dense_replace = 0) and has its OWN cache, the
 family's cache declared for the heads as if they were layers 0..n-1. Head j's first entry sits one position after
 head j-1's, so its cache index is `position - offset[slot] - j` (RoPE uses the absolute position).
+
+A family that stores its heads otherwise (MiMo's `model.mtp_layers.*`, Qwen3.5's `mtp.*`) subclasses NextN in its
+own file, overriding the hooks (count, weights_of, head_args, build, rename, head), and names the subclass in its
+model's `nextn_heads` attribute.
 """
 
 from __future__ import annotations
@@ -52,27 +56,68 @@ class NextNLayer(DecoderLayer):
         return self.shared_head.norm(self(x, cos_sin, cache_pos, cache, slots))
 
 
+def nextn_class(target: nn.Module) -> type["NextN"]:
+    """The NextN (sub)class that reads this target's MTP heads."""
+    return getattr(target, "nextn_heads", NextN)
+
+
 def has_nextn(target: nn.Module) -> bool:
-    return bool(getattr(target, "nextn_weights", None)) and getattr(target.args, "num_nextn_predict_layers", 0) > 0
+    cls = nextn_class(target)
+    return bool(cls.weights_of(target)) and cls.count(target) > 0
+
+
+def nextn_heads(target: nn.Module) -> "NextN":
+    """The target's MTP heads, in the layout its family stores them."""
+    return nextn_class(target)(target)
 
 
 class NextN(nn.Module):
-    """The target's `num_nextn_predict_layers` heads (`layers[j]`); the target is held, not registered."""
+    """The target's `count(target)` heads; the target is held, not registered."""
 
     def __init__(self, target: nn.Module):
         super().__init__()
         if not has_nextn(target):
             raise ModelLoadError(f"{target.args.model_type}: this checkpoint has no MTP (nextn) layers")
-        t = target.args
-        # the family's config seen by its heads: n layers, all MoE (as transformers' get_mtp_config); a dense
-        # family (a head trained by `tandem train-nextn`) has no dense/MoE split
-        moe = {"first_k_dense_replace": 0} if hasattr(t, "first_k_dense_replace") else {}
-        self.args = dataclasses.replace(t, num_hidden_layers=t.num_nextn_predict_layers, **moe)
+        self.args = self.head_args(target.args, self.count(target))
         self._target = [target]
-        self.layers = nn.ModuleList(NextNLayer(target, self.args, j) for j in range(self.n_heads))
-        self._load(target.nextn_weights, t.num_hidden_layers)
+        self.build(target)
+        self._load(self.weights_of(target))
         self.requires_grad_(False)
 
+    # -- family hooks (this base: DeepSeek-V3 / GLM-4.5) ------------------------------------------------------------
+    @staticmethod
+    def count(target: nn.Module) -> int:
+        return getattr(target.args, "num_nextn_predict_layers", 0)
+
+    @staticmethod
+    def weights_of(target: nn.Module) -> dict[str, torch.Tensor]:
+        """The MTP weights the target's sanitize() set aside (hub names)."""
+        return getattr(target, "nextn_weights", None) or {}
+
+    def head_args(self, t, n: int):
+        """The family's config seen by its heads: n layers, all MoE (as transformers' get_mtp_config)."""
+        return dataclasses.replace(t, num_hidden_layers=n, first_k_dense_replace=0)
+
+    def build(self, target: nn.Module) -> None:
+        self.layers = nn.ModuleList(NextNLayer(target, self.args, j) for j in range(self.n_heads))
+
+    def rename(self, key: str) -> str | None:
+        """Checkpoint name -> module name; "" = not ours (shared with the target), None = not in this layout."""
+        m, L = _LAYER.match(key), self.target.args.num_hidden_layers
+        if m is None or not L <= int(m[1]) < L + self.n_heads:
+            return None
+        return "" if m[2] in _SHARED else f"layers.{int(m[1]) - L}.{m[2]}"
+
+    def layout(self) -> str:
+        L = self.target.args.num_hidden_layers
+        return f"model.layers.{{{L}..{L + self.n_heads - 1}}}.*"
+
+    def head(self, j: int, emb: torch.Tensor, prev: torch.Tensor, cos_sin, cache_pos: torch.Tensor, cache,
+             slots: torch.Tensor) -> torch.Tensor:
+        """Head j: emb, prev [B, T, D]; cache_pos [B, T] (-1 = padding) -> its output [B, T, D]."""
+        return self.layers[j].head(emb, prev, cos_sin, cache_pos, cache, slots)
+
+    # -- common -------------------------------------------------------------------------------------------------
     @property
     def n_heads(self) -> int:
         return self.args.num_hidden_layers
@@ -81,17 +126,17 @@ class NextN(nn.Module):
     def target(self) -> nn.Module:
         return self._target[0]
 
-    def _load(self, weights: dict[str, torch.Tensor], L: int) -> None:
+    def _load(self, weights: dict[str, torch.Tensor]) -> None:
         sd, odd = {}, []
         for k, v in weights.items():
-            m = _LAYER.match(k)
-            if m is None or not L <= int(m[1]) < L + self.n_heads:
+            name = self.rename(k)
+            if name is None:
                 odd.append(k)
-            elif m[2] not in _SHARED:
-                sd[f"layers.{int(m[1]) - L}.{m[2]}"] = v.float()
+            elif name:
+                sd[name] = v.float()
         if odd:
             raise ModelLoadError(f"{self.args.model_type}: MTP weights {odd[:4]} are not in the hub layout "
-                                 f"model.layers.{{{L}..{L + self.n_heads - 1}}}.* this head reads")
+                                 f"{self.layout()} this head reads")
         missing, unexpected = self.load_state_dict(fuse_experts(sd), strict=False)
         if missing or unexpected:
             raise ModelLoadError(f"{self.args.model_type} MTP layers: missing weights {missing[:5]}, "
@@ -112,4 +157,4 @@ class NextN(nn.Module):
         emb = t.embed(tokens)
         cos_sin = rope_cos_sin(positions, t._inv_freq, emb.dtype, t._rope_scale)
         cache_pos = torch.where(positions >= 0, positions - offsets[:, None] - j, -1)
-        return self.layers[j].head(emb, prev, cos_sin, cache_pos, cache, slots)
+        return self.head(j, emb, prev, cos_sin, cache_pos, cache, slots)

@@ -20,7 +20,7 @@ import logging
 
 import torch
 
-from tandem.models.nextn import NextN, has_nextn
+from tandem.models.nextn import NextN, has_nextn, nextn_heads
 from tandem.sampling import process_logits, sample
 from tandem.spec.drafter import Draft, DraftContext, Drafter, PromptState, register_kind
 
@@ -59,7 +59,7 @@ class NextNDrafter(Drafter):
     def build(cls, model, target, *, weight_format: str | None = None, **_) -> "NextNDrafter":
         """From the target itself (`model` is ignored: the heads live in the target's checkpoint); the heads'
         weight format defaults to the target's."""
-        heads = NextN(target).eval()
+        heads = nextn_heads(target).eval()
         fmt = weight_format or weight_format_of(target)
         if fmt != "fp32":
             from tandem import kernels
