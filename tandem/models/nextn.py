@@ -117,6 +117,10 @@ class NextN(nn.Module):
         """Head j: emb, prev [B, T, D]; cache_pos [B, T] (-1 = padding) -> its output [B, T, D]."""
         return self.layers[j].head(emb, prev, cos_sin, cache_pos, cache, slots)
 
+    def rope(self, j: int) -> tuple[torch.Tensor, float]:
+        """Head j's RoPE (inverse frequencies, cos/sin scale): the target's (Step3.5: its layer type's)."""
+        return self.target._inv_freq, self.target._rope_scale
+
     # -- common -------------------------------------------------------------------------------------------------
     @property
     def n_heads(self) -> int:
@@ -155,6 +159,7 @@ class NextN(nn.Module):
         head-0 entries start at offsets[b]. Writes head j's cache; returns its output [B, T, D]."""
         t = self.target
         emb = t.embed(tokens)
-        cos_sin = rope_cos_sin(positions, t._inv_freq, emb.dtype, t._rope_scale)
+        inv, scale = self.rope(j)
+        cos_sin = rope_cos_sin(positions, inv, emb.dtype, scale)
         cache_pos = torch.where(positions >= 0, positions - offsets[:, None] - j, -1)
         return self.head(j, emb, prev, cos_sin, cache_pos, cache, slots)
