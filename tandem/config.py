@@ -53,15 +53,24 @@ class SamplingParams:
 class SpecConfig:
     """Speculation settings for one request. method: a name in tandem.spec.drafter.METHODS (a drafter kind and
     whether drafts are sampled); "auto" = the engine's drafter, argmax drafts. n_max / n_min / p_min are applied
-    by tandem.spec.policy."""
+    by tandem.spec.policy; adaptive: n_max is a cap and each round's length is chosen from the acceptance and the
+    measured round cost (the CLI, server and bench turn it on; a bare SpecConfig pins k = n_max, as tests need)."""
 
     enabled: bool = True
     method: str = "auto"
     n_max: int = 3
     n_min: int = 1
     p_min: float = 0.0
+    adaptive: bool = False
+    chain: tuple[str, ...] = ()  # drafters to try in order each round (tandem.spec.chain); () = the engine's order
 
     def __post_init__(self):
+        if isinstance(self.chain, (list, str)):
+            object.__setattr__(self, "chain", (self.chain,) if isinstance(self.chain, str) else tuple(self.chain))
+        if not all(isinstance(n, str) and n for n in self.chain) or len(set(self.chain)) != len(self.chain):
+            raise ConfigError(f"speculative.chain must list distinct drafter names, got {list(self.chain)!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ConfigError(f"speculative.adaptive must be true or false, got {self.adaptive!r}")
         if not (isinstance(self.n_max, int) and 1 <= self.n_max <= 16):
             raise ConfigError(f"speculative.n_max must be an integer in [1, 16], got {self.n_max!r}")
         if not (isinstance(self.n_min, int) and 1 <= self.n_min <= self.n_max):
@@ -70,3 +79,49 @@ class SpecConfig:
             raise ConfigError(f"speculative.p_min must be in [0, 1], got {self.p_min!r}")
 
     from_dict = classmethod(_from_dict)
+
+
+# -- model config.json checks (before anything is built or allocated) ---------------------------------------------
+# field -> largest plausible value: far above every released model, far below what would exhaust memory
+_MODEL_INTS = {"vocab_size": 1 << 24, "hidden_size": 1 << 16, "intermediate_size": 1 << 20,
+               "moe_intermediate_size": 1 << 20, "num_hidden_layers": 1 << 12, "num_attention_heads": 1 << 12,
+               "num_key_value_heads": 1 << 12, "head_dim": 1 << 13, "num_experts": 1 << 14,
+               "num_local_experts": 1 << 14, "n_routed_experts": 1 << 14, "num_experts_per_tok": 1 << 14,
+               "kv_lora_rank": 1 << 16, "q_lora_rank": 1 << 16, "max_position_embeddings": 1 << 26,
+               "hidden_size_per_layer_input": 1 << 16, "vocab_size_per_layer_input": 1 << 24}
+_MODEL_FLOATS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_model_config(cfg: dict, source: str) -> None:
+    """ConfigError naming `source` and the field for a config.json value of the wrong type, an absurd size, or a
+    special-token id outside the vocabulary; nested `text_config` checked too. Run before building the model."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+    for key, limit in _MODEL_INTS.items():
+        v = cfg.get(key)
+        for n in (v if isinstance(v, list) else [] if v is None else [v]):  # GGUF may store one per layer
+            if not _is_int(n):
+                raise ConfigError(f"{source}: field {key!r} must be an integer, got {type(n).__name__} {n!r}")
+            if not 1 <= n <= limit:
+                raise ConfigError(f"{source}: field {key!r} = {n} is outside [1, {limit}]")
+    for key in _MODEL_FLOATS:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ConfigError(f"{source}: field {key!r} must be a number, got {type(v).__name__} {v!r}")
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    vocab = cfg.get("vocab_size", text.get("vocab_size"))
+    for key in _TOKEN_IDS:
+        v = cfg.get(key)
+        for t in (v if isinstance(v, list) else [] if v is None else [v]):
+            if not _is_int(t):
+                raise ConfigError(f"{source}: field {key!r} must be an integer token id (or a list of them), "
+                                  f"got {type(t).__name__} {t!r}")
+            if key != "pad_token_id" and vocab is not None and not 0 <= t < vocab:  # some configs pad with -1
+                raise ConfigError(f"{source}: field {key!r} = {t} is outside the vocabulary [0, {vocab})")
+    if text:
+        check_model_config(text, f"{source} (text_config)")

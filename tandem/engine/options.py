@@ -25,7 +25,7 @@ class EngineOptions:
 
     model: str | None = None
     drafter: str | None = None
-    spec: SpecConfig = field(default_factory=SpecConfig)
+    spec: SpecConfig = field(default_factory=lambda: SpecConfig(adaptive=True))
     weight_format: str = "q8_0"
     mtp_weight_format: str | None = None
     cache_type_k: str = "bf16"
@@ -46,7 +46,8 @@ class EngineOptions:
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> EngineOptions:
-        spec = SpecConfig(enabled=not a.no_spec, n_max=a.spec_n_max, n_min=a.spec_n_min, p_min=a.spec_p_min)
+        spec = SpecConfig(enabled=not a.no_spec, n_max=a.spec_n_max, n_min=a.spec_n_min, p_min=a.spec_p_min,
+                          adaptive=not a.no_adaptive)
         return cls(model=a.model, drafter=a.drafter, spec=spec, weight_format=a.weight_format,
                    mtp_weight_format=a.mtp_weight_format, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
                    max_len=a.ctx_size, threads=a.threads, device=a.device)
@@ -61,7 +62,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="GGUF file or HF directory (default: embedded gemma-3-270m)")
     p.add_argument("--drafter", default=None, help="drafter directory/file (default: the known drafter, if any)")
     p.add_argument("--no-spec", action="store_true", help="plain decoding, no drafter")
-    p.add_argument("--spec-n-max", type=int, default=d.spec.n_max, help="max draft tokens per round")
+    p.add_argument("--spec-n-max", type=int, default=d.spec.n_max,
+                   help="max draft tokens per round (adaptive: the cap of each round's chosen length)")
+    p.add_argument("--no-adaptive", action="store_true",
+                   help="draft --spec-n-max tokens every round instead of choosing the length from the acceptance "
+                        "and the measured round cost")
     p.add_argument("--spec-n-min", type=int, default=d.spec.n_min, help="discard drafts shorter than this")
     p.add_argument("--spec-p-min", type=float, default=d.spec.p_min, help="stop drafting when top-1 prob < p_min")
     p.add_argument("--weight-format", default=d.weight_format,

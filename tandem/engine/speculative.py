@@ -17,19 +17,28 @@ hidden state (every prompt row's, [P, D], for a drafter with needs_prompt_hidden
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from tandem.config import SamplingParams, SpecConfig
-from tandem.errors import ConfigError
 from tandem.sampling import process_logits, sample
+from tandem.spec.chain import check_spec
 from tandem.spec.drafter import Draft, DraftContext, PromptState, get_method
-from tandem.spec.policy import DraftPolicy
+from tandem.spec.policy import AdaptiveLength, DraftPolicy, RoundCost
 from tandem.spec.stats import SpecStats
 from tandem.spec.trace import get_tracer
 from tandem.spec.verify import verify
+
+
+_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> {method: RoundCost}
+
+
+def round_cost(engine, method: str) -> RoundCost:
+    """The engine's learned round cost for a drafting method, shared by its requests (tandem.spec.policy)."""
+    return _COSTS.setdefault(engine, {}).setdefault(method, RoundCost())
 
 
 class SlotSpeculator:
@@ -42,11 +51,10 @@ class SlotSpeculator:
         self.slot, self.sampling, self.spec, self.gen = slot, sampling, spec, gen
         self.request_id = request_id
         method = get_method(spec.method)
-        if not method.fits(self.drafter):
-            raise ConfigError(f"speculative.method {spec.method!r} needs a {method.drafter_cls.__name__}, "
-                              f"the engine has a {type(self.drafter).__name__}")
+        check_spec(self.drafter, spec)  # the method's kind and the chain's names are drafters of this engine
         self.sample_drafts = method.sample_drafts and not sampling.greedy
         self.policy = DraftPolicy(spec, self.drafter.max_draft)
+        self.adaptive = AdaptiveLength(round_cost(engine, spec.method), spec.n_min) if spec.adaptive else None
         self.stats = stats  # GenStats (predicted_n is the budget already spent); its .spec gets our SpecStats
         self.spec_stats = SpecStats()
         if stats is not None:
@@ -70,10 +78,13 @@ class SlotSpeculator:
         """This round's DraftContext: `last_token` sits at the slot's cache length; k_max from the policy."""
         n = self.cache.lengths[self.slot]
         done = self.stats.predicted_n if self.stats is not None else 0
+        k_max = self.policy.k_max(n, self.cache.max_len, self.budget - done)
+        if self.adaptive is not None:
+            k_max = self.adaptive.choose(k_max)
         return DraftContext(slot=self.slot, last_token=int(last_token), position=n, cache=self.cache,
-                            sampling=self.sampling, k_max=self.policy.k_max(n, self.cache.max_len, self.budget - done),
+                            sampling=self.sampling, k_max=k_max,
                             p_floor=self.policy.p_floor, sample_drafts=self.sample_drafts, generator=self.gen,
-                            request_id=self.request_id, round=self.round)
+                            request_id=self.request_id, round=self.round, spec=self.spec)
 
     def take(self, ctx: DraftContext, draft: Draft, ms: float) -> list[int]:
         """The drafter's proposal for this slot, cut by the policy -> the rows the target must verify."""
@@ -86,6 +97,7 @@ class SlotSpeculator:
         if self.tracer is not None:
             self.tracer.emit("draft", req=self.request_id, slot=self.slot, round=self.round, pos=ctx.position,
                              tokens=draft.tokens.tolist(), probs=[round(c, 6) for c in draft.confidence],
+                             drafter=draft.source or self.drafter.kind,
                              ms=round(ms, 3))
         self._t_verify = time.perf_counter()
         return [ctx.last_token] + draft.tokens.tolist()
@@ -104,7 +116,9 @@ class SlotSpeculator:
         toks = verdict.emitted(0)
         self.drafter.accept(self.slot, toks, hidden[: a + 1])
         ms = 1000 * (time.perf_counter() - self._t_verify)
-        self.spec_stats.record(k, a, draft_ms, ms)
+        self.spec_stats.record(k, a, draft_ms, ms, draft.source or self.drafter.kind)
+        if self.adaptive is not None:
+            self.adaptive.observe(k, a, draft_ms + ms)
         if self.tracer is not None:
             self.tracer.emit("verify", req=self.request_id, slot=self.slot, round=self.round, pos=n, n_draft=k,
                              accepted=a, tokens=toks, ms=round(ms, 3))

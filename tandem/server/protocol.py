@@ -10,13 +10,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from tandem.config import SamplingParams, SpecConfig
 from tandem.engine.events import GenStats
 from tandem.errors import ConfigError
 
 MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+# below these, fp32 sampling overflows (logits / T) or underflows (top_p): they mean greedy, as in vLLM
+MIN_TEMPERATURE = 1e-5
+MIN_TOP_P = 1e-6
 Number = Union[StrictInt, StrictFloat]
 
 
@@ -40,6 +44,7 @@ class SpeculativeOptions(BaseModel):
     n_max: StrictInt | None = Field(None, ge=1, le=16, description="most draft tokens per round")
     n_min: StrictInt | None = Field(None, ge=1, le=16, description="drafts shorter than this are dropped")
     p_min: Number | None = Field(None, ge=0, le=1, description="stop drafting below this top-1 probability")
+    adaptive: StrictBool | None = Field(None, description="choose each round's length up to n_max (false: n_max)")
 
 
 class StreamOptions(BaseModel):
@@ -47,8 +52,38 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool | None = None
 
 
+def bad_unicode(value: Any, path: str = "") -> str | None:
+    """Where (a dotted path) a string holds a lone surrogate, which no tokenizer and no UTF-8 reply can carry."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            where = bad_unicode(k, path) or bad_unicode(v, f"{path}.{k}" if path else str(k))
+            if where:
+                return where
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            where = bad_unicode(v, f"{path}[{i}]")
+            if where:
+                return where
+    return None
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = bad_unicode(data)
+        if where:
+            raise ValueError(f"{where.encode('utf-8', 'replace').decode()} holds a lone surrogate (\\ud800-\\udfff "
+                             f"escape): not valid Unicode text")
+        return data
+
     model: StrictStr | None = Field(None, max_length=512)
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: Number | None = Field(None, ge=0, le=2)
@@ -57,11 +92,11 @@ class _Common(BaseModel):
     min_p: Number | None = Field(None, ge=0, lt=1)
     seed: StrictInt | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)
     stop: StrictStr | list[StrictStr] | None = None
-    n: StrictInt | None = None
+    n: StrictInt | None = Field(None, ge=1)
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
-    presence_penalty: Number | None = None
-    frequency_penalty: Number | None = None
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, Any] | None = None
     user: StrictStr | None = None
     ignore_eos: StrictBool | None = None
@@ -85,7 +120,7 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -93,10 +128,10 @@ class ChatCompletionRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
-    logprobs: StrictInt | None = None
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)
     echo: StrictBool | None = None
     suffix: StrictStr | None = None
-    best_of: StrictInt | None = None
+    best_of: StrictInt | None = Field(None, ge=1)
 
 
 FIELD_NAMES = set()
@@ -155,14 +190,19 @@ def stops_of(stop: str | list[str] | None) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else list(stop)
     if len(stops) > MAX_STOPS:
         raise APIError(400, f"at most {MAX_STOPS} stop sequences are supported, got {len(stops)}", "stop")
+    for s in stops:
+        if len(s) > MAX_STOP_CHARS:
+            raise APIError(400, f"a stop sequence may hold at most {MAX_STOP_CHARS} characters, got {len(s)}", "stop")
     return tuple(stops)
 
 
 def sampling_of(req: _Common, max_tokens: int) -> SamplingParams:
     temperature = 1.0 if req.temperature is None else float(req.temperature)
+    if temperature < MIN_TEMPERATURE:
+        temperature = 0.0
     top_p = 1.0 if req.top_p is None else float(req.top_p)
     top_k = 0 if req.top_k is None or req.top_k < 0 else req.top_k
-    if top_p == 0:  # OpenAI accepts 0: keep only the most likely token
+    if top_p < MIN_TOP_P:  # OpenAI accepts 0: keep only the most likely token
         top_p, top_k = 1.0, 1
     seed = None if req.seed is None else req.seed % (2 ** 63)
     try:

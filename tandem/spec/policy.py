@@ -2,10 +2,13 @@
 
 Drafters do not read these settings: they get `k_max` and a confidence floor (`p_floor`, to stop early) in their
 DraftContext; the rule itself is applied here, to every drafter's output alike:
-    k_max = min(n_max, drafter.max_draft, room left in the context, token budget left)   (one token of each round
+    cap   = min(n_max, drafter.max_draft, room left in the context, token budget left)   (one token of each round
             is the target's own: the recovered or bonus token)
+    k_max = cap (spec.adaptive False), else AdaptiveLength.choose(cap): the k in {0} u [n_min, cap] with the most
+            expected tokens per unit of round time
     cut   = the draft up to (not including) its first token whose confidence is < p_min;
             a cut draft shorter than n_min is dropped (the round then verifies no draft: a plain decode step).
+The adaptive choice never changes what is emitted at T = 0 (verification does), only how many rows are verified.
 """
 
 from __future__ import annotations
@@ -37,3 +40,105 @@ class DraftPolicy:
                 n = i
                 break
         return draft.head(n) if n >= self.spec.n_min else draft.head(0)
+
+
+class RoundCost:
+    """Wall time of one speculative round (draft k tokens + verify k + 1 rows) by k, learned from the rounds
+    themselves (an exponential average per k). It is shared by the requests of one engine and drafting method:
+    the cost belongs to the machine, model and drafter, not to the text. Unmeasured k come from a least-squares
+    line through the measured ones (`prior_slope` x the k=0 time per draft token while fewer than two are known),
+    and the curve is made non-decreasing in k."""
+
+    def __init__(self, prior_slope: float = 0.15, rate: float = 0.2):
+        self.prior_slope, self.rate = prior_slope, rate
+        self.ms: dict[int, float] = {}
+
+    def observe(self, k: int, ms: float) -> None:
+        old = self.ms.get(k)
+        self.ms[k] = ms if old is None else old + self.rate * (ms - old)
+
+    def curve(self, k_max: int) -> list[float]:
+        """Estimated round time for k = 0..k_max (ms; relative units before any round was measured)."""
+        pts = sorted(self.ms.items())
+        if len(pts) < 2:
+            k0, t0 = pts[0] if pts else (0, 1.0)
+            base = t0 / (1 + self.prior_slope * k0)
+            est = [base * (1 + self.prior_slope * k) for k in range(k_max + 1)]
+        else:
+            n = len(pts)
+            mk, mt = sum(k for k, _ in pts) / n, sum(t for _, t in pts) / n
+            slope = max(0.0, sum((k - mk) * (t - mt) for k, t in pts) / sum((k - mk) ** 2 for k, _ in pts))
+            est = [self.ms.get(k, mt + slope * (k - mk)) for k in range(k_max + 1)]
+        floor = min(self.ms.values(), default=1.0) * 0.5  # an extrapolated line may not reach 0 or below
+        out, run = [], 0.0
+        for t in est:
+            run = max(run, t, floor)
+            out.append(run)
+        return out
+
+
+class AcceptanceEstimate:
+    """alpha[i] = P(draft position i accepted | positions < i accepted), from exponentially decayed counts; a
+    position with little evidence leans on the one before it (on `prior` for position 0), so a run of full
+    acceptances lets the next, never-drafted position look as good as the last one."""
+
+    def __init__(self, prior: float = 0.5, weight: float = 2.0, decay: float = 0.9):
+        self.prior, self.weight, self.decay = prior, weight, decay
+        self.hits: list[float] = []
+        self.seen: list[float] = []
+
+    def observe(self, k: int, a: int) -> None:
+        """A round drafted k tokens and a were accepted: positions 0..a-1 hit, position a (if < k) missed."""
+        while len(self.seen) < k:
+            self.hits.append(0.0)
+            self.seen.append(0.0)
+        for i in range(min(a + 1, k)):
+            self.seen[i] = self.decay * self.seen[i] + 1
+            self.hits[i] = self.decay * self.hits[i] + (i < a)
+
+    def alphas(self, k: int) -> list[float]:
+        out, prev = [], self.prior
+        for i in range(k):
+            h, s = (self.hits[i], self.seen[i]) if i < len(self.seen) else (0.0, 0.0)
+            prev = (h + self.weight * prev) / (s + self.weight)
+            out.append(prev)
+        return out
+
+
+def expected_tokens(alphas: list[float]) -> list[float]:
+    """E[tokens emitted by a round drafting k] for k = 0..len(alphas): 1 + sum_j prod_{i<j} alpha_i."""
+    out, p = [1.0], 1.0
+    for a in alphas:
+        p *= a
+        out.append(out[-1] + p)
+    return out
+
+
+class AdaptiveLength:
+    """Per-request draft length: each round the k in {0} u [n_min, cap] maximising expected tokens per round time.
+    At k = 0 nothing is learned about the drafts, so every `probe_every` plain rounds one draft of n_min tokens
+    is verified anyway (at once again after a probe that was accepted): a request whose text turns predictable
+    (copying, lists) gets drafting back."""
+
+    def __init__(self, cost: RoundCost, n_min: int = 1, probe_every: int = 8, prior: float = 0.5):
+        self.cost, self.n_min, self.probe_every = cost, n_min, probe_every
+        self.acceptance = AcceptanceEstimate(prior)
+        self.idle = 0  # plain rounds since the last draft
+
+    def choose(self, cap: int) -> int:
+        if cap < self.n_min:
+            return 0
+        gain = expected_tokens(self.acceptance.alphas(cap))
+        time = self.cost.curve(cap)
+        k = max([0] + list(range(self.n_min, cap + 1)), key=lambda j: gain[j] / time[j])
+        if k == 0 and self.idle >= self.probe_every:
+            self.idle = 0  # one probe, even when the drafter then finds nothing to propose
+            return self.n_min
+        return k
+
+    def observe(self, k: int, a: int, ms: float) -> None:
+        """The round verified k draft tokens (after the cut), accepted a, and took ms (draft + verify)."""
+        self.acceptance.observe(k, a)
+        self.cost.observe(k, ms)
+        # a fully accepted draft earns another probe right away, so recovery takes a few rounds, not a few probes
+        self.idle = self.idle + 1 if k == 0 else (self.probe_every if a == k else 0)

@@ -1,0 +1,145 @@
+"""The adaptive draft length (tandem.spec.policy.AdaptiveLength): k = 0 when drafts miss and verifying is costly,
+longer drafts when they are accepted, probes back after plain rounds, n_min and a pinned length respected; the
+policy only chooses k, so speculative == plain at T = 0 with it on (Engine.generate and the batch scheduler)."""
+
+import pytest
+import torch
+
+from tandem.config import SamplingParams, SpecConfig
+from tandem.engine import Engine
+from tandem.engine.batch import BatchScheduler
+from tandem.engine.speculative import round_cost
+from tandem.spec import DraftModelDrafter
+from tandem.spec.policy import AcceptanceEstimate, AdaptiveLength, RoundCost, expected_tokens
+from tests.test_spec_lossless import V, noisy_copy, tiny_target
+
+
+def cost_of(**ms) -> RoundCost:
+    c = RoundCost()
+    for k, t in ms.items():
+        c.observe(int(k[1:]), t)
+    return c
+
+
+def test_round_cost_curve():
+    assert RoundCost().curve(2) == pytest.approx([1.0, 1.15, 1.3])  # prior before any round
+    c = cost_of(k2=13.0)  # one measured k: the prior slope through it
+    assert c.curve(2) == pytest.approx([10.0, 11.5, 13.0])
+    c = cost_of(k0=10.0, k2=14.0, k4=30.0)  # measured points kept, others on the least-squares line, non-decreasing
+    curve = c.curve(6)
+    assert curve[0] == 10.0 and curve[2] == 14.0 and curve[4] == 30.0
+    assert all(b >= a for a, b in zip(curve, curve[1:])) and curve[6] > 30.0
+    c.observe(0, 20.0)  # exponential average
+    assert c.ms[0] == pytest.approx(12.0)
+
+
+def test_acceptance_estimate_and_expected_tokens():
+    est = AcceptanceEstimate(prior=0.5)
+    for _ in range(20):
+        est.observe(2, 1)  # position 0 always accepted, position 1 always rejected
+    a0, a1, a2 = est.alphas(3)
+    assert a0 > 0.9 and a1 < 0.2 and a2 < 0.3  # position 2, never drafted, leans on position 1
+    assert expected_tokens([1.0, 0.5]) == [1.0, 2.0, 2.5]
+
+
+def test_picks_plain_when_drafts_miss_and_verify_is_costly():
+    ad = AdaptiveLength(cost_of(k0=10.0, k3=16.0), n_min=1)
+    for _ in range(6):
+        ad.observe(3, 0, 16.0)
+    assert ad.choose(3) == 0
+
+
+def test_grows_when_drafts_are_accepted():
+    ad = AdaptiveLength(cost_of(k0=10.0, k3=11.0), n_min=1)
+    assert ad.choose(8) < 8
+    for _ in range(10):
+        ad.observe(3, 3, 11.0)
+    assert ad.choose(8) == 8  # positions never drafted look as good as the last accepted one
+
+
+def test_probes_after_plain_rounds_and_recovers():
+    ad = AdaptiveLength(cost_of(k0=10.0, k1=13.0), n_min=1, probe_every=4)
+    for _ in range(8):
+        ad.observe(1, 0, 13.0)
+    picks = []
+    for _ in range(12):
+        k = ad.choose(3)
+        picks.append(k)
+        ad.observe(k, 0, 10.0 if k == 0 else 13.0)
+    assert picks == [0, 0, 0, 0, 1] * 2 + [0, 0]  # a 1-token probe after every 4 plain rounds
+    for _ in range(10):  # the text turns predictable: the probes are accepted, drafting comes back
+        k = ad.choose(3)
+        ad.observe(k, k, 10.0 + k)
+    assert ad.choose(3) == 3
+
+
+def test_n_min_respected():
+    ad = AdaptiveLength(cost_of(k0=10.0, k3=11.0), n_min=2)
+    for _ in range(10):
+        ad.observe(3, 1, 11.0)
+    assert ad.choose(3) in (0, 2, 3)
+    assert ad.choose(1) == 0  # the cap is below n_min: no draft
+
+
+class Recording(DraftModelDrafter):
+    """A draft model that records the k_max of every context it is asked for."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.k_max: list[int] = []
+
+    def propose(self, batch):
+        self.k_max += [c.k_max for c in batch]
+        return super().propose(batch)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    target = tiny_target()
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, V, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(12)]
+    greedy = SamplingParams(max_tokens=24, ignore_eos=True)
+    plain = Engine(target, max_len=64)
+    return target, prompts, greedy, [plain.complete(p, greedy)[0] for p in prompts]
+
+
+def test_pinned_length_respected(setup):
+    target, prompts, greedy, _ = setup
+    d = Recording(tiny_target(seed=9))  # a different model: its drafts mostly miss
+    eng = Engine(target, max_len=64, drafter=d, spec=SpecConfig(method="draft", n_max=3, adaptive=False))
+    eng.complete(prompts[0], greedy)
+    assert set(d.k_max[:-2]) == {3}  # every round drafts n_max (the last ones: the budget is shorter)
+
+
+def test_adaptive_stops_drafting_a_missing_costly_drafter(setup):
+    target, prompts, greedy, _ = setup
+    d = Recording(tiny_target(seed=9))
+    eng = Engine(target, max_len=64, drafter=d, spec=SpecConfig(method="draft", n_max=3, adaptive=True))
+    cost = round_cost(eng, "draft")
+    cost.observe(0, 10.0)
+    cost.observe(3, 40.0)
+    cost.rate = 0.0  # keep the injected costs: a draft token costs a whole target step
+    eng.complete(prompts[0], SamplingParams(max_tokens=40, ignore_eos=True))
+    assert d.k_max.count(0) > len(d.k_max) // 2 and max(d.k_max) >= 1  # mostly plain, with probes
+
+
+@pytest.mark.parametrize("kind", ["noisy_copy", "other_model"])
+def test_adaptive_greedy_equals_plain(setup, kind):
+    target, prompts, greedy, ref = setup
+    model = noisy_copy(target) if kind == "noisy_copy" else tiny_target(seed=9)
+    d = Recording(model)
+    eng = Engine(target, max_len=64, drafter=d, spec=SpecConfig(method="draft", n_max=5, adaptive=True))
+    for p, want in zip(prompts, ref):
+        assert eng.complete(p, greedy)[0] == want
+    assert max(d.k_max) > 0
+
+
+def test_adaptive_batched_equals_plain(setup):
+    target, prompts, greedy, ref = setup
+    eng = Engine(target, max_len=64, n_slots=3, drafter=DraftModelDrafter(noisy_copy(target)),
+                 spec=SpecConfig(method="draft", n_max=4, adaptive=True))
+    with BatchScheduler(eng) as sch:
+        handles = [sch.submit(p, greedy) for p in prompts]
+        got = [[e.id for e in h if getattr(e, "id", -1) >= 0] for h in handles]
+    assert got == ref
