@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from tandem.models import build  # noqa: E402
+from tests.parity import TOL, check, check_batched_slots, run_chunks  # noqa: E402,F401
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
@@ -29,7 +30,7 @@ CONFIGS = {
                               dict(num_experts=4, num_experts_per_tok=3, moe_intermediate_size=32,
                                    decoder_sparse_step=2, norm_topk_prob=False)),
 }
-N, TOL = 14, 1e-4
+N = 14
 
 
 def make_pair(name):
@@ -57,24 +58,6 @@ def pair(request):
     return ours, prompts, out.logits, out.hidden_states[-1]
 
 
-def run_chunks(ours, tokens, chunks, slot=0):
-    """Feed one prompt through a fresh cache in chunks of the given sizes; returns logits, hidden [1, N, *]."""
-    cache = ours.make_cache(2, 32, k_type="f32")
-    logits, hidden, p = [], [], 0
-    with torch.no_grad():
-        for c in chunks:
-            o = ours(tokens[None, p:p + c], torch.arange(p, p + c)[None], cache, torch.tensor([slot]))
-            logits.append(o.logits)
-            hidden.append(o.hidden)
-            p += c
-    return torch.cat(logits, 1), torch.cat(hidden, 1)
-
-
-def check(logits, hidden, ref_logits, ref_hidden):
-    el, eh = (logits - ref_logits).abs().max().item(), (hidden - ref_hidden).abs().max().item()
-    assert el < TOL and eh < TOL, f"max abs err logits {el:.2e} hidden {eh:.2e}"
-
-
 @pytest.mark.parametrize("chunks", [[12], [1] * N, [7, 4, 1, 1, 1]], ids=["prefill12", "decode1", "mixed"])
 def test_parity(pair, chunks):
     ours, prompts, ref_logits, ref_hidden = pair
@@ -84,21 +67,8 @@ def test_parity(pair, chunks):
 
 
 def test_batched_slots_with_padding(pair):
-    """Two prompts in one batch (reversed slots, right padding, per-row positions) == HF for each."""
     ours, prompts, ref_logits, ref_hidden = pair
-    cache = ours.make_cache(2, 32, k_type="f32")
-    slots = torch.tensor([1, 0])
-    tok, pos = prompts[:, :9].clone(), torch.arange(9).repeat(2, 1)
-    tok[1, 6:], pos[1, 6:] = 0, -1  # row 1 has a 6-token prompt
-    with torch.no_grad():
-        o = ours(tok, pos, cache, slots)
-        check(o.logits[0:1], o.hidden[0:1], ref_logits[0:1, :9], ref_hidden[0:1, :9])
-        check(o.logits[1:2, :6], o.hidden[1:2, :6], ref_logits[1:2, :6], ref_hidden[1:2, :6])
-        for s in range(5):  # row 0 decodes positions 9..13, row 1 positions 6..10
-            p = torch.tensor([[9 + s], [6 + s]])
-            o = ours(torch.stack([prompts[0, 9 + s], prompts[1, 6 + s]])[:, None], p, cache, slots)
-            check(o.logits[0:1], o.hidden[0:1], ref_logits[0:1, 9 + s:10 + s], ref_hidden[0:1, 9 + s:10 + s])
-            check(o.logits[1:2], o.hidden[1:2], ref_logits[1:2, 6 + s:7 + s], ref_hidden[1:2, 6 + s:7 + s])
+    check_batched_slots(ours, prompts, ref_logits, ref_hidden, ours.make_cache(2, 32, k_type="f32"))
 
 
 def test_embed_and_logit_rows(pair):

@@ -14,6 +14,7 @@ from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGe
 from tandem.kvcache import KVCache
 from tandem.models import build
 from tandem.models.gemma4 import Model, ModelArgs
+from tests.parity import TOL, check, check_batched_slots, run_chunks
 
 S, F = "sliding_attention", "full_attention"
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
@@ -32,7 +33,7 @@ CONFIGS = {
     "k_eq_v": K_EQ_V,
     "softcap_everything": dict(final_logit_softcapping=2.0, **MOE, **PLE_SHARED, **K_EQ_V),
 }
-N, TOL = 14, 1e-4
+N = 14
 
 
 def make_hf(**kw) -> Gemma4ForCausalLM:
@@ -66,27 +67,6 @@ def pair(request):
     return hf, ours, prompts, out.logits, out.hidden_states[-1]
 
 
-def run_chunks(ours, tokens, chunks, slot=0):
-    """Feed one prompt through a fresh cache in chunks of the given sizes; returns logits, hidden [1, N, *]."""
-    cache = KVCache(ours.kv_specs(), n_slots=2, max_len=32)
-    logits, hidden, p = [], [], 0
-    with torch.no_grad():
-        for c in chunks:
-            pos = torch.arange(p, p + c)[None]
-            o = ours(tokens[None, p:p + c], pos, cache, torch.tensor([slot]))
-            logits.append(o.logits)
-            hidden.append(o.hidden)
-            p += c
-    return torch.cat(logits, 1), torch.cat(hidden, 1)
-
-
-def check(logits, hidden, ref_logits, ref_hidden):
-    el = (logits - ref_logits).abs().max().item()
-    eh = (hidden - ref_hidden).abs().max().item()
-    assert el < TOL and eh < TOL, f"max abs err logits {el:.2e} hidden {eh:.2e}"
-    return el, eh
-
-
 @pytest.mark.parametrize("chunks", [[12], [1] * N, [7, 4, 1, 1, 1]], ids=["prefill12", "decode1", "mixed"])
 def test_parity(pair, chunks):
     hf, ours, prompts, ref_logits, ref_hidden = pair
@@ -98,20 +78,7 @@ def test_parity(pair, chunks):
 def test_batched_slots_with_padding(pair):
     """Two prompts in one batch (reversed slots, right padding, per-row positions) == each alone == HF."""
     hf, ours, prompts, ref_logits, ref_hidden = pair
-    cache = KVCache(ours.kv_specs(), n_slots=2, max_len=32)
-    slots = torch.tensor([1, 0])
-    tok = prompts[:, :9].clone()
-    pos = torch.arange(9).repeat(2, 1)
-    tok[1, 6:], pos[1, 6:] = 0, -1  # row 1 has a 6-token prompt
-    with torch.no_grad():
-        o = ours(tok, pos, cache, slots)
-        check(o.logits[0:1], o.hidden[0:1], ref_logits[0:1, :9], ref_hidden[0:1, :9])
-        check(o.logits[1:2, :6], o.hidden[1:2, :6], ref_logits[1:2, :6], ref_hidden[1:2, :6])
-        for s in range(5):  # row 0 decodes positions 9..13, row 1 positions 6..10
-            p = torch.tensor([[9 + s], [6 + s]])
-            o = ours(torch.stack([prompts[0, 9 + s], prompts[1, 6 + s]])[:, None], p, cache, slots)
-            check(o.logits[0:1], o.hidden[0:1], ref_logits[0:1, 9 + s:10 + s], ref_hidden[0:1, 9 + s:10 + s])
-            check(o.logits[1:2], o.hidden[1:2], ref_logits[1:2, 6 + s:7 + s], ref_hidden[1:2, 6 + s:7 + s])
+    o = check_batched_slots(ours, prompts, ref_logits, ref_hidden, KVCache(ours.kv_specs(), n_slots=2, max_len=32))
     alone, _ = run_chunks(ours, prompts[1], [6, 1, 1, 1, 1, 1])
     assert (alone[:, -1:] - o.logits[1:2]).abs().max() < TOL
 

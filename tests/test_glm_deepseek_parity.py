@@ -139,34 +139,6 @@ def test_mla_cache_latent_and_rollback():
     assert (o.logits - fresh.logits[:, 5:]).abs().max() < 1e-5
 
 
-@needs_ext
-@pytest.mark.parametrize("name", ["glm4_moe", "deepseek_v3_yarn", "deepseek_v3_no_q_lora"])
-def test_rows_bitwise_after_prepare(name):
-    """After prepare(q8_0): a slot's decode row is bitwise the same alone or among 1..16 slots (padding rows
-    included), and a 4-token verify forward equals 4 single-token steps bitwise."""
-    cfg_cls, _, kw = CONFIGS[name]
-    model = prepare(randomize(build(getattr(transformers, cfg_cls)(**BASE, **kw).to_dict()).eval()), "q8_0")
-    if name.startswith("deepseek"):
-        assert not hasattr(model.model.layers[0].self_attn, "kv_b_proj")  # absorbed per head, packed
-    g = torch.Generator().manual_seed(1)
-    prompts, nxt = torch.randint(0, 128, (16, 5), generator=g), torch.randint(0, 128, (16, 4), generator=g)
-    cache = model.make_cache(16, 16, k_type="f32")
-    slots = torch.arange(16)
-    with torch.no_grad():
-        model(prompts, torch.arange(5).repeat(16, 1), cache, slots)
-        step = lambda s: model(nxt[s, :1], torch.full((len(s), 1), 5), cache, s).logits  # noqa: E731
-        alone = torch.cat([step(slots[i:i + 1]) for i in range(16)])
-        for m in (1, 2, 3, 5, 8, 13, 16):
-            assert torch.equal(step(slots[:m]), alone[:m]), m
-        pos = torch.tensor([[5, -1, -1, -1], [5, 6, 7, 8]])  # a decode row padded beside a verify row
-        mixed = model(torch.stack([nxt[1], nxt[0]]), pos, cache, slots[[1, 0]]).logits
-        verify = model(nxt[:1], torch.arange(5, 9)[None], cache, slots[:1]).logits
-        single = torch.cat([model(nxt[:1, t:t + 1], torch.tensor([[5 + t]]), cache, slots[:1]).logits
-                            for t in range(4)], dim=1)
-    assert torch.equal(verify, single) and torch.equal(mixed[1:], verify)
-    assert torch.equal(mixed[0, :1], alone[1:2, 0])
-
-
 def hub_layout(weights: dict) -> dict:
     """transformers 5's fused experts -> the per-expert names the hub checkpoints use."""
     out = {}

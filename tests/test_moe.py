@@ -1,5 +1,5 @@
-"""MoE pieces against transformers (routers, checkpoint fusing) and bitwise row invariance after prepare() for every
-new path: MoE blocks (softmax top-k, sigmoid grouped top-k, gated shared expert), QKV bias, q/k-norm, Gemma 4 MoE."""
+"""MoE pieces against transformers (routers, checkpoint fusing) and bitwise row invariance of the MoE blocks after
+prepare() (softmax top-k, sigmoid grouped top-k, gated shared expert); whole models: tests/test_row_invariance.py."""
 
 import pytest
 import torch
@@ -8,7 +8,6 @@ import torch.nn as nn
 from tandem.errors import ModelLoadError
 from tandem.kernels import PackedLinear, prepare
 from tandem.kernels._ext import ext
-from tandem.models import build, gemma4
 from tandem.models.layers import GLUMLP, activation
 from tandem.models.moe import Experts, SigmoidGroupedTopKRouter, SoftmaxTopKRouter, SparseMoeBlock, fuse_experts
 
@@ -92,41 +91,3 @@ def test_moe_block_row_invariant(fmt, kind, inter):
             assert torch.equal(block(x[:m]), alone[:m]), m
         perm = torch.randperm(16)
         assert torch.equal(block(x[perm].view(4, 4, D)).view(16, 1, D), alone[perm])
-
-
-BASE = dict(vocab_size=128, hidden_size=D, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
-MODELS = {
-    "qwen2_bias": dict(model_type="qwen2"),
-    "qwen3_qk_norm": dict(model_type="qwen3", head_dim=32),
-    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=32, num_experts=E, num_experts_per_tok=2,
-                      moe_intermediate_size=I, norm_topk_prob=True),
-    "gemma4_moe": dict(model_type="gemma4_text", head_dim=16, global_head_dim=32, sliding_window=4,
-                       layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
-                       enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=I),
-}
-
-
-@needs_ext
-@pytest.mark.parametrize("fmt", ["bf16", "q8_0"])
-@pytest.mark.parametrize("name", list(MODELS))
-def test_model_rows_bitwise(name, fmt):
-    """After prepare(fmt): a slot's decode row is bitwise the same alone or among 1..16 slots, and a 4-token verify
-    forward equals 4 single-token steps bitwise."""
-    model = prepare(randomize(build({**BASE, **MODELS[name]}).eval()), fmt)
-    if name == "gemma4_moe":
-        assert isinstance(model.model.layers[0].experts, Experts)
-    g = torch.Generator().manual_seed(1)
-    prompts, nxt = torch.randint(0, 128, (16, 5), generator=g), torch.randint(0, 128, (16, 4), generator=g)
-    cache = model.make_cache(16, 16, k_type="f32")
-    slots = torch.arange(16)
-    with torch.no_grad():
-        model(prompts, torch.arange(5).repeat(16, 1), cache, slots)
-        step = lambda s: model(nxt[s, :1], torch.full((len(s), 1), 5), cache, s).logits  # noqa: E731
-        alone = torch.cat([step(slots[i:i + 1]) for i in range(16)])
-        for m in (1, 2, 3, 5, 8, 13, 16):
-            assert torch.equal(step(slots[:m]), alone[:m]), m
-        verify = model(nxt[:1], torch.arange(5, 9)[None], cache, slots[:1]).logits
-        single = torch.cat([model(nxt[:1, t:t + 1], torch.tensor([[5 + t]]), cache, slots[:1]).logits
-                            for t in range(4)], dim=1)
-    assert torch.equal(verify, single)

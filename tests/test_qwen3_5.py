@@ -13,6 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 import tandem.models.gated_deltanet as gd  # noqa: E402
 from tandem.models import build  # noqa: E402
+from tests import parity  # noqa: E402
+from tests.parity import check, check_batched_slots  # noqa: E402
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-6,
@@ -58,20 +60,7 @@ def pair(request):
 
 
 def run_chunks(ours, tokens, chunks, slot=0, cache=None):
-    cache = cache if cache is not None else ours.make_cache(2, 64, k_type="f32")
-    logits, hidden, p = [], [], 0
-    with torch.no_grad():
-        for c in chunks:
-            o = ours(tokens[None, p:p + c], torch.arange(p, p + c)[None], cache, torch.tensor([slot]))
-            logits.append(o.logits)
-            hidden.append(o.hidden)
-            p += c
-    return torch.cat(logits, 1), torch.cat(hidden, 1)
-
-
-def check(logits, hidden, ref_logits, ref_hidden, tol=TOL):
-    el, eh = (logits - ref_logits).abs().max().item(), (hidden - ref_hidden).abs().max().item()
-    assert el < tol and eh < tol, f"max abs err logits {el:.2e} hidden {eh:.2e}"
+    return parity.run_chunks(ours, tokens, chunks, slot, cache, max_len=64)
 
 
 @pytest.mark.parametrize("chunks", [[12], [1] * N, [7, 4, 1, 1, 1], [40]],
@@ -107,21 +96,8 @@ def test_chunked_equals_recurrent_fp64():
 
 
 def test_batched_slots_with_padding(pair):
-    """Two prompts in one batch (reversed slots, right padding, per-row positions) == HF for each."""
     ours, prompts, ref_logits, ref_hidden = pair
-    cache = ours.make_cache(2, 64, k_type="f32")
-    slots = torch.tensor([1, 0])
-    tok, pos = prompts[:, :9].clone(), torch.arange(9).repeat(2, 1)
-    tok[1, 6:], pos[1, 6:] = 0, -1  # row 1 has a 6-token prompt
-    with torch.no_grad():
-        o = ours(tok, pos, cache, slots)
-        check(o.logits[0:1], o.hidden[0:1], ref_logits[0:1, :9], ref_hidden[0:1, :9])
-        check(o.logits[1:2, :6], o.hidden[1:2, :6], ref_logits[1:2, :6], ref_hidden[1:2, :6])
-        for s in range(5):  # row 0 decodes positions 9..13, row 1 positions 6..10
-            p = torch.tensor([[9 + s], [6 + s]])
-            o = ours(torch.stack([prompts[0, 9 + s], prompts[1, 6 + s]])[:, None], p, cache, slots)
-            check(o.logits[0:1], o.hidden[0:1], ref_logits[0:1, 9 + s:10 + s], ref_hidden[0:1, 9 + s:10 + s])
-            check(o.logits[1:2], o.hidden[1:2], ref_logits[1:2, 6 + s:7 + s], ref_hidden[1:2, 6 + s:7 + s])
+    check_batched_slots(ours, prompts, ref_logits, ref_hidden, ours.make_cache(2, 64, k_type="f32"))
 
 
 def states(cache, slot):

@@ -14,6 +14,7 @@ import torch
 from tandem.kernels import prepare
 from tandem.models import build, gemma3
 from tandem.models.layers import activation
+from tandem.models.moe import Experts
 from tests import test_families_parity as fam
 from tests import test_gemma4_parity as g4
 from tests import test_glm_deepseek_parity as glm
@@ -33,6 +34,7 @@ FAMILIES = {  # name -> (parity test module, its config name, width overrides)
     "qwen3_moe": (fam, "qwen3_moe", MOE_48),
     "glm4_moe": (glm, "glm4_moe", MOE_48),
     "deepseek_v3": (glm, "deepseek_v3_yarn", MOE_48),
+    "deepseek_v3_no_q_lora": (glm, "deepseek_v3_no_q_lora", MOE_48),
     "qwen3_5": (q35, "dense", {}),
     "qwen3_5_moe": (q35, "moe", dict(MOE_48, shared_expert_intermediate_size=48)),
     "gemma4": (g4, "ple_kv_shared", {}),
@@ -68,6 +70,10 @@ def forward(model, cache, tokens, positions, slots):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_rows_bitwise(name, fmt):
     model = prepare(randomize(make(name, unaligned=fmt == "bf16").eval()), fmt)
+    if name.startswith("deepseek"):
+        assert not hasattr(model.model.layers[0].self_attn, "kv_b_proj")  # absorbed per head, packed
+    if name == "gemma4_moe":
+        assert isinstance(model.model.layers[0].experts, Experts)  # packed, row-invariant experts
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, V, (SLOTS, PROMPT), generator=g)
     nxt = torch.randint(0, V, (SLOTS, K1), generator=g)
