@@ -11,7 +11,7 @@ head j-1's, so its cache index is `position - offset[slot] - j` (RoPE uses the a
 
 A family that stores its heads otherwise (MiMo's `model.mtp_layers.*`, Qwen3.5's `mtp.*`) subclasses NextN in its
 own file, overriding the hooks (count, weights_of, head_args, build, rename, head), and names the subclass in its
-model's `nextn_heads` attribute.
+model's `nextn_layout` attribute.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class NextNLayer(DecoderLayer):
 
 def nextn_class(target: nn.Module) -> type["NextN"]:
     """The NextN (sub)class that reads this target's MTP heads."""
-    return getattr(target, "nextn_heads", NextN)
+    return getattr(target, "nextn_layout", NextN)
 
 
 def has_nextn(target: nn.Module) -> bool:

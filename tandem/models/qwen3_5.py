@@ -6,10 +6,16 @@ gate; (1 + w) q/k norms; partial rotary), the others Gated DeltaNet (models/gate
 zero-centred (1 + w) RMSNorm. MoE: every layer's MLP is softmax top-k experts (renormalised) plus a shared expert
 scaled by sigmoid(shared_expert_gate). The cache is a HybridCache (K/V + recurrent state, exact rollback). The
 vision tower is dropped on load; the `mtp.*` weights are kept aside (`mtp_weights`) for the nextn drafter.
+
+The MTP module (`mtp.*`, `mtp_num_hidden_layers` layers; as vLLM's / SGLang's qwen3_5_mtp.py read it):
+    x = mtp.fc(concat(pre_fc_norm_embedding(embed(token)), pre_fc_norm_hidden(prev)))     -- embedding FIRST
+    out = mtp.norm(mtp.layers[j](x))     a full gated-attention layer + the family's MLP / MoE, its OWN K/V cache
+fc and the norms are shared by the layers; draft step i uses layer i (the last recurring), on its own output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -17,12 +23,14 @@ import torch
 import torch.nn as nn
 
 from tandem.errors import ConfigError
+from tandem.kvcache import KVCache
 from tandem.kvcache.hybrid import HybridCache
 from tandem.models.base import CausalLM, Output
 from tandem.models.decoder import DecoderArgs, DecoderLM, DecoderModel
 from tandem.models.gated_deltanet import GatedDeltaNet
 from tandem.models.layers import GLUMLP, Attention, RMSNorm, activation, rowwise
 from tandem.models.moe import Experts, SoftmaxTopKRouter, SparseMoeBlock, fuse_experts
+from tandem.models.nextn import NextN
 from tandem.models.rope import apply_rope, inv_freq, rope_cos_sin
 
 LAYER_TYPES = ("full_attention", "linear_attention")
@@ -43,6 +51,7 @@ class ModelArgs(DecoderArgs):
     num_experts_per_tok: int = 8
     moe_intermediate_size: int = 512
     shared_expert_intermediate_size: int = 512
+    mtp_num_hidden_layers: int = 0
 
     def __post_init__(self):
         n = self.num_hidden_layers
@@ -102,8 +111,54 @@ class HybridLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class MTP(NextN):
+    """Qwen3.5's `mtp.*` heads (names under `mtp.`), read from the target's `mtp_weights`."""
+
+    @staticmethod
+    def count(target: nn.Module) -> int:
+        return target.args.mtp_num_hidden_layers
+
+    @staticmethod
+    def weights_of(target: nn.Module) -> dict[str, torch.Tensor]:
+        return target.mtp_weights
+
+    def head_args(self, t: ModelArgs, n: int) -> ModelArgs:
+        return dataclasses.replace(t, num_hidden_layers=n, layer_types=["full_attention"] * n)
+
+    def build(self, target: nn.Module) -> None:
+        a, D, eps = self.args, self.args.hidden_size, self.args.rms_norm_eps
+        self.fc = nn.Linear(2 * D, D, bias=False)
+        self.pre_fc_norm_embedding = RMSNorm(D, eps, unit_offset=True)
+        self.pre_fc_norm_hidden = RMSNorm(D, eps, unit_offset=True)
+        self.layers = nn.ModuleList(HybridLayer(a, j, target.make_mlp(a, j)) for j in range(self.n_heads))
+        self.norm = RMSNorm(D, eps, unit_offset=True)
+
+    def rename(self, key: str) -> str | None:
+        return key[len("mtp."):] if key.startswith("mtp.") else None
+
+    def layout(self) -> str:
+        return "mtp.*"
+
+    def head(self, j: int, emb: torch.Tensor, prev: torch.Tensor, cos_sin, cache_pos: torch.Tensor, cache,
+             slots: torch.Tensor) -> torch.Tensor:
+        """emb, prev [B, T, D]; cache_pos [B, T] (-1 = padding) -> mtp.norm output [B, T, D]."""
+        x = self.fc(torch.cat([self.pre_fc_norm_embedding(emb), self.pre_fc_norm_hidden(prev.to(emb.dtype))], -1))
+        return self.norm(self.layers[j](x, cos_sin, cache_pos, cache, slots, None))
+
+    def kv_specs(self) -> dict[int, tuple[int, int, int]]:
+        a = self.args
+        return {j: (a.num_key_value_heads, a.head_dim, a.head_dim) for j in range(self.n_heads)}
+
+    def make_cache(self, n_slots: int, max_len: int, *, k_type: str = "bf16", v_type: str | None = None,
+                   device="cpu") -> KVCache:
+        """A plain K/V cache: the heads are full-attention layers only (no recurrent state to roll back)."""
+        return KVCache(self.kv_specs(), n_slots, max_len, device=device, k_type=k_type, v_type=v_type or k_type)
+
+
 class Model(DecoderLM):
     """forward(tokens [B, T], positions [B, T] (-1 = padding, after a slot's rows), cache, slots [B]) -> Output."""
+
+    nextn_layout = MTP
 
     def __init__(self, args: ModelArgs):
         CausalLM.__init__(self)
