@@ -25,6 +25,8 @@ REGISTRY = {
     "glm4_moe": "glm4_moe",
     "deepseek_v3": "deepseek_v3",
     "mimo": "mimo",
+    "step3p5": "step3p5",
+    "step3p7": "step3p5",
 }
 
 
