@@ -9,13 +9,22 @@ import sys
 
 def add_bench_args(p) -> None:
     p.add_argument("--spec", action="store_true", help="speculative form: prompts per category, with/without drafter")
-    p.add_argument("--compare", default=None, choices=["llama.cpp"], help="also run llama-cpp-python on the GGUF")
+    p.add_argument("--compare", default=None, choices=["llama.cpp"],
+                   help="also run llama-cpp-python on the GGUF (with --spec: end to end per prompt, Tandem "
+                        "speculative and plain through Engine.generate vs llama.cpp's greedy eval loop)")
     p.add_argument("--context", type=int, default=256, help="context length for decode and the k-cost table")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--ks", default="1,2,4,8", help="k values for the k-forward cost table")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=128, help="(spec form) tokens per prompt")
     p.add_argument("--categories", default=None, help="(spec form) comma-separated subset")
+    p.add_argument("--prompts", default=None,
+                   help="(spec form) prompt file instead of the categories: a JSON list of strings, or JSONL / a JSON "
+                        "list of objects with a \"prompt\" (and optional \"category\") field")
+    p.add_argument("--method", default=None,
+                   help="(spec form) drafting method name (tandem.spec METHODS, e.g. mtp, draft, nextn; default auto)")
+    p.add_argument("--compare-fixed", action="store_true",
+                   help="(spec form) also run every prompt at the fixed length --spec-n-max (adaptive vs fixed)")
     p.add_argument("--out", default=None, help="(spec form) directory for the JSON and PNG plot")
     p.add_argument("--kv-quality", action="store_true",
                    help="KV cache quality: perplexity per cache type and next-token agreement with the bf16 cache "

@@ -61,3 +61,44 @@ PROMPTS: dict[str, list[str]] = {
 }
 
 CATEGORIES = list(PROMPTS)
+
+
+def load_prompts(path: str) -> dict[str, list[str]]:
+    """A prompt file -> {category: prompts}: a JSON list of strings (one category, the file's stem), or JSONL /
+    a JSON list of objects with a "prompt" string and an optional "category" string."""
+    import json
+    from pathlib import Path
+
+    from tandem.errors import ConfigError
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"--prompts {path}: cannot read it ({e.strerror})") from None
+    try:
+        items = json.loads(text)
+        where = [f"item {i}" for i in range(len(items))] if isinstance(items, list) else []
+    except json.JSONDecodeError:
+        items, where = [], []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"--prompts {path} line {n}: not JSON ({e.msg}); expected a JSON list of "
+                                      f"strings or JSONL with a \"prompt\" field") from None
+                where.append(f"line {n}")
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"--prompts {path}: expected a non-empty JSON list of strings or JSONL with a \"prompt\" "
+                          f"field, got {type(items).__name__ if items else 'nothing'}")
+    out: dict[str, list[str]] = {}
+    for it, w in zip(items, where):
+        if isinstance(it, str):
+            it = {"prompt": it}
+        if not (isinstance(it, dict) and isinstance(it.get("prompt"), str) and it["prompt"]):
+            raise ConfigError(f"--prompts {path} {w}: expected a non-empty string or an object with a \"prompt\" "
+                              f"string, got {json.dumps(it)[:80]}")
+        cat = it.get("category", p.stem)
+        out.setdefault(str(cat), []).append(it["prompt"])
+    return out

@@ -1,6 +1,8 @@
-"""Speculative bench: the nine category prompt sets, each prompt run without and with the drafter in one invocation.
-
-Prints one line per prompt (`pred= draft= acc= rate= tok/s=`), then the aggregate JSON (mtp-bench keys plus ours).
+"""Speculative bench: the nine category prompt sets (or --prompts FILE), each prompt run without and with the
+drafter (--method: any drafting method name; --compare-fixed: also at the fixed length n_max when adaptive) in one
+invocation. Prints one line per prompt (`pred= draft= acc= rate= tok/s=`), then the aggregate JSON (mtp-bench keys
+plus ours: per category and overall tok/s, acceptance, mean accepted length, mean k verified per round).
+--compare llama.cpp runs the end-to-end comparison instead (tandem.bench.e2e).
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import json
 import time
 from pathlib import Path
 
-from tandem.bench.prompts import CATEGORIES, PROMPTS
-from tandem.config import SamplingParams
+from tandem.bench.prompts import CATEGORIES, PROMPTS, load_prompts
+from tandem.config import SamplingParams, SpecConfig
 from tandem.errors import ConfigError
+from tandem.spec.drafter import get_method
 from tandem.spec.stats import SpecStats
 
 
@@ -22,64 +25,108 @@ def _run(eng, prompt: str, sampling: SamplingParams, spec) -> tuple[list[int], o
     return toks, fin, time.perf_counter() - t
 
 
+def bench_prompts(a) -> dict[str, list[str]]:
+    """--prompts FILE (tandem.bench.prompts.load_prompts), else the built-in categories (--categories subset)."""
+    if getattr(a, "prompts", None):
+        return load_prompts(a.prompts)
+    cats = a.categories.split(",") if a.categories else CATEGORIES
+    unknown = [c for c in cats if c not in PROMPTS]
+    if unknown:
+        raise ConfigError(f"--categories: unknown {unknown}; known: {CATEGORIES}")
+    return {c: PROMPTS[c] for c in cats}
+
+
+def bench_spec(opts, a) -> SpecConfig:
+    """The speculative settings the bench runs: the engine flags plus --method (any name in the method table)."""
+    if not opts.spec.enabled:
+        raise ConfigError("bench --spec compares runs with and without the drafter: drop --no-spec")
+    spec = dataclasses.replace(opts.spec, method=a.method) if getattr(a, "method", None) else opts.spec
+    get_method(spec.method)  # an unknown name is refused before anything loads
+    return spec
+
+
+class _Arm:
+    """Totals of one way of running the prompts (plain, speculative, fixed length) over one category."""
+
+    def __init__(self):
+        self.tok, self.s, self.stats = 0, 0.0, SpecStats()
+
+    def add(self, fin, dt: float) -> None:
+        self.tok, self.s = self.tok + fin.stats.predicted_n, self.s + dt
+        if fin.stats.spec is not None:
+            self.stats.merge(fin.stats.spec)
+
+    @property
+    def tok_s(self) -> float:
+        return round(self.tok / self.s, 2) if self.s else 0.0
+
+    def spec_dict(self, prefix: str = "") -> dict:
+        st = self.stats
+        return {prefix + "accept_rate": round(st.acceptance_rate, 4), prefix + "mean_acceptance_length":
+                round(st.mean_len, 3), prefix + "mean_k": round(st.drafted / st.rounds, 3) if st.rounds else 0.0,
+                prefix + "tok_s": self.tok_s}
+
+
 def run_spec_bench(a) -> dict:
     from tandem.engine.factory import build_engine
     from tandem.engine.options import EngineOptions
 
     opts = EngineOptions.from_args(a)
-    if not opts.spec.enabled:
-        raise ConfigError("bench --spec compares runs with and without the drafter: drop --no-spec")
+    spec_on, prompts = bench_spec(opts, a), bench_prompts(a)
+    if getattr(a, "compare", None) == "llama.cpp":
+        from tandem.bench.e2e import run_e2e_compare
+        return run_e2e_compare(a, opts, spec_on, prompts)
     eng = build_engine(opts)
     if eng.drafter is None:
         raise ConfigError("bench --spec needs a drafter: none is known for this model and none was given "
                           "(--drafter DIR)")
-    spec_on = opts.spec
-    spec_off = dataclasses.replace(spec_on, enabled=False)
-    cats = a.categories.split(",") if a.categories else CATEGORIES
-    unknown = [c for c in cats if c not in PROMPTS]
-    if unknown:
-        raise ConfigError(f"--categories: unknown {unknown}; known: {CATEGORIES}")
+    arms = {"plain": dataclasses.replace(spec_on, enabled=False), "spec": spec_on}
+    if spec_on.adaptive and getattr(a, "compare_fixed", False):
+        arms["fixed"] = dataclasses.replace(spec_on, adaptive=False)
     sampling = SamplingParams(max_tokens=a.max_tokens, ignore_eos=True)
     _run(eng, "Hello", SamplingParams(max_tokens=4), spec_on)  # warm-up (kernels, caches)
-    total, per_cat = SpecStats(), {}
-    base_tok = base_s = spec_tok = spec_s = 0.0
-    identical, n_req, t_all = 0, 0, time.perf_counter()
-    for cat in cats:
-        cs = SpecStats()
-        cb_tok = cb_s = cs_tok = cs_s = 0.0
-        for i, prompt in enumerate(PROMPTS[cat]):
-            plain, fin0, dt0 = _run(eng, prompt, sampling, spec_off)
-            spec, fin1, dt1 = _run(eng, prompt, sampling, spec_on)
-            st = fin1.stats.spec or SpecStats()
-            identical += int(plain == spec)
-            n_req += 1
-            cs.merge(st)
-            p0, p1 = fin0.stats.predicted_n, fin1.stats.predicted_n
-            cb_tok, cb_s, cs_tok, cs_s = cb_tok + p0, cb_s + dt0, cs_tok + p1, cs_s + dt1
-            print(f"{cat}[{i}] pred={p1} draft={st.drafted} acc={st.accepted} rate={st.acceptance_rate:.3f} "
-                  f"tok/s={p1 / dt1:.1f} (plain {p0 / dt0:.1f}) same={'yes' if plain == spec else 'NO'}",
+    total = {k: _Arm() for k in arms}
+    per_cat, identical, n_req, t_all = {}, 0, 0, time.perf_counter()
+    for cat, texts in prompts.items():
+        cs = {k: _Arm() for k in arms}
+        for i, prompt in enumerate(texts):
+            outs = {}
+            for name, spec in arms.items():
+                toks, fin, dt = _run(eng, prompt, sampling, spec)
+                outs[name] = toks
+                cs[name].add(fin, dt)
+                total[name].add(fin, dt)
+            same = all(o == outs["plain"] for o in outs.values())
+            identical, n_req = identical + same, n_req + 1
+            st = fin.stats.spec or SpecStats()
+            print(f"{cat}[{i}] pred={fin.stats.predicted_n} draft={st.drafted} acc={st.accepted} "
+                  f"rate={st.acceptance_rate:.3f} tok/s={fin.stats.predicted_n / dt:.1f} same={'yes' if same else 'NO'}",
                   flush=True)
-        total.merge(cs)
-        base_tok, base_s, spec_tok, spec_s = base_tok + cb_tok, base_s + cb_s, spec_tok + cs_tok, spec_s + cs_s
-        per_cat[cat] = {"accept_rate": round(cs.acceptance_rate, 4), "mean_acceptance_length": round(cs.mean_len, 3),
-                        "baseline_tok_s": round(cb_tok / cb_s, 2), "spec_tok_s": round(cs_tok / cs_s, 2)}
-    res = {
-        "n_requests": n_req, "total_predicted": int(spec_tok), "total_draft": total.drafted,
-        "total_draft_accepted": total.accepted, "aggregate_accept_rate": round(total.acceptance_rate, 4),
-        "wall_s_total": round(time.perf_counter() - t_all, 2),
-        "mean_acceptance_length": round(total.mean_len, 3),
-        "acceptance_per_position": [round(x, 4) for x in total.acceptance_by_position],
-        "baseline_tok_s": round(base_tok / base_s, 2), "spec_tok_s": round(spec_tok / spec_s, 2),
-        "speedup": round((spec_tok / spec_s) / (base_tok / base_s), 3),
-        "identical_outputs": f"{identical}/{n_req}", "n_max": spec_on.n_max, "p_min": spec_on.p_min,
-        "max_tokens": a.max_tokens, "weight_format": a.weight_format,
-        "cache_type_k": eng.cache.k_type, "cache_type_v": eng.cache.v_type,
-        "kv_bytes_per_token": eng.cache.bytes_per_token,
-        "per_category": per_cat,
-    }
+        per_cat[cat] = _summary(cs)
+    res = {"n_requests": n_req, "total_predicted": total["spec"].tok, "total_draft": total["spec"].stats.drafted,
+           "total_draft_accepted": total["spec"].stats.accepted,
+           "aggregate_accept_rate": round(total["spec"].stats.acceptance_rate, 4),
+           "wall_s_total": round(time.perf_counter() - t_all, 2),
+           "acceptance_per_position": [round(x, 4) for x in total["spec"].stats.acceptance_by_position],
+           **_summary(total), "identical_outputs": f"{identical}/{n_req}", "method": spec_on.method,
+           "adaptive": spec_on.adaptive, "n_max": spec_on.n_max, "p_min": spec_on.p_min, "max_tokens": a.max_tokens,
+           "weight_format": a.weight_format, "cache_type_k": eng.cache.k_type, "cache_type_v": eng.cache.v_type,
+           "kv_bytes_per_token": eng.cache.bytes_per_token, "per_category": per_cat}
     if a.out:
         _save(res, Path(a.out))
     return res
+
+
+def _summary(arms: dict[str, _Arm]) -> dict:
+    """One category's (or the whole run's) figures: plain tok/s, the speculative arm's, the fixed-length arm's."""
+    spec, base = arms["spec"], arms["plain"].tok_s
+    d = {"baseline_tok_s": base, "spec_tok_s": spec.tok_s, **spec.spec_dict(),
+         "speedup": round(spec.tok_s / base, 3) if base else 0.0}
+    d.pop("tok_s")
+    if "fixed" in arms:
+        d.update(arms["fixed"].spec_dict("fixed_"))
+        d["adaptive_vs_fixed"] = round(spec.tok_s / arms["fixed"].tok_s, 3) if arms["fixed"].tok_s else 0.0
+    return d
 
 
 def _save(res: dict, out: Path) -> None:

@@ -1,0 +1,73 @@
+"""`tandem bench --spec` inputs: --prompts files (JSON list of strings, JSONL / JSON objects with "prompt" and an
+optional "category", bad files refused with the file and the place named) and --method passed through to the
+request's SpecConfig (any registered name; an unknown one refused before a model loads)."""
+
+import argparse
+import json
+
+import pytest
+
+from tandem.bench.prompts import load_prompts
+from tandem.bench.spec_bench import bench_spec
+from tandem.cli import main
+from tandem.engine.options import EngineOptions
+from tandem.errors import ConfigError
+from tandem.spec.drafter import METHODS, register_method
+
+
+def test_prompts_json_list(tmp_path):
+    f = tmp_path / "mine.json"
+    f.write_text(json.dumps(["one", "two"]))
+    assert load_prompts(str(f)) == {"mine": ["one", "two"]}
+
+
+def test_prompts_jsonl_with_categories(tmp_path):
+    f = tmp_path / "set.jsonl"
+    f.write_text('{"prompt": "a", "category": "code"}\n\n{"prompt": "b"}\n{"prompt": "c", "category": "code"}\n')
+    assert load_prompts(str(f)) == {"code": ["a", "c"], "set": ["b"]}
+    g = tmp_path / "objs.json"
+    g.write_text(json.dumps([{"prompt": "x", "id": 3}]))
+    assert load_prompts(str(g)) == {"objs": ["x"]}
+
+
+@pytest.mark.parametrize("text,where", [
+    ('{"prompt": "a"}\n{"text": "b"}\n', "line 2"),  # JSONL line without a prompt
+    ('{"prompt": "a"}\nnot json\n', "line 2: not JSON"),
+    (json.dumps(["a", 3]), "item 1"),
+    (json.dumps({"prompt": "a"}), "expected a non-empty JSON list"),
+    (json.dumps([]), "expected a non-empty JSON list"),
+    ("", "expected a non-empty JSON list"),
+])
+def test_prompts_bad_file(tmp_path, text, where):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=f"--prompts {f}.*{where}"):
+        load_prompts(str(f))
+
+
+def test_prompts_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_prompts(str(tmp_path / "nope.json"))
+
+
+def test_method_pass_through():
+    register_method("test-bench-new", None, help="a method some other module registers")
+    try:
+        for name in ("mtp", "draft", "nextn", "test-bench-new"):
+            spec = bench_spec(EngineOptions(), argparse.Namespace(method=name))
+            assert spec.method == name and spec.adaptive  # the bench runs the product default: adaptive
+        assert bench_spec(EngineOptions(), argparse.Namespace(method=None)).method == "auto"
+        with pytest.raises(ConfigError, match="'nope' unknown"):
+            bench_spec(EngineOptions(), argparse.Namespace(method="nope"))
+    finally:
+        METHODS.pop("test-bench-new")
+
+
+def test_cli_refuses_bad_inputs_before_loading(tmp_path, capsys):
+    assert main(["bench", "--spec", "--method", "nope"]) == 2
+    assert "'nope' unknown" in capsys.readouterr().err
+    bad = tmp_path / "p.json"
+    bad.write_text("[1]")
+    assert main(["bench", "--spec", "--prompts", str(bad)]) == 2
+    assert "item 0" in capsys.readouterr().err
+    assert main(["bench", "--spec", "--no-spec"]) == 2
