@@ -13,12 +13,16 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import save_file  # noqa: E402
+from transformers.generation import candidate_generator as cg  # noqa: E402
 
 from tandem.loading import load  # noqa: E402
 from tandem.models import build  # noqa: E402
+from tandem.models.step3p5 import MtpHeads  # noqa: E402
+from tandem.spec.nextn import nextn_drafter  # noqa: E402
 # the house parity tests, collected here and run on this module's `pair` fixture
 from tests.test_families_parity import (N, TOL, test_batched_slots_with_padding,  # noqa: E402,F401
                                         test_embed_and_logit_rows, test_parity)
+from tests.test_nextn import tandem_rounds  # noqa: E402
 
 L, NMTP, D = 4, 2, 64
 # hub form: per-layer lists padded with the MTP layers' entries (chosen so that transformers' reading of the heads'
@@ -159,3 +163,41 @@ def test_hub_and_vl_layouts_load(tmp_path):
         assert (got - ref).abs().max() < TOL, path
     hub = load(str(tmp_path / "hub"), tokenizer=False).model
     assert hub.args.mtp_swiglu_limits == [None, 0.7] and hub.args.mtp_swiglu_limits_shared == [0.6, None]
+
+
+def hf_mtp_rounds(model, prompt: list[int], new: int, monkeypatch) -> tuple[list[int], list[list[int]]]:
+    """transformers' generate(use_mtp=True): the generated tokens and the drafts of every round."""
+    rounds, orig = [], cg.MTPCandidateGenerator.get_candidates
+
+    def spy(self, input_ids, **kw):
+        out = orig(self, input_ids, **kw)
+        if out[0].shape[1] > input_ids.shape[1]:
+            rounds.append(out[0][0, input_ids.shape[1]:].tolist())
+        return out
+
+    monkeypatch.setattr(cg.MTPCandidateGenerator, "get_candidates", spy)
+    out = model.generate(torch.tensor([prompt]), use_mtp=True, do_sample=False, max_new_tokens=new)
+    return out[0, len(prompt):].tolist(), rounds
+
+
+def test_drafts_equal_transformers_mtp(tmp_path, monkeypatch):
+    """Two chained heads (a full- and a sliding-attention one, each with its RoPE), greedy: every round's drafts
+    (one per head) equal transformers' MTPCandidateGenerator's, and the tokens its generate's."""
+    hf = make_hf()
+    write_checkpoint(tmp_path, hf, hub_config=False)
+    cls = transformers.Step3p7ForConditionalGeneration
+    # its MTP-key pattern sits on the text model; generate reads the top model's
+    monkeypatch.setattr(cls, "_keys_to_ignore_on_load_unexpected", [rf"layers\.{L + j}\." for j in range(NMTP)])
+    ref_model = cls.from_pretrained(str(tmp_path), attn_implementation="eager", dtype=torch.float32).eval()
+    target = load(str(tmp_path), tokenizer=False).model.eval()
+    drafter = nextn_drafter(target)
+    assert isinstance(drafter.heads, MtpHeads) and drafter.heads.n_heads == NMTP
+    for seed in (0, 1):
+        prompt = torch.randint(0, 128, (9,), generator=torch.Generator().manual_seed(seed)).tolist()
+        ref_tokens, ref_rounds = hf_mtp_rounds(ref_model, prompt, 20, monkeypatch)
+        tokens, rounds = tandem_rounds(target, drafter, prompt, 20, NMTP)
+        assert tokens == ref_tokens
+        m = len(ref_rounds) - 1  # transformers' last round may be cut by max_new_tokens
+        assert rounds[:m] == ref_rounds[:m] and len(rounds) >= m
+        assert m > 3 and all(len(r) == NMTP for r in ref_rounds)  # both heads draft in every round
+        drafter.end(0)
