@@ -208,9 +208,9 @@ def test_cache_holds_the_accepted_prefix(tmp_path, family):
             ref, outs = heads_from_scratch(target, d.heads, seq, 1)
             n = len(seq) - 1
             assert d.cache.lengths[0] == n
-            for j in range(d.heads.n_heads):
-                assert torch.allclose(cache_rows(d.cache, j, n - j), cache_rows(ref, j, n - j), atol=1e-5)
-                assert torch.allclose(d._out[0][j], outs[j], atol=1e-5)
+            for j in range(d.heads.n_heads):  # fp32 F.linear rows depend on the row count (verify vs scratch)
+                assert torch.allclose(cache_rows(d.cache, j, n - j), cache_rows(ref, j, n - j), rtol=1e-4, atol=1e-5)
+                assert torch.allclose(d._out[0][j], outs[j], rtol=1e-4, atol=1e-5)
             checked.append(n)
 
         tokens, rounds = tandem_rounds(target, drafter, prompt, 14, 3, check_cache=check)
