@@ -19,6 +19,7 @@ from tests import test_families_parity as fam
 from tests import test_gemma4_parity as g4
 from tests import test_glm_deepseek_parity as glm
 from tests import test_qwen3_5 as q35
+from tests import test_step3p5 as step
 from tests.test_kernels import _tiny_args as gemma3_args
 from tests.test_moe import needs_ext, randomize
 
@@ -40,6 +41,7 @@ FAMILIES = {  # name -> (parity test module, its config name, width overrides)
     "gemma4": (g4, "ple_kv_shared", {}),
     "gemma4_moe": (g4, "softcap_everything", MOE_48),
     "gemma3": (None, None, {}),
+    "step3p5": (step, "step3p5", dict(MOE_48, share_expert_dim=48)),
 }
 V, SLOTS, PROMPT, K1 = 128, 16, 5, 4
 

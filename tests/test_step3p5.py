@@ -32,7 +32,7 @@ HUB = dict(vocab_size=128, hidden_size=D, intermediate_size=96, num_hidden_layer
            layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention",
                         "full_attention", "sliding_attention"],
            moe_layers_enum="1,2,3,4,5", sliding_window=4, attention_other_setting={"num_attention_heads": 8},
-           moe_intermediate_size=32, moe_num_experts=8, moe_top_k=2, share_expert_dim=48,
+           moe_intermediate_size=32, moe_num_experts=8, moe_top_k=2, share_expert_dim=64,
            moe_router_scaling_factor=2.0, swiglu_limits=[None, 0.7, 0.5, 0.9, None, 0.7],
            swiglu_limits_shared=[0.6, None, 0.8, 0.5, 0.6, None],
            rope_theta=[10_000.0, 5_000.0, 5_000.0, 10_000.0, 10_000.0, 5_000.0],
@@ -41,9 +41,14 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_att
               patch_size=14)
 
 
+# the text config as transformers names its fields (tests/test_row_invariance.py builds it from here too)
+BASE = {k: v for k, v in HUB.items() if k not in ("num_attention_groups", "moe_num_experts", "moe_top_k")}
+CONFIGS = {"step3p5": ("Step3p7TextConfig", None, dict(num_key_value_heads=2, n_routed_experts=8,
+                                                      num_experts_per_tok=2))}
+
+
 def hf_config():
-    text = {k: v for k, v in HUB.items() if k not in ("num_attention_groups", "moe_num_experts", "moe_top_k")}
-    text.update(num_key_value_heads=2, n_routed_experts=8, num_experts_per_tok=2)
+    text = {**BASE, **CONFIGS["step3p5"][2]}
     return transformers.Step3p7Config(text_config=text, vision_config=VISION, attn_implementation="eager")
 
 
