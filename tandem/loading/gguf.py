@@ -197,7 +197,7 @@ class GGUFFile:
         if unknown:
             raise ModelLoadError(f"{self.path}: tensor(s) with no mapping for architecture {self.architecture!r}: "
                                  f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
-        return out
+        return out if spec.regroup is None else spec.regroup(out, config)
 
     # tokenizer
     def tokenizer_metadata(self) -> dict[str, Any]:

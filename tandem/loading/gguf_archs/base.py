@@ -28,6 +28,8 @@ class GGUFArch:
     derived: GGUF tensors the converter generated from the config (e.g. `rope_freqs.weight`): finalize reads them
         back into the config; they are not weights.
     needs_tokenizer: False for drafters that read their target's tokens (the file's tokenizer is not loaded).
+    regroup: optional fn(hf_weights, config) -> hf_weights, after the fix-ups, for what the converter split or moved
+        across tensors (e.g. MLA's kv_b_proj stored as attn_k_b + attn_v_b, Qwen3.5's mtp.* stored as blk.{L}).
     """
 
     model_type: str
@@ -40,6 +42,7 @@ class GGUFArch:
     finalize: Callable[[dict, "GGUFFile"], None] | None = None
     derived: set[str] = field(default_factory=set)
     needs_tokenizer: bool = True
+    regroup: Callable[[dict[str, torch.Tensor], dict], dict[str, torch.Tensor]] | None = None
 
     def __post_init__(self):
         self._patterns = [(re.compile("^" + re.escape(g).replace(r"\{bid\}", r"(?P<bid>\d+)") + "$"), g, h)

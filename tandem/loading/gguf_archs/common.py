@@ -139,3 +139,85 @@ def unpermute_q(t: torch.Tensor, cfg: dict) -> torch.Tensor:
 
 def unpermute_k(t: torch.Tensor, cfg: dict) -> torch.Tensor:
     return unpermute(t, cfg["num_key_value_heads"])
+
+
+# -- MoE and MTP (nextn) layers: deepseek2, glm4moe, qwen35moe -----------------------------------------------------
+
+GROUPED_MOE = {  # DeepSeek-V3 / GLM-4.5 MoE layers; the converter stacks each projection's experts: [E, I, D]
+    "blk.{bid}.ffn_gate_inp.weight": "model.layers.{bid}.mlp.gate.weight",
+    "blk.{bid}.exp_probs_b.bias": "model.layers.{bid}.mlp.gate.e_score_correction_bias",
+    "blk.{bid}.ffn_gate_exps.weight": "model.layers.{bid}.mlp.experts.gate_proj",
+    "blk.{bid}.ffn_up_exps.weight": "model.layers.{bid}.mlp.experts.up_proj",
+    "blk.{bid}.ffn_down_exps.weight": "model.layers.{bid}.mlp.experts.down_proj",
+    **{f"blk.{{bid}}.ffn_{p}_shexp.weight": f"model.layers.{{bid}}.mlp.shared_experts.{p}_proj.weight"
+       for p in ("gate", "up", "down")},
+}
+NEXTN = {  # an MTP layer's own tensors; its decoder block uses the trunk names at blk.{L + j}
+    "blk.{bid}.nextn.eh_proj.weight": "model.layers.{bid}.eh_proj.weight",
+    "blk.{bid}.nextn.enorm.weight": "model.layers.{bid}.enorm.weight",
+    "blk.{bid}.nextn.hnorm.weight": "model.layers.{bid}.hnorm.weight",
+    "blk.{bid}.nextn.shared_head_norm.weight": "model.layers.{bid}.shared_head.norm.weight",
+    "blk.{bid}.nextn.embed_tokens.weight": "model.layers.{bid}.embed_tokens.weight",
+    "blk.{bid}.nextn.shared_head_head.weight": "model.layers.{bid}.shared_head.head.weight",
+}
+NEXTN_REQUIRED = ("nextn.eh_proj.weight", "nextn.enorm.weight", "nextn.hnorm.weight", "nextn.shared_head_norm.weight")
+MOE_KEYS = {"expert_count": "n_routed_experts", "expert_used_count": "num_experts_per_tok",
+            "expert_feed_forward_length": "moe_intermediate_size", "expert_shared_count": "n_shared_experts",
+            "expert_group_count": "n_group", "expert_group_used_count": "topk_group",
+            "leading_dense_block_count": "first_k_dense_replace", "expert_weights_scale": "routed_scaling_factor",
+            "expert_weights_norm": "norm_topk_prob"}
+# what llama.cpp assumes when a key is absent
+MOE_DEFAULTS = {"n_group": 1, "topk_group": 1, "first_k_dense_replace": 0, "n_shared_experts": 0,
+                "routed_scaling_factor": 1.0, "norm_topk_prob": False}
+SIGMOID_GATING = 2  # gguf.ExpertGatingFuncType.SIGMOID
+
+
+def split_nextn(cfg: dict, f: "GGUFFile", key: str = "num_nextn_predict_layers") -> tuple[int, int]:
+    """block_count counts the MTP layers too (the converter appends them at blk.{L..}): the trunk is block_count -
+    nextn_predict_layers. A file whose MTP tensors were left out has no heads (it runs plain)."""
+    n = int(f.meta(f"{f.architecture}.nextn_predict_layers") or 0)
+    L = cfg["num_hidden_layers"] - n
+    if L <= 0:
+        raise ModelLoadError(f"{f.path}: {f.architecture}.nextn_predict_layers = {n} leaves no trunk layers of "
+                             f"block_count {cfg['num_hidden_layers']}")
+    if n and not any(name.startswith(f"blk.{L}.nextn.") for name in f.tensor_names):
+        n = 0
+    cfg["num_hidden_layers"], cfg[key] = L, n
+    return L, n
+
+
+def grouped_moe_config(cfg: dict, f: "GGUFFile") -> None:
+    """The sigmoid grouped router's settings (DeepSeek-V3 / GLM-4.5); llama.cpp's softmax gating is another model."""
+    if "n_routed_experts" not in cfg or "num_experts_per_tok" not in cfg or "moe_intermediate_size" not in cfg:
+        raise ModelLoadError(f"{f.path}: GGUF metadata lacks {f.architecture}.expert_count / expert_used_count / "
+                             f"expert_feed_forward_length")
+    gating = f.meta(f"{f.architecture}.expert_gating_func")
+    if gating is not None and int(gating) != SIGMOID_GATING:
+        raise ModelLoadError(f"{f.path}: {f.architecture}.expert_gating_func = {gating}: only sigmoid routing "
+                             f"({SIGMOID_GATING}, DeepSeek-V3 / GLM-4.5) is supported")
+    for k, v in MOE_DEFAULTS.items():
+        cfg.setdefault(k, v)
+    cfg["norm_topk_prob"] = bool(cfg["norm_topk_prob"])
+
+
+def grouped_moe_layer(cfg: dict, i: int) -> list[str]:
+    """The FFN tensors block i needs: dense before first_k_dense_replace, routed + shared experts after."""
+    if i < cfg["first_k_dense_replace"]:
+        return [f"ffn_{p}.weight" for p in ("gate", "up", "down")]
+    names = ["ffn_gate_inp.weight", "exp_probs_b.bias"] + [f"ffn_{p}_exps.weight" for p in ("gate", "up", "down")]
+    return names + ([f"ffn_{p}_shexp.weight" for p in ("gate", "up", "down")] if cfg["n_shared_experts"] else [])
+
+
+def require(f: "GGUFFile", per_block: dict[int, list[str]]) -> None:
+    """Every block's required tensors are present (the keymaps mark block tensors optional: which ones a block
+    needs depends on its kind)."""
+    have = set(f.tensor_names)
+    missing = [f"blk.{i}.{n}" for i, names in per_block.items() for n in names if f"blk.{i}.{n}" not in have]
+    if missing:
+        raise ModelLoadError(f"{f.path}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} for "
+                             f"architecture {f.architecture!r}")
+
+
+def uniform(cfg: dict, f: "GGUFFile", *keys: str) -> None:
+    for key in keys:
+        _uniform(cfg, key, f)
