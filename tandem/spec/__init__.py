@@ -14,6 +14,8 @@ from tandem.errors import ModelLoadError
 from tandem.spec.assistant import MTPAssistantDrafter
 from tandem.spec.draft_model import DraftModelDrafter
 from tandem.spec.nextn import NextNDrafter  # noqa: F401  (registers kind `nextn`)
+from tandem.spec.ngram import NgramDrafter  # registers kind `ngram`
+from tandem.spec.chain import ChainDrafter, build_drafters, check_spec
 from tandem.spec.drafter import (KINDS, METHODS, Draft, DraftContext, Drafter, Kind, Method, PromptState,
                                  get_method, in_target_kind, kind_of, register_kind, register_method)
 from tandem.spec.policy import DraftPolicy
@@ -23,8 +25,8 @@ from tandem.spec.verify import Verdict, verify
 
 __all__ = ["KINDS", "METHODS", "Draft", "DraftContext", "Drafter", "Kind", "Method", "PromptState", "get_method",
            "in_target_kind", "kind_of", "register_kind", "register_method", "DraftPolicy", "MTPAssistantDrafter",
-           "DraftModelDrafter", "SpecStats", "Tracer", "get_tracer", "set_tracer", "Verdict", "verify", "load_drafter",
-           "drafter_for_model"]
+           "DraftModelDrafter", "NgramDrafter", "ChainDrafter", "build_drafters", "check_spec", "SpecStats",
+           "Tracer", "get_tracer", "set_tracer", "Verdict", "verify", "load_drafter", "drafter_for_model"]
 
 log = logging.getLogger("tandem.spec")
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from tandem.config import SamplingParams
+from tandem.config import SamplingParams, SpecConfig
 from tandem.errors import ConfigError, ModelLoadError
 
 
@@ -42,11 +42,12 @@ from tandem.errors import ConfigError, ModelLoadError
 class Draft:
     """tokens [k] long; probs [k, V] fp32 = the distribution each token was SAMPLED from, or None (deterministic
     drafts). confidence [k]: the drafter's top-1 probability (softmax of its raw logits) at each step, what the
-    policy's p_min compares against. k may be 0."""
+    policy's p_min compares against. k may be 0. source: the kind that drafted it (a chain names its winner)."""
 
     tokens: torch.Tensor
     probs: torch.Tensor | None = None
     confidence: list[float] = field(default_factory=list)
+    source: str = ""
 
     @property
     def k(self) -> int:
@@ -58,7 +59,8 @@ class Draft:
 
     def head(self, n: int) -> "Draft":
         """The first n tokens."""
-        return Draft(self.tokens[:n], None if self.probs is None else self.probs[:n], self.confidence[:n])
+        return Draft(self.tokens[:n], None if self.probs is None else self.probs[:n], self.confidence[:n],
+                     self.source)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class DraftContext:
     generator: torch.Generator | None = None
     request_id: str | None = None
     round: int = 0
+    spec: SpecConfig | None = None  # the request's settings (a chain reads its order of drafters here)
 
 
 class Drafter:
@@ -180,7 +183,9 @@ class Method:
         return KINDS[self.kind].cls if self.kind is not None else Drafter
 
     def fits(self, drafter: Any) -> bool:
-        return isinstance(drafter, self.drafter_cls)
+        """The drafter is of this method's kind, or is a chain with a member of it (tandem.spec.chain)."""
+        members = getattr(drafter, "members", None) or {}
+        return any(isinstance(d, self.drafter_cls) for d in (drafter, *members.values()))
 
 
 # the only place method names are defined (SpecConfig.method picks one); tests add their own via register_method
@@ -192,6 +197,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("draft_sample", "draft-model", True, "a draft model, sampled drafts (p/q rejection at T > 0)"),
     Method("nextn", "nextn", False, "the target's MTP heads, argmax drafts (sample-and-compare at T > 0)"),
     Method("nextn_sample", "nextn", True, "the target's MTP heads, sampled drafts (p/q rejection at T > 0)"),
+    Method("ngram", "ngram", False, "n-gram lookup in the request's text + the suffix cache (no model)"),
 )}
 
 

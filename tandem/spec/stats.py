@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 class SpecStats:
     """drafts: rounds that verified a non-empty draft; drafted: draft tokens verified; accepted: draft tokens kept.
     rounds: all target forwards of the speculative loop (including those without a draft).
-    drafted_at[i] / accepted_at[i]: drafts reaching position i (0-based) / accepted there."""
+    drafted_at[i] / accepted_at[i]: drafts reaching position i (0-based) / accepted there.
+    by_drafter: kind -> {"won": rounds its draft was verified, "proposed": its tokens verified, "accepted"}."""
 
     rounds: int = 0
     drafts: int = 0
@@ -20,9 +21,10 @@ class SpecStats:
     verify_ms: float = 0.0
     drafted_at: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
+    by_drafter: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def record(self, k: int, a: int, draft_ms: float = 0.0, verify_ms: float = 0.0) -> None:
-        """One round: k tokens drafted, a of them accepted."""
+    def record(self, k: int, a: int, draft_ms: float = 0.0, verify_ms: float = 0.0, drafter: str = "") -> None:
+        """One round: k tokens drafted (by `drafter`, a kind name), a of them accepted."""
         assert 0 <= a <= k
         self.rounds += 1
         self.emitted += a + 1
@@ -33,6 +35,8 @@ class SpecStats:
         self.drafts += 1
         self.drafted += k
         self.accepted += a
+        if drafter:
+            self._add_drafter(drafter, {"won": 1, "proposed": k, "accepted": a})
         for lst in (self.drafted_at, self.accepted_at):
             if len(lst) < k:
                 lst.extend([0] * (k - len(lst)))
@@ -56,8 +60,15 @@ class SpecStats:
         return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
 
     def line(self) -> str:
+        per = "; ".join(f"{k}: won {v['won']}, {v['accepted']}/{v['proposed']} accepted"
+                        for k, v in self.by_drafter.items()) if len(self.by_drafter) > 1 else ""
         return (f"draft acceptance = {self.acceptance_rate:.2f} ({self.accepted} accepted / {self.drafted} generated)"
-                f", mean len = {self.mean_len:.1f}")
+                f", mean len = {self.mean_len:.1f}" + (f" ({per})" if per else ""))
+
+    def _add_drafter(self, name: str, counts: dict[str, int]) -> None:
+        mine = self.by_drafter.setdefault(name, {"won": 0, "proposed": 0, "accepted": 0})
+        for key, v in counts.items():
+            mine[key] += v
 
     def merge(self, other: "SpecStats") -> "SpecStats":
         """In place: add another's counters (e.g. over requests); returns self."""
@@ -68,6 +79,8 @@ class SpecStats:
                 mine.extend([0] * (len(theirs) - len(mine)))
             for i, v in enumerate(theirs):
                 mine[i] += v
+        for name, counts in other.by_drafter.items():
+            self._add_drafter(name, counts)
         return self
 
     def __add__(self, other: "SpecStats") -> "SpecStats":
@@ -77,4 +90,4 @@ class SpecStats:
         return {"rounds": self.rounds, "drafts": self.drafts, "drafted": self.drafted, "accepted": self.accepted,
                 "emitted": self.emitted, "acceptance_rate": self.acceptance_rate, "mean_len": self.mean_len,
                 "acceptance_by_position": self.acceptance_by_position, "draft_ms": self.draft_ms,
-                "verify_ms": self.verify_ms}
+                "verify_ms": self.verify_ms, "by_drafter": {k: dict(v) for k, v in self.by_drafter.items()}}

@@ -1,0 +1,162 @@
+"""Chains of drafters: an ordered set of drafters; per slot and round, the first of the request's chain that
+proposes a draft (at least n_min tokens) wins, e.g. ["ngram", "mtp"]: copy from the text when it repeats itself,
+else ask the MTP drafter.
+
+Every member sees every begin / propose / accept / end of every slot, whether or not it drafts for that slot this
+round (a member not asked gets k_max = 0): a drafter with its own state (draft model cache, nextn heads, ngram
+history) must follow all accepted tokens even in rounds another member won. Each member is called with all the
+slots that reach it at the same place of their chains (one batched call per member in the common case).
+
+Chain names are kind names (ngram, assistant, draft-model, nextn) or the method names of a kind (mtp, draft).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from tandem.config import SpecConfig
+from tandem.errors import ConfigError
+from tandem.spec.drafter import KINDS, METHODS, Draft, DraftContext, Drafter, PromptState, get_method
+
+
+def chain_kind(name: str) -> str:
+    """The drafter kind a chain name stands for (ConfigError naming the known names)."""
+    import tandem.spec  # noqa: F401  (registers the built-in kinds)
+    if name in KINDS:
+        return name
+    m = METHODS.get(name)
+    if m is not None and m.kind is not None and not m.sample_drafts:
+        return m.kind
+    raise ConfigError(f"speculative.chain: unknown drafter {name!r}; known: {sorted(names_for(KINDS))}")
+
+
+def names_for(kinds) -> list[str]:
+    """Every chain name (kind or method name) that stands for one of `kinds`."""
+    aliases = [m.name for m in METHODS.values() if m.kind in kinds and not m.sample_drafts]
+    return sorted(set(kinds) | set(aliases))
+
+
+def kinds_of(drafter: Any) -> list[str]:
+    """The kinds an engine's drafter offers: a chain's members, else the drafter's own kind."""
+    members = getattr(drafter, "members", None)
+    return list(members) if members else [drafter.kind]
+
+
+def check_spec(drafter: Any, spec: SpecConfig) -> None:
+    """A request's method and chain must name drafters the engine has (ConfigError naming the allowed ones)."""
+    method = get_method(spec.method)
+    if not method.fits(drafter):
+        raise ConfigError(f"speculative.method {spec.method!r} needs a {method.drafter_cls.__name__}, "
+                          f"the engine has {describe(drafter)}")
+    have = kinds_of(drafter)
+    for name in spec.chain:
+        try:
+            kind = chain_kind(name)
+        except ConfigError:
+            kind = None
+        if kind not in have:
+            raise ConfigError(f"speculative.chain: {name!r} is not a drafter of this engine; allowed: "
+                              f"{names_for(have)}")
+
+
+def describe(drafter: Any) -> str:
+    return drafter.describe() if drafter is not None else "no drafter"
+
+
+class ChainDrafter(Drafter):
+    """members: kind name -> drafter, in the default order (a request without a chain uses it; one whose method
+    names a kind uses that member alone)."""
+
+    kind = "chain"
+
+    def __init__(self, members: dict[str, Drafter]):
+        if not members:
+            raise ConfigError("a chain of drafters needs at least one drafter")
+        self.members = dict(members)
+        self.order = tuple(members)
+        self.needs_prompt_hidden = any(d.needs_prompt_hidden for d in members.values())
+        self.max_draft = max(d.max_draft for d in members.values())
+
+    def describe(self) -> str:
+        return "chain " + " -> ".join(d.describe() for d in self.members.values())
+
+    def make_cache(self, n_slots: int, max_len: int, *, k_type: str, v_type: str, device) -> None:
+        for d in self.members.values():
+            d.make_cache(n_slots, max_len, k_type=k_type, v_type=v_type, device=device)
+
+    def begin(self, slot: int, prompt_state: PromptState) -> None:
+        last = dataclasses.replace(prompt_state, hidden=prompt_state.hidden[-1:])
+        for d in self.members.values():
+            d.begin(slot, prompt_state if d.needs_prompt_hidden else last)
+
+    def accept(self, slot: int, tokens: list[int], hidden) -> None:
+        for d in self.members.values():
+            d.accept(slot, tokens, hidden)
+
+    def end(self, slot: int) -> None:
+        for d in self.members.values():
+            d.end(slot)
+
+    def chain_of(self, ctx: DraftContext) -> tuple[str, ...]:
+        spec = ctx.spec
+        if spec is None:
+            return self.order
+        if spec.chain:
+            return tuple(chain_kind(n) for n in spec.chain)
+        kind = get_method(spec.method).kind
+        return (kind,) if kind is not None else self.order
+
+    def propose(self, batch: list[DraftContext]) -> list[Draft]:
+        chains = [self.chain_of(c) for c in batch]
+        won: list[Draft | None] = [None] * len(batch)
+        asked = {name: set() for name in self.order}  # batch rows each member has seen this round
+        for level in range(max(map(len, chains), default=0)):
+            groups: dict[str, list[int]] = {}
+            for b, ch in enumerate(chains):
+                if won[b] is None and level < len(ch):
+                    groups.setdefault(ch[level], []).append(b)
+            for name, rows in groups.items():
+                for b, d in zip(rows, self._call(name, batch, rows)):
+                    asked[name].add(b)
+                    n_min = batch[b].spec.n_min if batch[b].spec is not None else 1
+                    if d.k >= n_min:
+                        d.source, won[b] = name, d
+        for name in self.order:  # the others follow the round without drafting
+            rest = [b for b in range(len(batch)) if b not in asked[name]]
+            if rest:
+                self._call(name, batch, rest, k_max=0)
+        return [d if d is not None else Draft.empty() for d in won]
+
+    def _call(self, name: str, batch: list[DraftContext], rows: list[int], k_max: int | None = None) -> list[Draft]:
+        d = self.members[name]
+        ctxs = [dataclasses.replace(batch[b], k_max=min(batch[b].k_max, d.max_draft) if k_max is None else k_max)
+                for b in rows]
+        out = d.propose(ctxs)
+        if len(out) != len(ctxs):
+            raise RuntimeError(f"drafter {name} returned {len(out)} drafts for {len(ctxs)} slots")
+        return out
+
+
+def build_drafters(names: tuple[str, ...], load_model_drafter: Callable[[], Drafter | None],
+                   ngram: dict | None = None) -> Drafter | None:
+    """The engine's drafter for `--spec-chain` names: the ngram drafter and/or the one model drafter
+    (load_model_drafter: --drafter, the known one, or the target's own heads); a chain when there are several."""
+    from tandem.spec.ngram import NgramDrafter
+
+    kinds = [chain_kind(n) for n in names]
+    if len(set(kinds)) != len(kinds) or len([k for k in kinds if k != "ngram"]) > 1:
+        raise ConfigError(f"--spec-chain {','.join(names)}: each drafter once; ngram and at most one model drafter")
+    members: dict[str, Drafter] = {}
+    for name, kind in zip(names, kinds):
+        if kind == "ngram":
+            members[kind] = NgramDrafter.build(**(ngram or {}))
+            continue
+        model = load_model_drafter()
+        if model is None or model.kind != kind:
+            raise ConfigError(f"--spec-chain names {name!r} (a {kind} drafter) but the drafter loaded is "
+                              f"{describe(model)}")
+        members[kind] = model
+    if len(members) == 1:
+        return next(iter(members.values()))
+    return ChainDrafter(members) if members else None

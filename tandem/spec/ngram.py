@@ -1,0 +1,148 @@
+"""Kind `ngram`: drafts copied from text already seen, no model (vLLM's prompt lookup + suffix decoding, llama.cpp's
+ngram-cache).
+
+Per slot, the history is the prompt plus the ACCEPTED tokens (accept() appends only what the target emitted, so a
+rejected draft never enters it). A round drafts from:
+  1. prompt lookup: the longest suffix of the history (n_max .. n_min tokens) that occurred earlier in it; the most
+     recent earlier occurrence wins and the tokens that followed it are copied (periodically past the history's end);
+  2. else the suffix cache shared by all requests of the engine: n-gram -> counts of the token that followed it in
+     earlier requests' outputs; drafts greedily (longest known context, most frequent next token, smallest id on
+     ties), confidence = that token's share of the counts. The cache keeps at most `cache_size` n-grams (LRU).
+Drafts are deterministic (probs None, verified as one-hot); prompt-lookup confidence is 1.0.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from tandem.errors import ConfigError
+from tandem.spec.drafter import Draft, DraftContext, Drafter, PromptState, register_kind
+
+
+class SuffixCache:
+    """n-gram (n_min..n_max tokens) -> {next token: count}, learnt from finished requests. Bounded: at most `size`
+    n-grams (least recently used dropped first), at most `width` next tokens per n-gram (the rarest dropped)."""
+
+    def __init__(self, n_min: int, n_max: int, size: int, width: int = 4):
+        self.n_min, self.n_max, self.size, self.width = n_min, n_max, size, width
+        self.table: OrderedDict[tuple[int, ...], dict[int, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def learn(self, tokens: list[int], start: int) -> None:
+        """Count every token of tokens[start:] after each n-gram that precedes it (the prompt gives left context)."""
+        for i in range(max(start, self.n_min), len(tokens)):
+            t = tokens[i]
+            for n in range(self.n_min, min(self.n_max, i) + 1):
+                key = tuple(tokens[i - n:i])
+                counts = self.table.get(key)
+                if counts is None:
+                    counts = self.table[key] = {}
+                else:
+                    self.table.move_to_end(key)
+                if t not in counts and len(counts) >= self.width:
+                    del counts[min(counts, key=lambda x: (counts[x], -x))]
+                counts[t] = counts.get(t, 0) + 1
+        while len(self.table) > self.size:
+            self.table.popitem(last=False)
+
+    def next(self, tail: list[int]) -> tuple[int, float] | None:
+        """The most frequent token after the longest known suffix of `tail`, and its share of the counts."""
+        for n in range(min(self.n_max, len(tail)), self.n_min - 1, -1):
+            key = tuple(tail[-n:])
+            counts = self.table.get(key)
+            if counts:
+                self.table.move_to_end(key)
+                t = min(counts, key=lambda x: (-counts[x], x))
+                return t, counts[t] / sum(counts.values())
+        return None
+
+    def draft(self, history: list[int], k: int, p_floor: float) -> tuple[list[int], list[float]]:
+        tail, toks, conf = history[-self.n_max:], [], []
+        while len(toks) < k:
+            hit = self.next(tail)
+            if hit is None or hit[1] < p_floor:
+                break
+            toks.append(hit[0])
+            conf.append(hit[1])
+            tail = tail[1:] + [hit[0]] if len(tail) >= self.n_max else tail + [hit[0]]
+        return toks, conf
+
+
+@register_kind("ngram", help="n-grams of the request's own text + a suffix cache learnt from earlier requests "
+                             "(no model)")
+class NgramDrafter(Drafter):
+    max_draft = 16
+
+    def __init__(self, n_min: int = 2, n_max: int = 4, cache_size: int = 1 << 16):
+        if not (isinstance(n_min, int) and isinstance(n_max, int) and 1 <= n_min <= n_max <= 16):
+            raise ConfigError(f"ngram: need integers 1 <= n_min <= n_max <= 16, got n_min={n_min!r}, n_max={n_max!r}")
+        if not (isinstance(cache_size, int) and cache_size >= 0):
+            raise ConfigError(f"ngram: cache size must be an integer >= 0 (0 = off), got {cache_size!r}")
+        self.n_min, self.n_max = n_min, n_max
+        self.suffix = SuffixCache(n_min, n_max, cache_size) if cache_size else None
+        self._hist: dict[int, list[int]] = {}  # slot -> prompt + accepted tokens
+        # slot -> n-gram -> where its latest occurrence that has a following token ends
+        self._index: dict[int, dict[tuple[int, ...], int]] = {}
+        self._prompt_n: dict[int, int] = {}  # slot -> prompt length (the suffix cache learns what follows it)
+
+    @classmethod
+    def build(cls, model=None, target=None, **kw) -> "NgramDrafter":
+        return cls(**{k: kw[k] for k in ("n_min", "n_max", "cache_size") if k in kw})
+
+    def describe(self) -> str:
+        cache = f"suffix cache {self.suffix.size} n-grams" if self.suffix is not None else "no suffix cache"
+        return f"ngram n={self.n_min}..{self.n_max}, {cache}"
+
+    # -- protocol ------------------------------------------------------------------------------------------------
+    def begin(self, slot: int, prompt_state: PromptState) -> None:
+        self._hist[slot], self._index[slot] = [], {}
+        self._prompt_n[slot] = len(prompt_state.ids)
+        self._push(slot, list(prompt_state.ids))
+
+    def accept(self, slot: int, tokens: list[int], hidden: torch.Tensor) -> None:
+        self._push(slot, tokens)  # [d_1..d_a, y]: what the target emitted after x
+
+    def end(self, slot: int) -> None:
+        hist, start = self._hist.pop(slot, None), self._prompt_n.pop(slot, None)
+        self._index.pop(slot, None)
+        if self.suffix is not None and hist is not None:
+            self.suffix.learn(hist, start)
+
+    def propose(self, batch: list[DraftContext]) -> list[Draft]:
+        out = []
+        for c in batch:
+            hist = self._hist[c.slot]
+            if len(hist) == c.position:  # x of the first round (sampled from the prefill) is not yet in
+                self._push(c.slot, [c.last_token])
+            if len(hist) != c.position + 1 or hist[-1] != c.last_token:
+                raise RuntimeError(f"ngram slot {c.slot}: history of {len(hist)} tokens does not end with the "
+                                   f"token at position {c.position}")
+            toks, conf = self._draft(c.slot, c.k_max, c.p_floor) if c.k_max > 0 else ([], [])
+            out.append(Draft(torch.tensor(toks, dtype=torch.long), None, conf))
+        return out
+
+    # -- internals -----------------------------------------------------------------------------------------------
+    def _push(self, slot: int, tokens: list[int]) -> None:
+        hist, index = self._hist[slot], self._index[slot]
+        for t in tokens:
+            i = len(hist)  # the n-grams ending at i-1 now have a following token
+            for n in range(self.n_min, min(self.n_max, i) + 1):
+                index[tuple(hist[i - n:i])] = i - 1
+            hist.append(int(t))
+
+    def _draft(self, slot: int, k: int, p_floor: float) -> tuple[list[int], list[float]]:
+        hist, index = self._hist[slot], self._index[slot]
+        for n in range(min(self.n_max, len(hist)), self.n_min - 1, -1):
+            j = index.get(tuple(hist[-n:]))
+            if j is not None:
+                toks: list[int] = []
+                for p in range(j + 1, j + 1 + k):  # past the end: copy what was just drafted (periodic text)
+                    toks.append(hist[p] if p < len(hist) else toks[p - len(hist)])
+                return toks, [1.0] * k
+        if self.suffix is not None:
+            return self.suffix.draft(hist, k, p_floor)
+        return [], []
