@@ -33,9 +33,12 @@ def build_engine(opts: EngineOptions, n_slots: int = 1) -> Engine:
         kernels.prepare(target, opts.weight_format)
     drafter = None
     if opts.spec.enabled:
-        drafter = spec.load_drafter(opts.drafter, target=target, target_loaded=loaded, device=opts.device,
-                                    weight_format=opts.weight_format, mtp_weight_format=opts.mtp_weight_format)
-    spec_cfg = opts.spec if drafter is not None else dataclasses.replace(opts.spec, enabled=False)
+        drafter = spec.build_drafters(opts.spec.chain, lambda: spec.load_drafter(
+            opts.drafter, target=target, target_loaded=loaded, device=opts.device, weight_format=opts.weight_format,
+            mtp_weight_format=opts.mtp_weight_format), dict(n_min=opts.ngram_n_min, n_max=opts.ngram_n_max,
+                                                            cache_size=opts.ngram_cache))
+    # the chain's order lives in the drafter: requests without a chain of their own use it (or their method's kind)
+    spec_cfg = dataclasses.replace(opts.spec, enabled=drafter is not None and opts.spec.enabled, chain=())
     eng = Engine(target, loaded.tokenizer, max_len=opts.max_len, n_slots=n_slots, cache_type_k=k_type,
                  cache_type_v=v_type, device=opts.device, drafter=drafter, spec=spec_cfg)
     eng.loaded = loaded

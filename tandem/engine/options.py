@@ -21,7 +21,9 @@ class EngineOptions:
     drafter its checkpoint carries (MTP heads), if any.
 
     spec.enabled=False loads no drafter at all; cache_type_v None means the same type as K; mtp_weight_format None
-    means the in-target drafter's layers get the target's weight_format."""
+    means the in-target drafter's layers get the target's weight_format. spec.chain: the drafters the engine
+    loads, in the order requests try them (tandem.spec.chain; () = the model drafter alone); ngram_*: the n-gram
+    drafter's lengths and suffix-cache size."""
 
     model: str | None = None
     drafter: str | None = None
@@ -33,6 +35,9 @@ class EngineOptions:
     max_len: int = 4096
     threads: int | None = None
     device: str = "cpu"
+    ngram_n_min: int = 2
+    ngram_n_max: int = 4
+    ngram_cache: int = 1 << 16
 
     def __post_init__(self):
         if not (isinstance(self.max_len, int) and self.max_len >= 1):
@@ -46,11 +51,13 @@ class EngineOptions:
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> EngineOptions:
+        chain = tuple(n.strip() for n in a.spec_chain.split(",") if n.strip())
         spec = SpecConfig(enabled=not a.no_spec, n_max=a.spec_n_max, n_min=a.spec_n_min, p_min=a.spec_p_min,
-                          adaptive=not a.no_adaptive)
+                          adaptive=not a.no_adaptive, chain=chain)
         return cls(model=a.model, drafter=a.drafter, spec=spec, weight_format=a.weight_format,
                    mtp_weight_format=a.mtp_weight_format, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
-                   max_len=a.ctx_size, threads=a.threads, device=a.device)
+                   max_len=a.ctx_size, threads=a.threads, device=a.device, ngram_n_min=a.ngram_n_min,
+                   ngram_n_max=a.ngram_n_max, ngram_cache=a.ngram_cache)
 
     def plain(self) -> EngineOptions:
         """The same options without speculation (no drafter is loaded)."""
@@ -67,6 +74,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-adaptive", action="store_true",
                    help="draft --spec-n-max tokens every round instead of choosing the length from the acceptance "
                         "and the measured round cost")
+    p.add_argument("--spec-chain", default="", metavar="NAMES",
+                   help="drafters to load, in the order each round tries them (the first with a draft wins), e.g. "
+                        "ngram,mtp: n-gram lookup, else the MTP drafter. Names: ngram, mtp|assistant, "
+                        "draft|draft-model, nextn (at most one model drafter). A request's speculative.chain may "
+                        "reorder or subset them. Default: the model drafter alone")
+    p.add_argument("--ngram-n-min", type=int, default=d.ngram_n_min, help="ngram: shortest n-gram to look up")
+    p.add_argument("--ngram-n-max", type=int, default=d.ngram_n_max, help="ngram: longest n-gram to look up")
+    p.add_argument("--ngram-cache", type=int, default=d.ngram_cache,
+                   help="ngram: n-grams the suffix cache keeps from earlier requests (LRU; 0 = off)")
     p.add_argument("--spec-n-min", type=int, default=d.spec.n_min, help="discard drafts shorter than this")
     p.add_argument("--spec-p-min", type=float, default=d.spec.p_min, help="stop drafting when top-1 prob < p_min")
     p.add_argument("--weight-format", default=d.weight_format,

@@ -28,6 +28,7 @@ class Metrics:
         self.num_accepted_tokens = 0
         self.accepted_per_pos: list[int] = []
         self.drafted_per_pos: list[int] = []
+        self.by_drafter: dict[str, dict[str, int]] = {}  # kind -> won / proposed / accepted (bounded: kind names)
 
     def record_request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -46,6 +47,10 @@ class Metrics:
                 self.num_drafts += sp.drafts
                 self.num_draft_tokens += sp.drafted
                 self.num_accepted_tokens += sp.accepted
+                for name, counts in sp.by_drafter.items():
+                    mine = self.by_drafter.setdefault(name, {"won": 0, "proposed": 0, "accepted": 0})
+                    for key, v in counts.items():
+                        mine[key] += v
                 for mine, theirs in ((self.accepted_per_pos, sp.accepted_at), (self.drafted_per_pos, sp.drafted_at)):
                     if len(mine) < len(theirs):
                         mine.extend([0] * (len(theirs) - len(mine)))
@@ -90,4 +95,9 @@ class Metrics:
             dr = self.drafted_per_pos + [0] * (n_pos - len(self.drafted_per_pos))
             metric("spec_decode_num_draft_tokens_per_pos", "counter", "draft tokens verified at each position",
                    [(f'position="{i}"', v) for i, v in enumerate(dr)])
+            for key, name, help_ in (("won", "rounds_won", "rounds whose verified draft came from this drafter"),
+                                     ("proposed", "draft_tokens", "draft tokens verified, by drafter"),
+                                     ("accepted", "accepted_tokens", "draft tokens accepted, by drafter")):
+                metric(f"spec_decode_drafter_{name}", "counter", help_,
+                       [(f'{m},drafter="{_esc(d)}"', c[key]) for d, c in sorted(self.by_drafter.items())])
         return "\n".join(lines) + "\n"

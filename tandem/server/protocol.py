@@ -45,6 +45,8 @@ class SpeculativeOptions(BaseModel):
     n_min: StrictInt | None = Field(None, ge=1, le=16, description="drafts shorter than this are dropped")
     p_min: Number | None = Field(None, ge=0, le=1, description="stop drafting below this top-1 probability")
     adaptive: StrictBool | None = Field(None, description="choose each round's length up to n_max (false: n_max)")
+    chain: list[StrictStr] | None = Field(None, max_length=8, description="drafters to try in order, e.g. "
+                                          "[\"ngram\", \"mtp\"]: the first with a draft wins the round")
 
 
 class StreamOptions(BaseModel):
@@ -229,15 +231,12 @@ def spec_of(req: _Common, default: SpecConfig, drafter: Any) -> SpecConfig:
     except ConfigError as e:
         msg = str(e)
         raise APIError(400, msg, msg.split(" ", 1)[0]) from None
-    if spec.enabled and available and "method" in changes:
-        from tandem.spec import get_method
+    if spec.enabled and available and ("method" in changes or "chain" in changes):
+        from tandem.spec import check_spec
         try:
-            method = get_method(spec.method)
+            check_spec(drafter, spec)
         except ConfigError as e:
-            raise APIError(400, str(e), "speculative.method") from None
-        if not isinstance(drafter, method.drafter_cls):
-            raise APIError(400, f"speculative.method {spec.method!r} needs a {method.drafter_cls.__name__} drafter; "
-                                f"this server has a {type(drafter).__name__}", "speculative.method")
+            raise APIError(400, str(e), str(e).split(" ", 1)[0].rstrip(":")) from None
     if not available and spec.enabled:
         spec = dataclasses.replace(spec, enabled=False)
     return spec
@@ -245,7 +244,7 @@ def spec_of(req: _Common, default: SpecConfig, drafter: Any) -> SpecConfig:
 
 def spec_echo(spec: SpecConfig) -> dict:
     return {"enabled": spec.enabled, "method": spec.method, "n_max": spec.n_max, "n_min": spec.n_min,
-            "p_min": spec.p_min}
+            "p_min": spec.p_min, **({"chain": list(spec.chain)} if spec.chain else {})}
 
 
 def message_text(m: ChatMessage, i: int) -> str:
@@ -277,6 +276,7 @@ def timings_of(stats: GenStats) -> dict:
         "draft_n": sp.drafted if sp is not None else 0,
         "draft_n_accepted": sp.accepted if sp is not None else 0,
         "draft_acceptance_per_position": [round(x, 6) for x in sp.acceptance_by_position] if sp is not None else [],
+        "draft_by_drafter": {k: dict(v) for k, v in sp.by_drafter.items()} if sp is not None else {},
     }
 
 

@@ -144,6 +144,8 @@ def build_drafters(names: tuple[str, ...], load_model_drafter: Callable[[], Draf
     (load_model_drafter: --drafter, the known one, or the target's own heads); a chain when there are several."""
     from tandem.spec.ngram import NgramDrafter
 
+    if not names:
+        return load_model_drafter()
     kinds = [chain_kind(n) for n in names]
     if len(set(kinds)) != len(kinds) or len([k for k in kinds if k != "ngram"]) > 1:
         raise ConfigError(f"--spec-chain {','.join(names)}: each drafter once; ngram and at most one model drafter")
