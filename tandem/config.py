@@ -97,31 +97,32 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check_model_config(cfg: dict, source: str) -> None:
-    """ConfigError naming `source` and the field for a config.json value of the wrong type, an absurd size, or a
+def check_model_config(cfg: dict, source: str, error: type[Exception] = ConfigError) -> None:
+    """`error` naming `source` and the field for a config.json value of the wrong type, an absurd size, or a
     special-token id outside the vocabulary; nested `text_config` checked too. Run before building the model."""
     if not isinstance(cfg, dict):
-        raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+        raise error(f"{source}: expected a JSON object, got {type(cfg).__name__}")
     for key, limit in _MODEL_INTS.items():
         v = cfg.get(key)
         for n in (v if isinstance(v, list) else [] if v is None else [v]):  # GGUF may store one per layer
             if not _is_int(n):
-                raise ConfigError(f"{source}: field {key!r} must be an integer, got {type(n).__name__} {n!r}")
+                raise error(f"{source}: field {key!r} must be an integer, got {type(n).__name__} {n!r}")
             if not 1 <= n <= limit:
-                raise ConfigError(f"{source}: field {key!r} = {n} is outside [1, {limit}]")
+                raise error(f"{source}: field {key!r} = {n} is outside [1, {limit}]")
     for key in _MODEL_FLOATS:
         v = cfg.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise ConfigError(f"{source}: field {key!r} must be a number, got {type(v).__name__} {v!r}")
+        for x in (v if isinstance(v, list) else [] if v is None else [v]):  # Step3.5: rope_theta per layer
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise error(f"{source}: field {key!r} must be a number, got {type(x).__name__} {x!r}")
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     vocab = cfg.get("vocab_size", text.get("vocab_size"))
     for key in _TOKEN_IDS:
         v = cfg.get(key)
         for t in (v if isinstance(v, list) else [] if v is None else [v]):
             if not _is_int(t):
-                raise ConfigError(f"{source}: field {key!r} must be an integer token id (or a list of them), "
-                                  f"got {type(t).__name__} {t!r}")
+                raise error(f"{source}: field {key!r} must be an integer token id (or a list of them), "
+                            f"got {type(t).__name__} {t!r}")
             if key != "pad_token_id" and vocab is not None and not 0 <= t < vocab:  # some configs pad with -1
-                raise ConfigError(f"{source}: field {key!r} = {t} is outside the vocabulary [0, {vocab})")
+                raise error(f"{source}: field {key!r} = {t} is outside the vocabulary [0, {vocab})")
     if text:
-        check_model_config(text, f"{source} (text_config)")
+        check_model_config(text, f"{source} (text_config)", error)

@@ -6,6 +6,7 @@ Token events and one Finished event. Batched serving builds on the same pieces (
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -97,6 +98,23 @@ class Engine:
     def max_len(self) -> int:
         return self.cache.max_len
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model.args.vocab_size
+
+    @property
+    def exact(self) -> tuple[bool, str]:
+        """(exact, reason): True when every target row is row-invariant here (speculative output == plain
+        decoding bitwise at T=0); False: speculation keeps the target's distribution only."""
+        from tandem import kernels
+        return kernels.exactness(self.model, self.device)
+
+    def check_ids(self, ids: list[int]) -> None:
+        """Token ids outside [0, vocab) never reach a kernel: a RequestError naming the first bad one."""
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+
     # -- target forwards -----------------------------------------------------------------------------------------
     def describe_drafter(self) -> str:
         """The drafter requests use by default, for people: its own describe(), or `none (plain)`."""
@@ -106,6 +124,7 @@ class Engine:
     def prefill(self, slot: int, ids: list[int], start: int = 0, keep_hidden: bool = False):
         """Run ids at positions start.. into the slot's cache; returns the Output of the last chunk, its hidden
         [1, len(ids), D] (all chunks) when keep_hidden."""
+        self.check_ids(ids)
         out, hidden = None, []
         for c in range(0, len(ids), PREFILL_CHUNK):
             chunk = ids[c:c + PREFILL_CHUNK]
@@ -134,7 +153,11 @@ class Engine:
                 raise RequestError("this engine has no tokenizer: pass token ids")
             ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         else:
-            ids = [int(t) for t in prompt]
+            try:
+                ids = [operator.index(t) for t in prompt]
+            except TypeError as e:
+                raise RequestError(f"prompt token ids must be integers ({e})") from None
+        self.check_ids(ids)
         if not ids:
             raise RequestError("the prompt is empty (0 tokens)")
         if len(ids) >= self.max_len:

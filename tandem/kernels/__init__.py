@@ -1,19 +1,22 @@
 """Compute kernels behind one small API. The reference paths are plain torch; fast paths may replace them.
 
 attend(): every attention read goes through here (via the KV cache), so cache formats and kernels meet in one place.
-  On CPU with fp32/bf16 caches it runs the batch-invariant C++ kernel (tandem/kernels/attention.py), elsewhere the
-  reference. Set TANDEM_NO_EXT=1 to force the reference everywhere.
+  On CPU with fp32/bf16 caches it runs the batch-invariant C++ kernel (tandem/kernels/attention.py), elsewhere
+  attend_quant. Set TANDEM_NO_EXT=1 to force the torch paths everywhere (row-invariant for decode/verify too).
 attend_quant(): the same contract over quantized KV buffers (tandem/kernels/quant_attention.py): the fused
   dequantise-while-attending C++ kernel on CPU, else the chunked torch one.
 prepare(model, weight_format): swaps every nn.Linear for a batch-invariant PackedLinear (tandem/kernels/linear.py),
   the tied input embedding for a PackedEmbedding that reads rows from the packed LM head, and lets modules that hold
   linear weights in another shape (MoE experts and routers) pack them through their `pack_weights(fmt)`.
+exactness(model, device): whether the running configuration is row-invariant (spec == plain bitwise), and why.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
+from tandem.kernels._ext import unavailable_reason
 from tandem.kernels.attention import attend_cpu
 from tandem.kernels.linear import FORMATS, PackedEmbedding, PackedLinear, check_format
 from tandem.kernels.quant_attention import attend_quant
@@ -28,7 +31,8 @@ def prepare(model: nn.Module, weight_format: str = "bf16") -> nn.Module:
     A tied input embedding (nn.Embedding sharing its weight with a Linear) becomes a PackedEmbedding reading
     dequantised rows from that packed Linear, so no full-precision copy of the table stays referenced.
     Modules with a `pack_weights(fmt)` method (MoE experts [E, 2I, D], routers) then pack their own weights.
-    weight_format="fp32" keeps the exact reference path (plain F.linear on the original fp32 weights).
+    weight_format="fp32" keeps the original fp32 weights, run in fixed-shape row blocks (row-invariant too).
+    Sets `model.kernel_format` (what exactness() reads).
     """
     check_format(weight_format)
     packed: dict[int, PackedLinear] = {}  # id(weight Parameter) -> PackedLinear (tied weights packed once)
@@ -47,7 +51,24 @@ def prepare(model: nn.Module, weight_format: str = "bf16") -> nn.Module:
     for m in list(model.modules()):
         if callable(getattr(m, "pack_weights", None)):
             m.pack_weights(weight_format)
+    model.kernel_format = weight_format
     return model
 
 
-__all__ = ["attend", "attend_quant", "attend_reference", "prepare", "PackedLinear", "PackedEmbedding", "FORMATS"]
+def exactness(model: nn.Module, device: torch.device | str) -> tuple[bool, str]:
+    """(exact, why): whether every row of `model` is computed independently of the other rows on `device`, so
+    speculative output equals plain decoding bitwise at T=0 (else the target's distribution only)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return False, (f"device {device.type}: row invariance is verified for the CPU kernels only "
+                       f"(GPU GEMM/attention may pick kernels by batch shape); distribution-exact only")
+    fmt = getattr(model, "kernel_format", None)
+    if fmt is None:
+        return False, "weights not prepared (kernels.prepare): plain torch linears vary with the row count"
+    missing = unavailable_reason()
+    path = (f"C++ kernels, {fmt} weights" if missing is None
+            else f"torch fixed-shape reference paths ({fmt} weights; C++ kernels unavailable: {missing})")
+    return True, f"row-invariant: {path}"
+
+
+__all__ = ["attend", "attend_quant", "attend_reference", "exactness", "prepare", "PackedLinear", "PackedEmbedding", "FORMATS"]

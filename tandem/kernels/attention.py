@@ -4,7 +4,9 @@ Same semantics as attend_reference (query at position p sees entries p - window 
 row, which sees entry 0 only), but each query row is computed independently with a fixed instruction sequence:
 its output depends only on its own q, its position and the cache entries it may see, never on T, B or the
 other rows. K/V are read in place from the cache buffers by slot. fp32 and bf16 caches; fp32 softmax.
-Anything else (other devices or dtypes) goes to the reference.
+Anything else (f16 caches, no extension, other devices) goes to quant_attention.attend_quant, whose fused kernel
+reads f16 as well and whose torch path (attend_chunked) is row-invariant for decode and verify (T <= SMALL_T):
+never to attend_reference, whose key length follows the batch.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from tandem.kernels._ext import ext
-from tandem.kernels.reference import attend_reference
+from tandem.kernels.quant_attention import attend_quant
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -26,9 +28,9 @@ def fast_attend_supported(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Ten
 def attend_cpu(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor,
                q_pos: torch.Tensor, window: int | None, scale: float,
                softcap: float | None = None) -> torch.Tensor:
-    """attend_reference's contract, batch-invariant fast path on CPU (reference elsewhere)."""
+    """attend_reference's contract, row-invariant: the fp32/bf16 kernel on CPU, attend_quant otherwise."""
     if not fast_attend_supported(q, k_buf, v_buf):
-        return attend_reference(q, k_buf, v_buf, slots, q_pos, window, scale, softcap)
+        return attend_quant(q, k_buf, v_buf, slots, q_pos, window, scale, softcap)
     qf = q if (q.dtype == torch.float32 and q.is_contiguous()) else q.float().contiguous()
     out = ext().attend_fast(qf, k_buf, v_buf, slots.to(torch.int64), q_pos.to(torch.int64),
                             int(window) if window is not None else 0, float(scale),

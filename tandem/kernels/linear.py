@@ -7,11 +7,12 @@ kernel serves every M (prefill included), so prefill is invariant too; it is reg
 multithreaded over 64-column panels and 48-row blocks, never over K.
 
 Formats (by name):
-  fp32 : exact reference path, plain F.linear on the original weight (stock BLAS; not batch-invariant).
+  fp32 : the original fp32 weight through stock BLAS, in fixed [ROW_BLOCK, K] calls (`fixed_rows`): every row
+         meets the same call shape, so it is row-invariant on any backend whose GEMM is deterministic per shape.
   bf16 : weights rounded to bf16 (2 B/weight), activations stay fp32.
   q8_0 : GGUF Q8_0 blocks of 32 along K (int8 + fp16 scale, 1.0625 B/weight; bit-identical values to llama.cpp's
          Q8_0 quantiser / a Q8_0 GGUF tensor), dequantised exactly to fp32 in registers; activations stay fp32.
-Without the compiled extension the packed formats fall back to per-row torch calls (slow, still invariant).
+Without the compiled extension (or off CPU) the packed formats take the same fixed-shape torch path.
 """
 
 from __future__ import annotations
@@ -26,6 +27,20 @@ FORMATS = ("fp32", "bf16", "q8_0")
 PACKED_FORMATS = ("bf16", "q8_0")
 NB = 64       # columns per panel (must match csrc/small_gemm.cpp)
 QBLOCK = 32   # Q8_0 block along K
+ROW_BLOCK = 32  # rows per torch call on the reference path (fixed_rows)
+
+
+def fixed_rows(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x2 [M, K], w [N, K]) -> [M, N], computed in zero-padded [ROW_BLOCK, K] blocks, each a fresh
+    buffer: every row meets the same GEMM shape and alignment, so its result never depends on M."""
+    M, K = x2.shape
+    outs = []
+    for i in range(0, M, ROW_BLOCK):
+        n = min(ROW_BLOCK, M - i)
+        blk = x2.new_zeros(ROW_BLOCK, K)
+        blk[:n] = x2[i:i + n]
+        outs.append(F.linear(blk, w)[:n])
+    return torch.cat(outs) if outs else x2.new_zeros(0, w.shape[0])
 
 
 def check_format(fmt: str) -> str:
@@ -133,6 +148,9 @@ class PackedLinear(nn.Module):
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows `idx` (any shape, int) of the dequantised weight as fp32 [*idx.shape, K] (tied embedding lookup)."""
         flat = idx.reshape(-1).to(torch.int64).cpu().contiguous()
+        if flat.numel() and not (0 <= int(flat.min()) and int(flat.max()) < self.out_features):
+            raise IndexError(f"row ids {flat.min().item()}..{flat.max().item()} outside the table "
+                             f"[0, {self.out_features})")
         m = ext()
         if self.fmt == "fp32":
             out = self.weight.index_select(0, flat)
@@ -175,14 +193,14 @@ class PackedLinear(nn.Module):
         return m.gemm_q8_0_panels(x2, self.q8, self.d16, idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt == "fp32":
-            return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
         m = ext()
-        if m is not None and x2.device.type == "cpu":
+        if self.fmt == "fp32":
+            y = fixed_rows(x2, self.weight.float())
+        elif m is not None and x2.device.type == "cpu":
             if self.fmt == "bf16":
                 y = m.gemm_bf16(x2, self.w_bf16, self.out_features)
             else:
@@ -195,13 +213,11 @@ class PackedLinear(nn.Module):
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
-        # row by row (each row the same M=1 call) so that results stay independent of M; weights dequantised
-        # in chunks of panels to bound memory
+        # fixed-shape row blocks (row-invariant); weights dequantised in chunks of panels to bound memory
         outs = []
         for p0 in range(0, self.out_features, 16384):
             p1 = min(self.out_features, p0 + 16384)
-            w = self._dequant_range(p0, p1).to(x2.device)
-            outs.append(torch.cat([F.linear(x2[i:i + 1], w) for i in range(x2.shape[0])]))
+            outs.append(fixed_rows(x2, self._dequant_range(p0, p1).to(x2.device)))
         return torch.cat(outs, dim=1)
 
     def _dequant_range(self, n0: int, n1: int) -> torch.Tensor:

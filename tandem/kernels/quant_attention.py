@@ -13,7 +13,7 @@ target's layers, KV-shared layers, the assistant's KV-less layers) gets it.
 
 attend_chunked walks the keys in fixed chunks of CHUNK positions aligned to multiples of CHUNK, dequantising only
 the chunk, with an online softmax (fp32): the bytes read are the quantized ones. Row invariance: chunk shapes depend
-only on the cache (KVCache pads Tmax to a multiple of 32, so elementwise ops never hit a scalar tail), fully masked
+only on the cache (whole 32-float steps: KVCache pads Tmax, a shorter last chunk is zero-padded), fully masked
 chunks leave a row's state exactly unchanged, and for small T (decode / verify, T <= SMALL_T) each query position is
 one fixed-shape [G, D] x [D, chunk] product, so a row's result does not depend on T or on the other rows. Larger T
 (prefill) does all rows in one product (fast, not row-invariant).
@@ -33,7 +33,7 @@ from tandem.kernels._ext import ext
 
 QBLOCK = 32
 CHUNK = 256
-SMALL_T = 16
+SMALL_T = 17  # decode and verify: SpecConfig.n_max <= 16 drafts verify in up to 17 rows
 _SIGN_SEED = 0x7A11
 
 
@@ -300,7 +300,10 @@ def attend_chunked(q: torch.Tensor, k_buf, v_buf, slots: torch.Tensor, q_pos: to
         j1 = min(j0 + chunk, Tmax)
         kt = _chunk_of(k_buf, slots, j0, j1, torch.float32).transpose(-1, -2)
         vc = _chunk_of(v_buf, slots, j0, j1, torch.float32)
-        j = torch.arange(j0, j1, device=q.device)
+        pad = -(j1 - j0) % 32  # an unpadded float cache: zero keys past Tmax keep every chunk whole 32-float steps
+        if pad:
+            kt, vc = torch.nn.functional.pad(kt, (0, pad)), torch.nn.functional.pad(vc, (0, 0, 0, pad))
+        j = torch.arange(j0, j1 + pad, device=q.device)
         for i in range(steps):
             s = torch.matmul(qs[i], kt) * scale
             if softcap is not None:

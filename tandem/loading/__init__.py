@@ -103,6 +103,10 @@ def load_state_into(model: nn.Module, weights: dict[str, torch.Tensor], source: 
            f"got {tuple(weights[k].shape)}" for k, v in expected.items() if tuple(weights[k].shape) != tuple(v.shape)]
     if bad:
         raise ModelLoadError(f"{source}: tensor shape mismatch: {bad[:4]}")
+    bad = [f"{file_names.get(k, k)}: expected {v.dtype}, got {weights[k].dtype}" for k, v in expected.items()
+           if v.is_floating_point() != weights[k].is_floating_point()]
+    if bad:
+        raise ModelLoadError(f"{source}: tensor dtype mismatch (integer vs floating point): {bad[:4]}")
     model.load_state_dict(weights, strict=True, assign=True)
     for names in tied:
         p = model.get_parameter(names[0])

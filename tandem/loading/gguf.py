@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tandem.config import check_model_config
 from tandem.errors import ModelLoadError
 from tandem.loading.gguf_archs import ARCHS, GGUFArch
 from tandem.loading.gguf_reader import _reader
@@ -143,6 +144,7 @@ class GGUFFile:
             raise ModelLoadError(f"{self.path}: GGUF metadata lacks {[f'{a}.{k}' for k in missing]}")
         if spec.finalize is not None:
             spec.finalize(cfg, self)
+        check_model_config(cfg, f"{self.path} (metadata)", ModelLoadError)
         return cfg
 
     # tensors

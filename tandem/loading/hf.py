@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from tandem.config import check_model_config
 from tandem.errors import ModelLoadError
 
 SINGLE = "model.safetensors"
@@ -35,6 +36,7 @@ def read_config(model_dir: str | os.PathLike) -> dict:
     cfg = _read_json(p)
     if "model_type" not in cfg:
         raise ModelLoadError(f"{p}: no model_type")
+    check_model_config(cfg, str(p), ModelLoadError)
     return cfg
 
 
@@ -107,5 +109,7 @@ def read_tokenizer(model_dir: str | os.PathLike, config: dict):
             g = _read_json(gen)
             if g.get("eos_token_id") is not None:
                 cfg["eos_token_id"] = g["eos_token_id"]
+                check_model_config({"vocab_size": config.get("vocab_size"), "eos_token_id": g["eos_token_id"]},
+                                   str(gen), ModelLoadError)
         tok = Tokenizer.from_file(d / "tokenizer.json", cfg, tc)
     return tok, template

@@ -143,8 +143,6 @@ class MLAttention(nn.Module):
 
     def pack_weights(self, fmt: str) -> None:
         """Per-head absorption linears in the run-time format (kv_b_proj is not read after this)."""
-        if fmt == "fp32":
-            return
         wk, wv = (w.detach().float() for w in self._kv_b_halves())
         self.absorb_k = nn.ModuleList(PackedLinear.from_weight(wk[h].T.contiguous(), fmt)
                                       for h in range(self.n_heads))

@@ -3,7 +3,7 @@
 Row invariance (the lossless-speculation guarantee): after kernels.prepare(model, fmt) every expert is a pair of
 PackedLinears (`pack_weights`), each computing a row's output bitwise independently of the other rows routed to
 that expert, and a row's top-k expert outputs are summed in its own top-k order, never in an order set by the batch.
-Routers' projections are packed the same way. With fmt "fp32" the plain reference (F.linear) stays.
+Routers' projections are packed the same way (fp32 included). Unprepared modules run plain F.linear.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ class _Router(nn.Module):
         self.proj: PackedLinear | None = None
 
     def pack_weights(self, fmt: str) -> None:
-        if fmt != "fp32":
-            self.proj = PackedLinear.from_weight(self.weight.detach(), fmt)
-            del self.weight
+        self.proj = PackedLinear.from_weight(self.weight.detach(), fmt)
+        del self.weight
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, D] -> [N, E] fp32."""
@@ -94,9 +93,7 @@ class Experts(nn.Module):
         self.packed: nn.ModuleList | None = None  # per expert [gate_up, down] PackedLinears after pack_weights
 
     def pack_weights(self, fmt: str) -> None:
-        """Pack every expert in the run-time format (fp32 keeps the reference) and drop the 3D tensors."""
-        if fmt == "fp32":
-            return
+        """Pack every expert in the run-time format (fp32 too: fixed-shape row blocks) and drop the 3D tensors."""
         gu, dn = self.gate_up_proj.detach(), self.down_proj.detach()
         self.packed = nn.ModuleList(nn.ModuleList([PackedLinear.from_weight(gu[e], fmt),
                                                    PackedLinear.from_weight(dn[e], fmt)])

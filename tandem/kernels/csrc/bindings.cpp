@@ -16,14 +16,16 @@ void kv_store(torch::Tensor x, int64_t bits, torch::Tensor signs, torch::Tensor 
               torch::Tensor slots, torch::Tensor positions);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemm_bf16", &gemm_bf16);
-  m.def("gemm_q8_0", &gemm_q8_0);
-  m.def("gemm_q8_0_panels", &gemm_q8_0_panels);
-  m.def("gemm_bf16_panels", &gemm_bf16_panels);
-  m.def("rows_q8_0", &rows_q8_0);
-  m.def("rows_bf16", &rows_bf16);
-  m.def("attend_fast", &attend_fast);
-  m.def("attend_quant", &attend_quant);
-  m.def("kv_quantize", &kv_quantize);
-  m.def("kv_store", &kv_store);
+  // compute without the GIL: other Python threads (the server's event loop) keep running during a long kernel
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("gemm_bf16", &gemm_bf16, nogil);
+  m.def("gemm_q8_0", &gemm_q8_0, nogil);
+  m.def("gemm_q8_0_panels", &gemm_q8_0_panels, nogil);
+  m.def("gemm_bf16_panels", &gemm_bf16_panels, nogil);
+  m.def("rows_q8_0", &rows_q8_0, nogil);
+  m.def("rows_bf16", &rows_bf16, nogil);
+  m.def("attend_fast", &attend_fast, nogil);
+  m.def("attend_quant", &attend_quant, nogil);
+  m.def("kv_quantize", &kv_quantize, nogil);
+  m.def("kv_store", &kv_store, nogil);
 }

@@ -221,6 +221,15 @@ torch::Tensor gemm_bf16_panels(torch::Tensor x, torch::Tensor w, torch::Tensor p
   return y;
 }
 
+// A token id outside the packed table would read past it: refuse it (the engine checks ids first; this is the
+// last line, so a bad id never becomes an out-of-bounds read).
+static void check_rows(const torch::Tensor& rows, int64_t n_rows) {
+  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.is_contiguous(), "rows: contiguous int64");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows.numel(); ++r)
+    TORCH_CHECK(rp[r] >= 0 && rp[r] < n_rows, "row index ", rp[r], " out of range [0, ", n_rows, ")");
+}
+
 // Rows `rows` [R] (int64) of a q8_0 / bf16 panel-packed weight, dequantised to fp32 [R, K] (tied embedding lookup).
 torch::Tensor rows_q8_0(torch::Tensor q, torch::Tensor d, torch::Tensor rows, int64_t K) {
   const int64_t R = rows.numel();
@@ -228,6 +237,7 @@ torch::Tensor rows_q8_0(torch::Tensor q, torch::Tensor d, torch::Tensor rows, in
   const int8_t* qp = reinterpret_cast<const int8_t*>(q.data_ptr());
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
   const int64_t* rp = rows.data_ptr<int64_t>();
+  check_rows(rows, q.size(0) * NB);
   float* op = out.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = rp[r], p = n / NB, c = n % NB;
@@ -244,6 +254,7 @@ torch::Tensor rows_bf16(torch::Tensor w, torch::Tensor rows, int64_t K) {
   auto out = torch::empty({R, K}, torch::TensorOptions().dtype(torch::kFloat32));
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const int64_t* rp = rows.data_ptr<int64_t>();
+  check_rows(rows, w.size(0) * NB);
   float* op = out.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = rp[r], p = n / NB, c = n % NB;
