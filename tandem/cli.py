@@ -39,6 +39,8 @@ def cmd_generate(a) -> int:
     print(f"[{fin.reason}] {st.timing_line()}", file=sys.stderr)
     spec_line = f" | {st.spec.line()}" if st.spec is not None else ""
     print(f"drafter: {eng.describe_drafter()}{spec_line}", file=sys.stderr)
+    exact, why = eng.exact
+    print(f"exact: {'yes' if exact else 'no (distribution only)'}: {why}", file=sys.stderr)
     return 0
 
 

@@ -186,3 +186,13 @@ def test_cpp_kernels_release_the_gil():
         t.join()
     assert elapsed > 0.05, f"the kernel call ({elapsed:.3f}s) was too short to show anything"
     assert state["gap"] < elapsed / 2, f"the other thread stalled {state['gap']:.3f}s of a {elapsed:.3f}s call"
+
+
+def test_health_reports_exactness():
+    """/health carries exact + exact_reason from the running engine (here the tiny fp32 target)."""
+    from fastapi.testclient import TestClient
+
+    from tandem.server.app import create_app
+    with TestClient(create_app(_engine(_model("gemma3", "fp32")))) as client:
+        h = client.get("/health").json()
+    assert h["exact"] is True and "fp32" in h["exact_reason"]

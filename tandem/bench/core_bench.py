@@ -96,7 +96,8 @@ def run_core_bench(a) -> dict:
     threads = a.threads or torch.get_num_threads()
     res = {"model": str(eng.loaded.path), "weight_format": a.weight_format, "threads": threads,
            "context": a.context, "cache_type_k": eng.cache.k_type, "cache_type_v": eng.cache.v_type,
-           "kv_bytes_per_token": eng.cache.bytes_per_token, "kv_total_mb": round(eng.cache.total_bytes / 2**20, 1)}
+           "kv_bytes_per_token": eng.cache.bytes_per_token, "kv_total_mb": round(eng.cache.total_bytes / 2**20, 1),
+           "exact": eng.exact[0], "exact_reason": eng.exact[1]}
     res.update(measure_engine(eng, a.context, a.decode_tokens, ks, a.reps))
     if a.compare == "llama.cpp":
         if eng.loaded.kind != "gguf":

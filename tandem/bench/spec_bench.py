@@ -111,7 +111,8 @@ def run_spec_bench(a) -> dict:
            **_summary(total), "identical_outputs": f"{identical}/{n_req}", "method": spec_on.method,
            "adaptive": spec_on.adaptive, "n_max": spec_on.n_max, "p_min": spec_on.p_min, "max_tokens": a.max_tokens,
            "weight_format": a.weight_format, "cache_type_k": eng.cache.k_type, "cache_type_v": eng.cache.v_type,
-           "kv_bytes_per_token": eng.cache.bytes_per_token, "per_category": per_cat}
+           "kv_bytes_per_token": eng.cache.bytes_per_token, "per_category": per_cat,
+           "exact": eng.exact[0], "exact_reason": eng.exact[1]}
     if a.out:
         _save(res, Path(a.out))
     return res

@@ -29,8 +29,7 @@ def build_engine(opts: EngineOptions, n_slots: int = 1) -> Engine:
         torch.set_num_threads(opts.threads)
     loaded = loading.load(opts.model, device=opts.device, dtype=torch.float32)
     target = loaded.model
-    if opts.weight_format != "fp32":
-        kernels.prepare(target, opts.weight_format)
+    kernels.prepare(target, opts.weight_format)  # fp32 too: its fixed-shape row blocks keep it exact
     drafter = None
     if opts.spec.enabled:
         drafter = spec.build_drafters(opts.spec.chain, lambda: spec.load_drafter(

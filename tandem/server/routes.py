@@ -23,8 +23,9 @@ def model_card(state: ServerState) -> dict:
 @router.get("/health")
 async def health(state: ServerState = Depends(state_of)):
     sched = state.scheduler
+    exact, why = state.engine.exact
     return {"status": "ok", "slots_idle": sched.n_slots - sched.n_active, "slots_processing": sched.n_active,
-            "requests_waiting": sched.n_waiting}
+            "requests_waiting": sched.n_waiting, "exact": exact, "exact_reason": why}
 
 
 @router.get("/v1/models")
