@@ -121,3 +121,19 @@ def test_chain_stats_line_names_each_drafter():
     assert t.by_drafter == {"ngram": {"won": 2, "proposed": 6, "accepted": 4},
                             "assistant": {"won": 2, "proposed": 4, "accepted": 0}}
     assert "ngram: won 2, 4/6 accepted" in t.line() and t.to_dict()["by_drafter"] == t.by_drafter
+
+
+def test_trace_names_each_rounds_winner():
+    from tandem.spec import set_tracer
+    target = tiny_target()
+    eng = Engine(target, max_len=64, drafter=ChainDrafter(
+        {"ngram": NgramDrafter(n_min=1), "assistant": MTPAssistantDrafter(tiny_assistant(), target)}))
+    events = []
+    set_tracer(events.append)
+    try:
+        fin = eng.complete([1, 2, 3, 1, 2, 3, 1], SP)[1]
+    finally:
+        set_tracer(None)
+    won = [e["drafter"] for e in events if e["event"] == "draft" and e["tokens"]]
+    assert set(won) <= {"ngram", "assistant"} and won
+    assert {k: won.count(k) for k in set(won)} == {k: v["won"] for k, v in fin.stats.spec.by_drafter.items()}

@@ -103,7 +103,7 @@ class ChainDrafter(Drafter):
         if spec is None:
             return self.order
         if spec.chain:
-            return tuple(chain_kind(n) for n in spec.chain)
+            return tuple(dict.fromkeys(chain_kind(n) for n in spec.chain))  # "mtp" and "assistant": once
         kind = get_method(spec.method).kind
         return (kind,) if kind is not None else self.order
 

@@ -2,8 +2,9 @@
 
 Enable with `--trace FILE` (the CLI calls set_tracer(FILE)) or the TANDEM_TRACE=FILE environment variable.
 Events:
-  {"event": "draft", "req", "slot", "round", "pos", "tokens": [...], "probs": [...], "ms", "t"}
-      pos: position of the last emitted token the draft continues; probs: the drafter's probability of each token
+  {"event": "draft", "req", "slot", "round", "pos", "tokens": [...], "probs": [...], "drafter", "ms", "t"}
+      pos: position of the last emitted token the draft continues; probs: the drafter's probability of each token;
+      drafter: the kind that drafted (a chain's winner of the round)
   {"event": "verify", "req", "slot", "round", "pos", "n_draft", "accepted", "tokens": [...], "ms", "t"}
       tokens: what the round emitted (accepted drafts, then the recovered/bonus token)
 """
