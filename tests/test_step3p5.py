@@ -18,6 +18,7 @@ from transformers.generation import candidate_generator as cg  # noqa: E402
 from tandem.config import SamplingParams, SpecConfig  # noqa: E402
 from tandem.engine import Engine, Token  # noqa: E402
 from tandem.engine.batch import BatchScheduler  # noqa: E402
+from tandem.errors import ConfigError  # noqa: E402
 from tandem.kernels import prepare  # noqa: E402
 from tandem.loading import load  # noqa: E402
 from tandem.models import build  # noqa: E402
@@ -102,6 +103,16 @@ def test_config_resolution():
     m = a.mtp_config()
     assert m.layer_types == HUB["layer_types"][L:] and m.num_sliding_attention_heads == 4
     assert [m.limit("swiglu_limits", j) for j in range(NMTP)] == [None, 0.7]  # transformers' form: trunk's first n
+
+
+def test_config_errors():
+    """A per-layer list of the wrong length, a layer kind this family does not run: ConfigErrors naming them."""
+    with pytest.raises(ConfigError, match="layer_types has 3 entries, expected 4"):
+        build({**HUB, "model_type": "step3p5", "layer_types": ["full_attention"] * 3})
+    with pytest.raises(ConfigError, match=r"layer_types \['minimax_m3_sparse'\].* unsupported"):
+        build({**HUB, "model_type": "step3p5", "layer_types": ["minimax_m3_sparse"] * (L + NMTP)})
+    with pytest.raises(ConfigError, match="2 MTP layers but no mtp_layer_types"):
+        build({**hf_config().text_config.to_dict(), "mtp_layer_types": None})
 
 
 def hub_names(sd: dict) -> dict:
