@@ -88,17 +88,18 @@ def _in_target_drafter(target: Any, target_name: str, weight_format: str | None)
 
 def _shared_embedding_config(path: str) -> dict | None:
     """config.json of a tandem-trained drafter whose tied head is the target's embedding (not stored), else None."""
-    import json
     from pathlib import Path
+
+    from tandem.loading.hf import _read_json
 
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         return None
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise ModelLoadError(f"{cfg_path}: invalid JSON ({e})") from None
-    return cfg if (cfg.get("tandem") or {}).get("shared_target_embeddings") else None
+    cfg = _read_json(cfg_path)
+    extra = cfg.get("tandem") or {}
+    if not isinstance(extra, dict):
+        raise ModelLoadError(f"{cfg_path}: field 'tandem' must be a JSON object, got {type(extra).__name__}")
+    return cfg if extra.get("shared_target_embeddings") else None
 
 
 def _load_shared_embedding_drafter(path: str, cfg: dict, target: Any):
@@ -113,7 +114,9 @@ def _load_shared_embedding_drafter(path: str, cfg: dict, target: Any):
     wpath = Path(path) / "model.safetensors"
     if not wpath.is_file():
         raise ModelLoadError(f"drafter {path}: model.safetensors missing")
+    from tandem.config import check_model_config
     from tandem.loading import _no_init
+    check_model_config(cfg, str(Path(path) / "config.json"), ModelLoadError)
     with _no_init():  # the tied head is about to become the target's: don't initialise a [V, D] table
         model = models.build(cfg)
     tv = getattr(getattr(target, "args", None), "vocab_size", None)
@@ -123,7 +126,16 @@ def _load_shared_embedding_drafter(path: str, cfg: dict, target: Any):
                              f"(vocab {tv}, hidden {getattr(target.args, 'hidden_size', None)})")
     model.lm_head = target.lm_head
     model.model.embed_tokens = target.model.embed_tokens
-    sd = {k: (v.long() if k.endswith("token_ordering") else v.float()) for k, v in load_file(str(wpath)).items()}
+    try:
+        raw = load_file(str(wpath))
+    except Exception as e:  # truncated / not safetensors
+        raise ModelLoadError(f"{wpath}: cannot read safetensors ({type(e).__name__}: {e})") from None
+    sd = {k: (v.long() if k.endswith("token_ordering") else v.float()) for k, v in raw.items()}
+    want = model.state_dict()
+    bad = [f"{k}: expected {tuple(want[k].shape)}, got {tuple(v.shape)}" for k, v in sd.items()
+           if k in want and want[k].shape != v.shape]
+    if bad:
+        raise ModelLoadError(f"{wpath}: tensor shape mismatch: {bad[:4]}")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith(("lm_head.", "model.embed_tokens."))]
     if missing or unexpected:
