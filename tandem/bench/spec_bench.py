@@ -90,18 +90,18 @@ def run_spec_bench(a) -> dict:
     for cat, texts in prompts.items():
         cs = {k: _Arm() for k in arms}
         for i, prompt in enumerate(texts):
-            outs = {}
+            outs, rates, fins = {}, {}, {}
             for name, spec in arms.items():
                 toks, fin, dt = _run(eng, prompt, sampling, spec)
-                outs[name] = toks
+                outs[name], rates[name], fins[name] = toks, fin.stats.predicted_n / dt, fin
                 cs[name].add(fin, dt)
                 total[name].add(fin, dt)
             same = all(o == outs["plain"] for o in outs.values())
             identical, n_req = identical + same, n_req + 1
-            st = fin.stats.spec or SpecStats()
-            print(f"{cat}[{i}] pred={fin.stats.predicted_n} draft={st.drafted} acc={st.accepted} "
-                  f"rate={st.acceptance_rate:.3f} tok/s={fin.stats.predicted_n / dt:.1f} same={'yes' if same else 'NO'}",
-                  flush=True)
+            st = fins["spec"].stats.spec or SpecStats()
+            print(f"{cat}[{i}] pred={fins['spec'].stats.predicted_n} draft={st.drafted} acc={st.accepted} "
+                  f"rate={st.acceptance_rate:.3f} tok/s " + " ".join(f"{k}={v:.1f}" for k, v in rates.items())
+                  + f" same={'yes' if same else 'NO'}", flush=True)
         per_cat[cat] = _summary(cs)
     res = {"n_requests": n_req, "total_predicted": total["spec"].tok, "total_draft": total["spec"].stats.drafted,
            "total_draft_accepted": total["spec"].stats.accepted,
