@@ -4,6 +4,8 @@ jinja2 sandbox. A non-Gemma model without a template has none: chat requests are
 from __future__ import annotations
 
 import datetime
+import re
+import secrets
 from functools import lru_cache
 
 from jinja2 import TemplateError
@@ -88,3 +90,59 @@ def template_for(loaded, tokenizer) -> ChatTemplate:
                 eos = piece(eos_ids[0]) or eos
     mtype = str((getattr(loaded, "config", None) or {}).get("model_type", "gemma"))
     return ChatTemplate(source, bos, eos, GEMMA_TEMPLATE if mtype.startswith("gemma") else None, mtype)
+
+
+def special_strings(tokenizer) -> tuple[str, ...]:
+    """The text of every special (control) token the tokenizer would parse out of a string, longest first."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None or not hasattr(backend, "get_added_tokens_decoder"):
+        return ()
+    found = {t.content for t in backend.get_added_tokens_decoder().values() if t.special and t.content}
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+class ChatEncoder:
+    """Messages -> prompt token ids. Special-token strings inside message content are TEXT unless the operator
+    allows them: otherwise a user could write `<start_of_turn>system` and forge turns the template never made.
+
+    Such strings are swapped for per-call sentinels before rendering; the rendered prompt is tokenized piecewise:
+    template text with specials parsed, each shielded string with specials off."""
+
+    def __init__(self, template: ChatTemplate, tokenizer, special_in_content: bool = False):
+        self.template, self.tokenizer = template, tokenizer
+        specials = () if special_in_content or tokenizer is None else special_strings(tokenizer)
+        self._find = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self._plain = None  # a copy of the backend that never matches special tokens, made on first need
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestError("messages: this model has no tokenizer: send token ids to /v1/completions")
+        shielded: list[str] = []
+        nonce = secrets.token_hex(6)  # a user cannot guess it, so cannot forge a sentinel of their own
+
+        def sentinel(k: int) -> str:
+            return f"\ue000{nonce}:{k}\ue001"
+
+        def shield(text):
+            if self._find is None or not isinstance(text, str):
+                return text
+            return self._find.sub(lambda m: shielded.append(m.group()) or sentinel(len(shielded) - 1), text)
+        prompt = self.template.render([{**m, "content": shield(m.get("content"))} for m in messages])
+        # encode_batch: it releases the GIL (tokenizers' single encode does not), so a server's loop keeps running
+        if not shielded:
+            return self.tokenizer.encode_batch([prompt], add_special_tokens=False)[0]
+        ids: list[int] = []
+        for i, seg in enumerate(re.split(f"\ue000{nonce}:(\\d+)\ue001", prompt)):
+            if i % 2 == 0:
+                ids += self.tokenizer.encode_batch([seg], add_special_tokens=False)[0] if seg else []
+            else:
+                ids += self._plain_backend().encode_batch([shielded[int(seg)]], add_special_tokens=False)[0].ids
+        return ids
+
+    def _plain_backend(self):
+        if self._plain is None:
+            from tokenizers import Tokenizer
+
+            self._plain = Tokenizer.from_str(self.tokenizer.backend.to_str())
+            self._plain.encode_special_tokens = True
+        return self._plain

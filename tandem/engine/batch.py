@@ -109,9 +109,6 @@ class RequestHandle:
             if any(isinstance(e, (Finished, Failed)) for e in events):
                 return
 
-    async def next_batch(self) -> list[Event]:
-        return await self._aq.get()
-
     async def __aiter__(self) -> AsyncIterator[Event]:
         async for events in self.batches():
             for e in events:
@@ -162,8 +159,6 @@ class BatchScheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
-        self.step_rows = 0  # rows forwarded, summed over steps (for a mean batch size)
-        self.on_finish = None  # optional callback(handle, Finished) run in the scheduler thread
 
     # -- public API ----------------------------------------------------------------------------------------------
     def start(self) -> "BatchScheduler":
@@ -311,9 +306,7 @@ class BatchScheduler:
                         out, s.hidden = Output(out.logits, torch.cat(s.hidden, 1)), []
                     self._start_decoding(s, out)
             except Exception as e:  # noqa: BLE001 - fail this request only
-                log.exception("prefill failed")
-                self._release(s.idx)
-                s.handle._deliver([Failed(f"internal error in prefill: {type(e).__name__}: {e}")])
+                self._fail_slot(s, "prefill", e)
 
     def _start_decoding(self, s: _Slot, out) -> None:
         """After the last prefill chunk: speculative state (if any) and the first token, as Engine.generate."""
@@ -346,28 +339,42 @@ class BatchScheduler:
             s.out.stats.predicted_ms = 1000 * (time.perf_counter() - s.t1)
             events.extend(s.out.finish())
             self._release(s.idx)
-            if self.on_finish is not None:
-                try:
-                    self.on_finish(s.handle, events[-1])
-                except Exception:  # noqa: BLE001
-                    log.exception("on_finish callback failed")
         s.handle._deliver(events)
 
-    def _rows(self, active: list[_Slot]) -> list[list[int]]:
-        """Each slot's rows this step: [pending] (plain), or [pending, d_1..d_k] from ONE propose for all
-        speculating slots."""
-        rows = [[s.pending] for s in active]
-        spec = [b for b, s in enumerate(active) if s.spec is not None]
+    def _rows(self, active: list[_Slot]) -> tuple[list[_Slot], list[list[int]]]:
+        """Each slot's rows: [pending] (plain), or [pending, d_1..d_k] from ONE propose for all speculating slots
+        (if it raises, each drafts alone and only those whose own propose raises fail). -> (active slots, rows)"""
+        rows = {s.idx: [s.pending] for s in active}
+        spec = [s for s in active if s.spec is not None]
         if spec:
-            drafted = draft_rows(self.engine.drafter, [active[b].spec for b in spec], [active[b].pending for b in spec])
-            for b, r in zip(spec, drafted):
-                rows[b] = r
-        return rows
+            try:
+                drafted = draft_rows(self.engine.drafter, [s.spec for s in spec], [s.pending for s in spec])
+            except Exception:  # noqa: BLE001 - find the request(s) at fault instead of failing all of them
+                log.exception("batched propose failed; drafting slot by slot")
+                drafted = []
+                for s in spec:
+                    try:
+                        drafted.append(draft_rows(self.engine.drafter, [s.spec], [s.pending])[0])
+                    except Exception as e:  # noqa: BLE001
+                        self._fail_slot(s, "drafter", e)
+                        drafted.append(None)
+            for s, r in zip(spec, drafted):
+                rows[s.idx] = r
+        active = [s for s in active if rows[s.idx] is not None]
+        return active, [rows[s.idx] for s in active]
+
+    def _fail_slot(self, s: _Slot, where: str, e: Exception) -> None:
+        """One request failed (its sampling, drafter or output): end it alone; the other slots go on."""
+        log.error("request %s failed in %s: %s: %s", s.handle.id, where, type(e).__name__, e)
+        self._release(s.idx)
+        s.handle._deliver([Failed(f"this request failed in {where}: {type(e).__name__}: {e}")])
 
     def _step(self) -> None:
         eng = self.engine
         active = [s for s in self._slots if s is not None and not s.prefilling]
-        rows = self._rows(active)
+        active, rows = self._rows(active)
+        if not active:
+            return
         B, T = len(active), max(len(r) for r in rows)
         tokens = torch.zeros(B, T, dtype=torch.long)
         positions = torch.full((B, T), -1, dtype=torch.long)
@@ -383,16 +390,18 @@ class BatchScheduler:
             hidden = torch.cat([out.hidden[b, :len(r)] for b, r in enumerate(rows)])[:, None]
             logits = eng.model.logits(hidden)[:, 0]
         self.steps += 1
-        self.step_rows += sum(len(r) for r in rows)
         o = 0
         for b, (s, r) in enumerate(zip(active, rows)):
             lg = logits[o:o + len(r)]
             o += len(r)
             n = eng.cache.lengths[s.idx]
-            if s.spec is None:
-                eng.cache.set_length(s.idx, n + 1)
-                toks = [(sample_token(lg[-1:], s.req.sampling, s.gen), False)]
-            else:
-                eng.cache.set_length(s.idx, n + len(r))
-                toks = s.spec.verify(r, lg, out.hidden[b, :len(r)])
-            self._emit(s, toks)
+            try:
+                if s.spec is None:
+                    eng.cache.set_length(s.idx, n + 1)
+                    toks = [(sample_token(lg[-1:], s.req.sampling, s.gen), False)]
+                else:
+                    eng.cache.set_length(s.idx, n + len(r))
+                    toks = s.spec.verify(r, lg, out.hidden[b, :len(r)])
+                self._emit(s, toks)
+            except Exception as e:  # noqa: BLE001 - e.g. NaN probabilities from this request's own settings
+                self._fail_slot(s, "sampling", e)

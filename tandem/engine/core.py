@@ -66,13 +66,18 @@ class RequestOutput:
         return Token(tok, text, from_draft)
 
     def finish(self) -> list[Token | Finished]:
-        """The closing events: pending text (when not stopped) and Finished. A stream that ended early = "length"."""
+        """The closing events: text held back (pending UTF-8 bytes, a possible stop-string start) unless a stop
+        string ended the text, then Finished. A stream that ended early = "length"."""
         reason = self.reason or "length"
         out: list[Token | Finished] = []
-        if reason == "length" and self.detok is not None:
-            tail = self.stops.push(self.detok.flush())[0] + self.stops.flush()
-            if tail:
-                out.append(Token(-1, tail, False))
+        tail, hit = self.stops.push(self.detok.flush() if self.detok is not None else "")
+        if not hit:
+            more, hit = self.stops.flush()
+            tail += more
+        if tail:
+            out.append(Token(-1, tail, False))
+        if hit:
+            reason = "stop"
         out.append(Finished(reason, self.stats, self.stops.text))
         return out
 

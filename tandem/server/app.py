@@ -8,7 +8,6 @@ OpenAI-style JSON, never an HTML page or a bare 500.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.chat import template_for
 from tandem.engine.batch import BatchScheduler
+from tandem.server.guard import Guard, json_bytes
 from tandem.server.metrics import Metrics
 from tandem.server.protocol import APIError, param_of
 from tandem.server.routes import router
@@ -28,16 +28,30 @@ from tandem.server.state import ServerState, model_names, state_of, vocab_size
 log = logging.getLogger("tandem.server")
 
 
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that is always valid UTF-8, even when a message echoes a lone surrogate from the request."""
+
+    def render(self, content: Any) -> bytes:
+        return json_bytes(content)
+
+
 def create_app(engine, *, loaded: Any = None, alias: str | None = None, api_key: str | None = None,
                max_tokens_limit: int | None = None, scheduler: BatchScheduler | None = None,
-               max_waiting: int | None = 1024) -> FastAPI:
+               max_waiting: int | None = 1024, allowed_hosts: list[str] | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, special_in_content: bool = False) -> FastAPI:
+    """special_in_content: special-token strings inside chat message content are parsed as control tokens
+    (default: they are plain text, so a user cannot forge turns or system prompts)."""
     loaded = loaded if loaded is not None else getattr(engine, "loaded", None)
     model_id, names = model_names(loaded, alias)
     sched = scheduler or BatchScheduler(engine, max_waiting=max_waiting)
     state = ServerState(engine=engine, scheduler=sched, model_id=model_id, names=names,
                         template=template_for(loaded, engine.tokenizer), metrics=Metrics(model_id),
                         api_key=api_key or None, max_tokens_limit=max_tokens_limit or engine.max_len,
-                        spec_default=engine.spec, vocab_size=vocab_size(engine))
+                        spec_default=engine.spec, vocab_size=vocab_size(engine),
+                        special_in_content=special_in_content)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -45,20 +59,20 @@ def create_app(engine, *, loaded: Any = None, alias: str | None = None, api_key:
         yield
         sched.stop()
 
-    app = FastAPI(title="tandem", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="tandem", version="0.1.0", lifespan=lifespan, default_response_class=SafeJSONResponse,
                   description="OpenAI-compatible server with lossless speculative decoding")
     app.state.tandem = state
     sched.start()
     add_error_handlers(app)
-    app.middleware("http")(_auth)
+    app.add_middleware(Guard, api_key=state.api_key, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes,
+                       on_reject=state.metrics.record_request)
     app.include_router(router)
     return app
 
 
 def _error_response(request: Request, status: int, body: dict, headers=None) -> JSONResponse:
-    if request.url.path.startswith("/v1"):
-        state_of(request).metrics.record_request(request.url.path, status)
-    return JSONResponse(body, status_code=status, headers=headers)
+    state_of(request).metrics.record_request(request.url.path, status)
+    return SafeJSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_message(errs: list[dict]) -> APIError:
@@ -102,16 +116,3 @@ def add_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error_response(request, 500, APIError(500, f"internal server error: {type(e).__name__}", None,
                                                       "internal_error").body())
-
-
-async def _auth(request: Request, call_next):
-    """API key on /v1/*: `Authorization: Bearer KEY` (or x-api-key), compared in constant time."""
-    state = state_of(request)
-    if state.api_key and request.url.path.startswith("/v1"):
-        got = request.headers.get("authorization", "")
-        token = got[7:].strip() if got[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-            state.metrics.record_request(request.url.path, 401)
-            return JSONResponse(APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
-                                         None, "invalid_api_key").body(), status_code=401)
-    return await call_next(request)

@@ -30,7 +30,8 @@ def encode_text(state: ServerState, text: str, add_special: bool) -> list[int]:
     tok = state.engine.tokenizer
     if tok is None:
         raise APIError(400, "this model has no tokenizer: send token ids", "prompt")
-    return tok.encode(text, add_special_tokens=add_special)
+    # encode_batch releases the GIL (tokenizers' single encode does not): the event loop keeps running meanwhile
+    return tok.encode_batch([text], add_special_tokens=add_special)[0]
 
 
 def settings_of(state: ServerState, req, ids: list[int], requested_max: int | None,

@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 from collections import defaultdict
 
 PREFIX = "tandem:"
+# the only endpoint labels: a raw path (user input) would make one series per distinct URL, without bound
+ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+_MODEL_PATH = re.compile(r"^/v1/models/[^/]+$")
+
+
+def endpoint_label(path: str) -> str:
+    if path in ENDPOINTS:
+        return path
+    return "/v1/models/{model}" if _MODEL_PATH.match(path) else "other"
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size (Linux /proc), for the soak tool's leak check."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _esc(v: str) -> str:
@@ -32,7 +52,7 @@ class Metrics:
 
     def record_request(self, endpoint: str, status: int) -> None:
         with self._lock:
-            self.requests[(endpoint, status)] += 1
+            self.requests[(endpoint_label(endpoint), int(status))] += 1
 
     def record_finish(self, reason: str, stats, draft_tokens_emitted: int = 0) -> None:
         with self._lock:
@@ -100,4 +120,9 @@ class Metrics:
                                      ("accepted", "accepted_tokens", "draft tokens accepted, by drafter")):
                 metric(f"spec_decode_drafter_{name}", "counter", help_,
                        [(f'{m},drafter="{_esc(d)}"', c[key]) for d, c in sorted(self.by_drafter.items())])
+        rss = resident_bytes()
+        if rss is not None:
+            lines.append("# HELP process_resident_memory_bytes Resident memory size in bytes.")
+            lines.append("# TYPE process_resident_memory_bytes gauge")
+            lines.append(f"process_resident_memory_bytes {rss}")
         return "\n".join(lines) + "\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 
@@ -51,11 +53,10 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, state: 
     check_model(state, req.model)
     msgs = [{"role": m.role, "content": message_text(m, i), **({"name": m.name} if m.name else {})}
             for i, m in enumerate(req.messages)]
-    try:
-        prompt = state.template.render(msgs, add_generation_prompt=True)
+    try:  # template rendering and tokenization are CPU work: off the event loop, so /health etc. stay responsive
+        ids = await asyncio.to_thread(state.chat.encode, msgs)
     except RequestError as e:
         raise APIError(400, str(e), "messages") from None
-    ids = encode_text(state, prompt, add_special=False)
     if req.max_completion_tokens is not None:
         return await run(state, request, req, ids, req.max_completion_tokens, "max_completion_tokens")
     return await run(state, request, req, ids, req.max_tokens, "max_tokens")
@@ -73,7 +74,7 @@ async def completions(req: CompletionRequest, request: Request, state: ServerSta
                 raise APIError(400, "only one prompt per request is supported", "prompt")
             p = p[0]
     if isinstance(p, str):
-        ids = encode_text(state, p, add_special=True)
+        ids = await asyncio.to_thread(encode_text, state, p, True)
     else:
         ids = list(p)
         if state.vocab_size is not None and any(not 0 <= t < state.vocab_size for t in ids):

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import Request
 
-from tandem.chat import ChatTemplate
+from tandem.chat import ChatEncoder, ChatTemplate
 from tandem.config import SpecConfig
 from tandem.engine.batch import BatchScheduler
 from tandem.server.metrics import Metrics
@@ -33,7 +33,12 @@ class ServerState:
     max_tokens_limit: int
     spec_default: SpecConfig
     vocab_size: int | None
+    special_in_content: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    chat: ChatEncoder = field(init=False)
+
+    def __post_init__(self):
+        self.chat = ChatEncoder(self.template, self.engine.tokenizer, self.special_in_content)
 
     @property
     def n_ctx(self) -> int:
