@@ -277,7 +277,8 @@ def test_loadtest_over_http(server):
 
 def test_metrics(server, client):
     client.completions.create(model=server.model, prompt="Hello", max_tokens=8, temperature=0)
-    r = httpx.get(server.url + "/metrics")
+    assert httpx.get(server.url + "/metrics").status_code == 401  # the API key covers /metrics too
+    r = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
     values = {}
@@ -368,7 +369,7 @@ def test_schemathesis_no_server_errors(server):
     from hypothesis import HealthCheck, given, settings
     from schemathesis.checks import not_a_server_error
 
-    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
 
     failures, statuses = [], {}
     for op_result in schema.get_all_operations():
