@@ -98,7 +98,7 @@ def setup():
     target = tiny_target()
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, V, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(8)]
+               for _ in range(6)]
     greedy = SamplingParams(max_tokens=24, ignore_eos=True)
     plain = Engine(target, max_len=64)
     return target, prompts, greedy, [plain.complete(p, greedy)[0] for p in prompts]

@@ -33,12 +33,13 @@ from tandem.spec.trace import get_tracer
 from tandem.spec.verify import verify
 
 
-_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> {method: RoundCost}
+_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> {(method, chain): RoundCost}
 
 
-def round_cost(engine, method: str) -> RoundCost:
-    """The engine's learned round cost for a drafting method, shared by its requests (tandem.spec.policy)."""
-    return _COSTS.setdefault(engine, {}).setdefault(method, RoundCost())
+def round_cost(engine, method: str, chain: tuple[str, ...] = ()) -> RoundCost:
+    """The engine's learned round cost for a drafting method (and chain), shared by its requests
+    (tandem.spec.policy)."""
+    return _COSTS.setdefault(engine, {}).setdefault((method, tuple(chain)), RoundCost())
 
 
 class SlotSpeculator:
@@ -54,7 +55,8 @@ class SlotSpeculator:
         check_spec(self.drafter, spec)  # the method's kind and the chain's names are drafters of this engine
         self.sample_drafts = method.sample_drafts and not sampling.greedy
         self.policy = DraftPolicy(spec, self.drafter.max_draft)
-        self.adaptive = AdaptiveLength(round_cost(engine, spec.method), spec.n_min) if spec.adaptive else None
+        self.adaptive = (AdaptiveLength(round_cost(engine, spec.method, spec.chain), spec.n_min)
+                         if spec.adaptive else None)
         self.stats = stats  # GenStats (predicted_n is the budget already spent); its .spec gets our SpecStats
         self.spec_stats = SpecStats()
         if stats is not None:
