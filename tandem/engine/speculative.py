@@ -120,7 +120,7 @@ class SlotSpeculator:
         ms = 1000 * (time.perf_counter() - self._t_verify)
         self.spec_stats.record(k, a, draft_ms, ms, draft.source or self.drafter.kind)
         if self.adaptive is not None:
-            self.adaptive.observe(k, a, draft_ms + ms)
+            self.adaptive.observe(k, a, draft_ms, ms)
         if self.tracer is not None:
             self.tracer.emit("verify", req=self.request_id, slot=self.slot, round=self.round, pos=n, n_draft=k,
                              accepted=a, tokens=toks, ms=round(ms, 3))

@@ -42,39 +42,56 @@ class DraftPolicy:
         return draft.head(n) if n >= self.spec.n_min else draft.head(0)
 
 
-class RoundCost:
-    """Wall time of one speculative round (draft k tokens + verify k + 1 rows) by k, learned from the rounds
-    themselves (an exponential average per k). It is shared by the requests of one engine and drafting method:
-    the cost belongs to the machine, model and drafter, not to the text. Unmeasured k come from a least-squares
-    line through the measured ones (`prior_slope` x the k=0 time per draft token while fewer than two are known),
-    and the curve is made non-decreasing in k."""
+class _Line:
+    """ms = a + b * k from exponentially decayed least-squares sums over rounds. While the rounds seen lack spread
+    in k (a policy that settles on one length), the slope comes from `ratio`: b = ratio * a (ratio None: a = 0,
+    the cost proportional to k)."""
 
-    def __init__(self, prior_slope: float = 0.15, rate: float = 0.2):
-        self.prior_slope, self.rate = prior_slope, rate
-        self.ms: dict[int, float] = {}
+    def __init__(self, ratio: float | None, decay: float):
+        self.ratio, self.decay = ratio, decay
+        self.w = self.k = self.kk = self.y = self.ky = 0.0
 
     def observe(self, k: int, ms: float) -> None:
-        old = self.ms.get(k)
-        self.ms[k] = ms if old is None else old + self.rate * (ms - old)
+        d = self.decay
+        self.w, self.k, self.kk = d * self.w + 1, d * self.k + k, d * self.kk + k * k
+        self.y, self.ky = d * self.y + ms, d * self.ky + k * ms
+
+    def fit(self) -> tuple[float, float] | None:
+        if self.w == 0:
+            return None
+        mk, my = self.k / self.w, self.y / self.w
+        var = self.kk / self.w - mk * mk
+        if var > 0.1:  # spread enough to measure the slope itself
+            b = max(0.0, (self.ky / self.w - mk * my) / var)
+            return max(0.0, my - b * mk), b
+        if self.ratio is None:
+            return (0.0, my / mk) if mk > 0 else (my, 0.0)
+        a = my / (1 + self.ratio * mk)
+        return a, self.ratio * a
+
+
+class RoundCost:
+    """Wall time of one speculative round by draft length k: verify(k) + draft(k), each a line in k learned from
+    the rounds' own timings (draft_ms of propose, verify ms of the k + 1 row forward), so every round refreshes
+    the estimate for every k, not only for the k it used. Shared by the requests of one engine, method and chain:
+    the cost belongs to the machine, model and drafter, not to the text. Before the rounds show a spread of k, the
+    extra verify cost per draft row is `verify_ratio` x the 1-row cost (a k-row forward costs about one row here:
+    `tandem bench` k-cost table), and a draft costs in proportion to its length."""
+
+    def __init__(self, verify_ratio: float = 0.05, draft_ratio: float = 0.1, decay: float = 0.95):
+        self.verify, self.draft = _Line(verify_ratio, decay), _Line(None, decay)
+        self.draft_ratio = draft_ratio  # draft ms per token / 1-row verify ms, before any draft was timed
+
+    def observe(self, k: int, draft_ms: float, verify_ms: float) -> None:
+        self.verify.observe(k, verify_ms)
+        if k > 0 or self.draft.w > 0:
+            self.draft.observe(k, draft_ms)
 
     def curve(self, k_max: int) -> list[float]:
         """Estimated round time for k = 0..k_max (ms; relative units before any round was measured)."""
-        pts = sorted(self.ms.items())
-        if len(pts) < 2:
-            k0, t0 = pts[0] if pts else (0, 1.0)
-            base = t0 / (1 + self.prior_slope * k0)
-            est = [base * (1 + self.prior_slope * k) for k in range(k_max + 1)]
-        else:
-            n = len(pts)
-            mk, mt = sum(k for k, _ in pts) / n, sum(t for _, t in pts) / n
-            slope = max(0.0, sum((k - mk) * (t - mt) for k, t in pts) / sum((k - mk) ** 2 for k, _ in pts))
-            est = [self.ms.get(k, mt + slope * (k - mk)) for k in range(k_max + 1)]
-        floor = min(self.ms.values(), default=1.0) * 0.5  # an extrapolated line may not reach 0 or below
-        out, run = [], 0.0
-        for t in est:
-            run = max(run, t, floor)
-            out.append(run)
-        return out
+        va, vb = self.verify.fit() or (1.0, self.verify.ratio)
+        da, db = self.draft.fit() or (0.0, self.draft_ratio * va)
+        return [va + da + k * (vb + db) for k in range(k_max + 1)]
 
 
 class AcceptanceEstimate:
@@ -136,9 +153,9 @@ class AdaptiveLength:
             return self.n_min
         return k
 
-    def observe(self, k: int, a: int, ms: float) -> None:
-        """The round verified k draft tokens (after the cut), accepted a, and took ms (draft + verify)."""
+    def observe(self, k: int, a: int, draft_ms: float, verify_ms: float) -> None:
+        """The round verified k draft tokens (after the cut) and accepted a; its propose and verify times."""
         self.acceptance.observe(k, a)
-        self.cost.observe(k, ms)
+        self.cost.observe(k, draft_ms, verify_ms)
         # a fully accepted draft earns another probe right away, so recovery takes a few rounds, not a few probes
         self.idle = self.idle + 1 if k == 0 else (self.probe_every if a == k else 0)
