@@ -14,6 +14,7 @@ from tandem.errors import ModelLoadError
 from tandem.spec.assistant import MTPAssistantDrafter
 from tandem.spec.draft_model import DraftModelDrafter
 from tandem.spec.nextn import NextNDrafter  # noqa: F401  (registers kind `nextn`)
+from tandem.spec.nextn_dir import load_nextn_dir, nextn_dir_config
 from tandem.spec.ngram import NgramDrafter  # registers kind `ngram`
 from tandem.spec.chain import ChainDrafter, build_drafters, check_spec
 from tandem.spec.drafter import (KINDS, METHODS, Draft, DraftContext, Drafter, Kind, Method, PromptState,
@@ -63,6 +64,9 @@ def load_drafter(drafter: str | None, *, target: Any, target_loaded: Any = None,
         if found is None:
             return _in_target_drafter(target, _name(target_loaded, "target"), mtp_weight_format)
         drafter = str(found)
+    head_cfg = nextn_dir_config(drafter)
+    if head_cfg is not None:  # a trained nextn head: attached to the target, drafts as kind nextn
+        return load_nextn_dir(drafter, head_cfg, target, _name(target_loaded, "target"), mtp_weight_format)
     cfg = _shared_embedding_config(drafter)
     tokenizer = None
     if cfg is not None:

@@ -1,4 +1,4 @@
-"""`tandem train-assistant` and `tandem export-assistant`."""
+"""`tandem train-assistant`, `tandem train-nextn` and `tandem export-assistant`."""
 
 from __future__ import annotations
 
@@ -10,23 +10,12 @@ import time
 from pathlib import Path
 
 
-def add_train_args(p) -> None:
+def add_common_args(p) -> None:
+    """Target, text, teacher data and optimiser options shared by train-assistant and train-nextn."""
     p.add_argument("--target", default=None, help="target model (GGUF/HF dir; default: the embedded default)")
     p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors + report)")
     p.add_argument("--data", action="append", default=None,
                    help="text source: 'stdlib' or a file/directory (repeatable; default: stdlib)")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=None, help="assistant hidden size (must equal the target's)")
-    p.add_argument("--intermediate", type=int, default=None,
-                   help="MLP width (default: the target's with --init target, else 1024)")
-    p.add_argument("--init", choices=("target", "random"), default="random",
-                   help="random (default): small random layers over an identity path; target: each layer starts as "
-                        "a copy of the target layer whose cache it reads")
-    p.add_argument("--init-from", default=None, metavar="DRAFTER_DIR",
-                   help="warm start: continue from a trained drafter for this target (its config, weights and "
-                        "clusters; --layers/--intermediate/--centroids are then taken from it)")
-    p.add_argument("--centroids", type=int, default=1024, help="vocabulary clusters for the sparse head (0 = dense)")
-    p.add_argument("--top-k-clusters", type=int, default=32)
     p.add_argument("--draft-steps", type=int, default=3, help="draft steps unrolled in training")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=4)
@@ -46,6 +35,82 @@ def add_train_args(p) -> None:
     p.add_argument("--no-resume", action="store_true")
 
 
+def add_train_args(p) -> None:
+    add_common_args(p)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=None, help="assistant hidden size (must equal the target's)")
+    p.add_argument("--intermediate", type=int, default=None,
+                   help="MLP width (default: the target's with --init target, else 1024)")
+    p.add_argument("--init", choices=("target", "random"), default="random",
+                   help="random (default): small random layers over an identity path; target: each layer starts as "
+                        "a copy of the target layer whose cache it reads")
+    p.add_argument("--init-from", default=None, metavar="DRAFTER_DIR",
+                   help="warm start: continue from a trained drafter for this target (its config, weights and "
+                        "clusters; --layers/--intermediate/--centroids are then taken from it)")
+    p.add_argument("--centroids", type=int, default=1024, help="vocabulary clusters for the sparse head (0 = dense)")
+    p.add_argument("--top-k-clusters", type=int, default=32)
+
+
+def teacher_data(a, target, tokenizer, layers: list[int], out: Path):
+    """(work dir, corpus, teacher data, train part, held-out part): collected once into the work dir, then loaded;
+    the last --n-eval generations are held out."""
+    import torch
+
+    from tandem.errors import ConfigError
+    from tandem.train.corpus import Corpus
+    from tandem.train.data import DistillData, collect
+
+    corpus = Corpus.from_sources(a.data or ["stdlib"])
+    work = Path(a.work_dir) if a.work_dir else out.parent / f".{out.name}-work"
+    work.mkdir(parents=True, exist_ok=True)
+    cache_path = work / "teacher_data.safetensors"
+    gen_prompts = None
+    if a.prompts:
+        try:
+            gen_prompts = [json.loads(x)["prompt"] for x in Path(a.prompts).read_text().splitlines() if x.strip()]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--prompts {a.prompts}: expected JSONL lines with a 'prompt' field ({e})") from None
+    if cache_path.exists():
+        data = DistillData.load(cache_path)
+        print(f"loaded teacher data {cache_path}: {len(data)} sequences")
+    else:
+        data = collect(target, tokenizer, corpus, layers=layers, n_text=a.n_text, n_gen=a.n_gen + a.n_eval,
+                       seq_len=a.seq_len, prompt_len=a.prompt_len, seed=a.seed, gen_prompts=gen_prompts,
+                       gen_batch=a.gen_batch)
+        data.save(cache_path)
+    n_train = len(data) - a.n_eval
+    idx = torch.arange(len(data))
+    return work, corpus, data, data.subset(idx[:n_train]), data.subset(idx[n_train:])
+
+
+def run_report(a, loaded, corpus, t_start: float) -> dict:
+    """The command, target, data and machine of a training run (report.json)."""
+    import torch
+
+    return {
+        "command": "tandem " + " ".join(shlex.quote(x) for x in sys.argv[1:]) if sys.argv[0].endswith("tandem")
+        else " ".join(shlex.quote(x) for x in sys.argv),
+        "target": str(loaded.path), "data_sources": a.data or ["stdlib"], "corpus": corpus.describe(),
+        "prompts_file": a.prompts, "init_from": getattr(a, "init_from", None),
+        "teacher_sequences": {"text": a.n_text, "generated": a.n_gen, "held_out_generated": a.n_eval,
+                              "seq_len": a.seq_len},
+        "total_wall_s": round(time.time() - t_start, 1), "machine": platform.platform(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+
+
+def register_train_nextn(sub) -> None:
+    """The `train-nextn` verb on the CLI's subparsers."""
+    t = sub.add_parser("train-nextn", help="train a nextn (MTP) head for a dense target that ships without one")
+    add_common_args(t)
+    t.set_defaults(func=cmd_train_nextn)
+
+
+def cmd_train_nextn(a) -> int:
+    from tandem.train.nextn import cmd_train_nextn as run
+    return run(a)
+
+
 def add_export_args(p) -> None:
     p.add_argument("--drafter", required=True, help="a tandem drafter directory")
     p.add_argument("--target", default=None, help="its target (default: the embedded default)")
@@ -60,8 +125,6 @@ def cmd_train(a) -> int:
     from tandem.train import assistant_io
     from tandem.train.assistant_init import assistant_config, build_assistant, init_from_target
     from tandem.train.clusters import balanced_kmeans
-    from tandem.train.corpus import Corpus
-    from tandem.train.data import DistillData, collect
     from tandem.train.trainer import TrainConfig, train
 
     if a.init_from and a.init == "target":  # before loading anything
@@ -95,29 +158,7 @@ def cmd_train(a) -> int:
     elif a.init == "target":
         print(f"assistant layers start as copies of target layers {init_from_target(asst, target)}")
     layers = sorted(set(asst.target_layers.values()))
-    corpus = Corpus.from_sources(a.data or ["stdlib"])
-
-    work = Path(a.work_dir) if a.work_dir else out.parent / f".{out.name}-work"
-    work.mkdir(parents=True, exist_ok=True)
-    cache_path = work / "teacher_data.safetensors"
-    gen_prompts = None
-    if a.prompts:
-        try:
-            gen_prompts = [json.loads(x)["prompt"] for x in Path(a.prompts).read_text().splitlines() if x.strip()]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"--prompts {a.prompts}: expected JSONL lines with a 'prompt' field ({e})") from None
-    if cache_path.exists():
-        data = DistillData.load(cache_path)
-        print(f"loaded teacher data {cache_path}: {len(data)} sequences")
-    else:
-        data = collect(target, loaded.tokenizer, corpus, layers=layers, n_text=a.n_text, n_gen=a.n_gen + a.n_eval,
-                       seq_len=a.seq_len, prompt_len=a.prompt_len, seed=a.seed, gen_prompts=gen_prompts,
-                       gen_batch=a.gen_batch)
-        data.save(cache_path)
-    n_train = len(data) - a.n_eval
-    idx = torch.arange(len(data))
-    train_idx = torch.cat([idx[:a.n_text], idx[a.n_text:n_train]])
-    eval_idx = idx[n_train:]  # the last generations: held out
+    work, corpus, data, train_data, eval_data = teacher_data(a, target, loaded.tokenizer, layers, out)
 
     cluster_of = None
     if asst.masked_embedding is not None:
@@ -135,18 +176,8 @@ def cmd_train(a) -> int:
         with torch.no_grad():
             asst.model.norm.weight.fill_(float(data.hidden[:64].float().pow(2).mean().sqrt()))
     tcfg = TrainConfig(steps=a.steps, batch=a.batch, draft_steps=a.draft_steps, lr=a.lr, seed=a.seed)
-    report = train(asst, target.embed, data.subset(train_idx), data.subset(eval_idx), tcfg, work, cluster_of,
-                   resume=not a.no_resume)
-    report.update({
-        "command": "tandem " + " ".join(shlex.quote(x) for x in sys.argv[1:]) if sys.argv[0].endswith("tandem")
-        else " ".join(shlex.quote(x) for x in sys.argv),
-        "target": str(loaded.path), "data_sources": a.data or ["stdlib"], "corpus": corpus.describe(),
-        "prompts_file": a.prompts, "init_from": a.init_from,
-        "teacher_sequences": {"text": a.n_text, "generated": a.n_gen, "held_out_generated": a.n_eval,
-                              "seq_len": a.seq_len},
-        "total_wall_s": round(time.time() - t_start, 1), "machine": platform.platform(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-    })
+    report = train(asst, target.embed, train_data, eval_data, tcfg, work, cluster_of, resume=not a.no_resume)
+    report.update(run_report(a, loaded, corpus, t_start))
     assistant_io.save(asst, cfg_json, out, report)
     print(json.dumps(report.get("eval", {})))
     print(f"wrote {out}/config.json, model.safetensors, report.json")

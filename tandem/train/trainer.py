@@ -57,6 +57,20 @@ def trunk(asst, x, positions, cache, slots, kv_positions):
     return asst.trunk(x, positions, cache, slots, kv_positions)
 
 
+def sampled_ce(y: torch.Tensor, E: torch.Tensor, ids: torch.Tensor, top_logp: torch.Tensor,
+               e_neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy of head rows E against the teacher's top-K (renormalised) over those K plus shared negatives.
+    y [B, N, D], ids / top_logp [B, N, K], e_neg [R, D] -> (loss, top-1 hit [B, N], teacher probs p [B, N, K])."""
+    K = ids.shape[-1]
+    p = top_logp.float().exp()
+    p = p / p.sum(-1, keepdim=True)
+    z_top = torch.einsum("bnd,bnkd->bnk", y, E[ids].float())
+    z_neg = y @ e_neg.T
+    logq = torch.log_softmax(torch.cat([z_top, z_neg], -1), -1)[..., :K]
+    acc = (z_top.argmax(-1) == 0) & (z_top.max(-1).values >= z_neg.max(-1).values)
+    return -(p * logq).sum(-1).mean(), acc, p
+
+
 def unrolled_losses(asst, target_embed, batch: DistillData, cfg: TrainConfig, cluster_of: torch.Tensor | None,
                     neg_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     tokens, hidden = batch.tokens, batch.hidden.float()
@@ -74,15 +88,8 @@ def unrolled_losses(asst, target_embed, batch: DistillData, cfg: TrainConfig, cl
         x = torch.cat([target_embed(tokens[:, n + s]).float(), h], -1)
         y = trunk(asst, x, pos, cache, slots, pos - 1)  # [B, N, D]
         h = asst.post_projection(y)
-        K = cfg.loss_top_k
-        ids = batch.top_ids[:, n + s, :K].long()  # [B, N, K]
-        p = batch.top_logp[:, n + s, :K].float().exp()
-        p = p / p.sum(-1, keepdim=True)
-        z_top = torch.einsum("bnd,bnkd->bnk", y, E[ids].float())
-        z_neg = y @ e_neg.T
-        logq = torch.log_softmax(torch.cat([z_top, z_neg], -1), -1)[..., :K]
-        loss = -(p * logq).sum(-1).mean()
-        acc = (z_top.argmax(-1) == 0) & (z_top.max(-1).values >= z_neg.max(-1).values)
+        ids = batch.top_ids[:, n + s, :cfg.loss_top_k].long()  # [B, N, K]
+        loss, acc, p = sampled_ce(y, E, ids, batch.top_logp[:, n + s, :cfg.loss_top_k], e_neg)
         if cluster_of is not None and asst.masked_embedding is not None:
             c_logits = asst.masked_embedding.centroids(y).float()
             q = torch.zeros_like(c_logits).scatter_add_(-1, cluster_of[ids], p)
@@ -135,8 +142,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def train(asst, target_embed, train_data: DistillData, eval_data: DistillData | None, cfg: TrainConfig,
-          out_dir: Path, cluster_of: torch.Tensor | None = None, resume: bool = True, log=print) -> dict:
-    """Train in place; checkpoints to out_dir/checkpoint.pt every cfg.ckpt_every steps (resumed if present)."""
+          out_dir: Path, cluster_of: torch.Tensor | None = None, resume: bool = True, log=print,
+          losses=unrolled_losses, evaluate=eval_acceptance) -> dict:
+    """Train in place; checkpoints to out_dir/checkpoint.pt every cfg.ckpt_every steps (resumed if present).
+    losses / evaluate: the drafter's (unrolled_losses / eval_acceptance signatures; the assistant's by default)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     params = [p for p in asst.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -161,7 +170,7 @@ def train(asst, target_embed, train_data: DistillData, eval_data: DistillData | 
         neg = torch.randint(0, V, (cfg.negatives,), generator=g)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss, stats = unrolled_losses(asst, target_embed, batch, cfg, cluster_of, neg)
+        loss, stats = losses(asst, target_embed, batch, cfg, cluster_of, neg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -176,7 +185,7 @@ def train(asst, target_embed, train_data: DistillData, eval_data: DistillData | 
                         "opt": opt.state_dict(), "rng": g.get_state(), "step": step + 1, "history": history}, ckpt)
         if eval_data is not None and ((step + 1) % cfg.eval_every == 0 or last):
             asst.eval()
-            ev = eval_acceptance(asst, target_embed, eval_data, cfg.draft_steps)
+            ev = evaluate(asst, target_embed, eval_data, cfg.draft_steps)
             asst.train()
             history[-1]["eval"] = ev
             log(f"step {step + 1}: held-out acceptance per position {ev['accept_cumulative']}, "
@@ -187,6 +196,6 @@ def train(asst, target_embed, train_data: DistillData, eval_data: DistillData | 
               "loss_first": history[0]["loss"] if history else None}
     if eval_data is not None:  # the last step's evaluation when it ran (resumed at the end: evaluate now)
         report["eval"] = (history[-1].get("eval") if history else None) or \
-            eval_acceptance(asst, target_embed, eval_data, cfg.draft_steps)
+            evaluate(asst, target_embed, eval_data, cfg.draft_steps)
     (out_dir / "train_history.json").write_text(json.dumps(history))
     return report
