@@ -89,6 +89,7 @@ _MODEL_INTS = {"vocab_size": 1 << 24, "hidden_size": 1 << 16, "intermediate_size
                "num_local_experts": 1 << 14, "n_routed_experts": 1 << 14, "num_experts_per_tok": 1 << 14,
                "kv_lora_rank": 1 << 16, "q_lora_rank": 1 << 16, "max_position_embeddings": 1 << 26,
                "hidden_size_per_layer_input": 1 << 16, "vocab_size_per_layer_input": 1 << 24}
+_POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")  # others may be 0 (unused)
 _MODEL_FLOATS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -107,8 +108,9 @@ def check_model_config(cfg: dict, source: str, error: type[Exception] = ConfigEr
         for n in (v if isinstance(v, list) else [] if v is None else [v]):  # GGUF may store one per layer
             if not _is_int(n):
                 raise error(f"{source}: field {key!r} must be an integer, got {type(n).__name__} {n!r}")
-            if not 1 <= n <= limit:
-                raise error(f"{source}: field {key!r} = {n} is outside [1, {limit}]")
+            low = 1 if key in _POSITIVE else 0
+            if not low <= n <= limit:
+                raise error(f"{source}: field {key!r} = {n} is outside [{low}, {limit}]")
     for key in _MODEL_FLOATS:
         v = cfg.get(key)
         for x in (v if isinstance(v, list) else [] if v is None else [v]):  # Step3.5: rope_theta per layer

@@ -84,8 +84,10 @@ def test_without_extension_row_invariant(no_ext, fmt, ctk, ctv):
     assert_rows_invariant(_model("gemma3", fmt), ctk, ctv)
 
 
-def test_without_extension_moe_row_invariant(no_ext):
-    assert_rows_invariant(_model("qwen3_moe", "q8_0"), "f32", verify=4)
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3", "qwen3_5", "gemma4"])
+def test_without_extension_families_row_invariant(no_ext, name):
+    """MoE, MLA (latent cache through attend_chunked), Gated DeltaNet, Gemma 4 PLE / KV sharing."""
+    assert_rows_invariant(_model(name, "bf16", unaligned=True), "f32", verify=4)
 
 
 def test_chunked_attention_17_rows(no_ext):
