@@ -17,7 +17,7 @@ from tests.test_spec_lossless import V, noisy_copy, tiny_target
 def cost_of(verify_ms: float, per_token_ms: float, ks=(0, 1, 2, 3)) -> RoundCost:
     """A round cost that has seen rounds of every k in ks: verify flat at verify_ms, drafting per_token_ms a token."""
     c = RoundCost()
-    for _ in range(3):
+    for _ in range(4):
         for k in ks:
             c.observe(k, per_token_ms * k, verify_ms)
     return c
@@ -26,6 +26,7 @@ def cost_of(verify_ms: float, per_token_ms: float, ks=(0, 1, 2, 3)) -> RoundCost
 def test_round_cost_curve():
     assert RoundCost().curve(2) == pytest.approx([1.0, 1.15, 1.3])  # priors before any round
     c = RoundCost()
+    c.observe(2, 400.0, 1100.0)  # the first round of a length is not counted (one-off costs)
     c.observe(2, 4.0, 11.0)  # one k seen: verify's slope from the prior ratio, the draft proportional to k
     assert c.curve(2) == pytest.approx([10.0, 12.5, 15.0])
     c = cost_of(10.0, 3.0, ks=(0, 2, 4))  # k spread: both lines measured (flat verify, 3 ms a draft token)

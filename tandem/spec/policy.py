@@ -81,8 +81,12 @@ class RoundCost:
     def __init__(self, verify_ratio: float = 0.05, draft_ratio: float = 0.1, decay: float = 0.95):
         self.verify, self.draft = _Line(verify_ratio, decay), _Line(None, decay)
         self.draft_ratio = draft_ratio  # draft ms per token / 1-row verify ms, before any draft was timed
+        self.seen: set[int] = set()
 
     def observe(self, k: int, draft_ms: float, verify_ms: float) -> None:
+        if k not in self.seen:  # the first round of a length pays one-off costs (new shapes, allocations)
+            self.seen.add(k)
+            return
         self.verify.observe(k, verify_ms)
         if k > 0 or self.draft.w > 0:
             self.draft.observe(k, draft_ms)
