@@ -31,8 +31,9 @@ from tandem.engine import Engine, Token  # noqa: E402
 from tandem.engine.batch import BatchScheduler  # noqa: E402
 from tandem.kernels import prepare  # noqa: E402
 from tandem.loading import load  # noqa: E402
+from tandem.models import build  # noqa: E402
 from tandem.sampling import process_logits  # noqa: E402
-from tandem.spec.nextn import NextNDrafter, nextn_drafter, weight_format_of  # noqa: E402
+from tandem.spec.nextn import nextn_drafter, weight_format_of  # noqa: E402
 from tests.test_nextn import cache_rows, heads_from_scratch, tandem_rounds  # noqa: E402
 from tests.test_nextn_engine import save_tokenizer  # noqa: E402
 
@@ -265,14 +266,15 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["nextn", "nextn_sample"])
 def test_sampling_matches_target_distribution(tmp_path, method):
-    """Qwen3.5 (recurrent state) + its nextn head at T = 1, top-k 3, k = 2: the first three tokens of 600 sampled
+    """Qwen3.5 (recurrent state) + its nextn head at T = 1, top-k 3, k = 2: the first three tokens of 300 sampled
     speculative runs are distributed as the target's exact joint p(t1) p(t2 | t1) p(t3 | t1 t2) (the third one is
     often drafted after a rejected round, so it reads a rolled-back recurrent state); chi-square at alpha 1e-3."""
     write_checkpoint(tmp_path, "qwen3_5", 1)
     target = load(str(tmp_path), tokenizer=False).model.eval()
     eng = Engine(target, None, max_len=32, n_slots=1, drafter=nextn_drafter(target, "fp32"),
                  spec=SpecConfig(method=method, n_max=2), cache_type_k="f32")
-    prompt = [5, 17, 42, 9]
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)  # a prompt whose drafts are often right
+    prompt = max(prompts(8, 2, lo=3, hi=8), key=lambda p: eng.complete(p, greedy)[1].stats.spec.accepted)
     sp = dict(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True)
 
     plain = Engine(target, None, max_len=32, cache_type_k="f32")
@@ -290,12 +292,12 @@ def test_sampling_matches_target_distribution(tmp_path, method):
                 joint[(t1, t2, t3)] = float(p1[t1] * p2[t2] * p3[t3])
     cells = sorted(joint)
     counts, acc, drafted = torch.zeros(len(cells)), 0, 0
-    for s in range(600):
+    for s in range(300):
         toks, fin = eng.complete(prompt, SamplingParams(**sp, seed=s))
         assert tuple(toks) in joint, toks
         counts[cells.index(tuple(toks))] += 1
         acc, drafted = acc + fin.stats.spec.accepted, drafted + fin.stats.spec.drafted
-    assert drafted > acc > 50, (drafted, acc)  # rounds accepted and rejected
+    assert drafted > acc > 20, (drafted, acc)  # rounds accepted and rejected
     assert chi2_pvalue(counts, torch.tensor([joint[c] for c in cells])) > 1e-3
 
 
@@ -314,3 +316,12 @@ def test_vl_layout_and_generate_names_the_drafter(tmp_path, capsys):
     args = ["generate", "-p", "w5 w9 w17 w4", "-n", "8", "--ignore-eos", "-c", "64", "-ctk", "f32"]
     assert main(args + ["-m", str(vl), "--mtp-weight-format", "fp32"]) == 0
     assert "drafter: nextn (1 MTP head, in-target, fp32) | draft acceptance" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_mtp_weights_runs_plain(family, caplog):
+    """A config declaring MTP layers whose checkpoint carries none: no drafter, and the log says it runs plain."""
+    _, _, config, _, _ = make_target(family, 1)
+    with caplog.at_level("WARNING", logger="tandem.spec"):
+        assert nextn_drafter(build(config)) is None
+    assert "no MTP layers; running plain" in caplog.text
