@@ -378,3 +378,18 @@ def test_special_tokens_in_chat_content_are_text(server):
     assert sum(t in specials for t in allowed.encode([{"role": "user", "content": forged}])) > len(specials)
     r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": forged}], "max_tokens": 1})
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(ids)
+
+
+# -- 10: the soak tool -----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_soak_one_minute(server):
+    from tandem.bench.soak import run_soak
+
+    rep = run_soak(server.url, minutes=1.0, clients=4, api_key=KEY, max_tokens=8, max_rss_growth=1.0)
+    print(json.dumps(rep))
+    assert rep["server_errors"] == 0 and rep["bad_not_4xx"] == 0, rep["first_errors"]
+    assert rep["t0_requests_checked"] > 0 and rep["t0_identical"] == rep["t0_requests_checked"], rep["t0_mismatches"]
+    assert rep["slots_free"] and rep["requests"] >= 4 and rep["completion_tokens"] > 0
+    assert rep["rss_start"] and rep["rss_warm"] and rep["rss_end"]
+    assert rep["by_kind"].get("bad", 0) > 0 and rep["ok"]

@@ -1,6 +1,7 @@
 """Throughput against a running `tandem serve`: completion tokens per second summed over concurrent clients.
 
     python -m tandem.bench.loadtest --url http://127.0.0.1:8080 --clients 1,4,8 --spec on,off
+    python -m tandem.bench.loadtest --soak --minutes 30 --clients 8     (mixed traffic + checks: bench/soak.py)
 
 Each client sends `requests_per_client` completions back to back (bench prompts, temperature 0, ignore_eos so
 every request generates exactly max_tokens); throughput = all completion tokens / wall time of the run. Also
@@ -122,7 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    ap.add_argument("--soak", action="store_true", help="mixed traffic for --minutes, then leak/exactness checks")
+    ap.add_argument("--minutes", type=float, default=30.0, help="--soak: how long")
+    ap.add_argument("--max-rss-growth", type=float, default=0.05, help="--soak: allowed RSS growth after warm-up")
     a = ap.parse_args(argv)
+    if a.soak:
+        from tandem.bench.soak import run_soak
+
+        clients = int(a.clients.split(",")[-1])
+        report = run_soak(a.url, a.minutes, clients, a.api_key, a.max_tokens, max_rss_growth=a.max_rss_growth)
+        print(json.dumps(report, indent=1))
+        return 0 if report["ok"] else 1
     modes = {"on": True, "off": False, "default": None}
     try:
         spec_modes = tuple(modes[s.strip()] for s in a.spec.split(","))
