@@ -221,7 +221,7 @@ def test_ctrl_c_stops_serve_with_requests_in_flight():
                              "--ctx-size", "512", "--log-level", "warning"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 600  # a first start may JIT-build the C++ kernels
         while time.time() < deadline:
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
