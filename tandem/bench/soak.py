@@ -30,7 +30,8 @@ BAD_BODIES = [b'{"prompt": "x", "temperature": -1}', b'{"prompt": "x", "max_toke
 class Client:
     def __init__(self, url: str, api_key: str | None, timeout: float = 300.0):
         self.url, self.timeout = url.rstrip("/"), timeout
-        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.headers = {"Content-Type": "application/json", **auth}
 
     def call(self, path: str, body: dict | bytes | None = None, timeout: float | None = None,
              stream_events: int | None = None) -> tuple[int, object]:
