@@ -1,4 +1,5 @@
-"""Command line: one verb per tool (generate, serve, bench, train-assistant, train-nextn, export-assistant)."""
+"""Command line: one verb per tool (generate, serve, bench, train-assistant, train-nextn, train-draft-model,
+export-assistant)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from tandem.bench import add_bench_args, cmd_bench
 from tandem.engine.options import EngineOptions, add_engine_args
 from tandem.errors import TandemError
 from tandem.server.serve import add_serve_args, serve
-from tandem.train import add_export_args, add_train_args, cmd_export, cmd_train, register_train_nextn
+from tandem.train import (add_export_args, add_train_args, cmd_export, cmd_train, register_train_draft_model,
+                          register_train_nextn)
 
 
 def cmd_generate(a) -> int:
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     add_train_args(t)
     t.set_defaults(func=cmd_train)
     register_train_nextn(sub)
+    register_train_draft_model(sub)
     x = sub.add_parser("export-assistant", help="export a drafter for transformers")
     add_export_args(x)
     x.set_defaults(func=cmd_export)

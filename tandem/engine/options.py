@@ -67,7 +67,8 @@ class EngineOptions:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineOptions()
     p.add_argument("--model", "-m", default=None, help="GGUF file or HF directory (default: embedded gemma-3-270m)")
-    p.add_argument("--drafter", default=None, help="drafter directory/file (default: the known drafter, if any)")
+    p.add_argument("--drafter", "--draft-model", dest="drafter", default=None,
+                   help="drafter directory/file: an assistant, nextn head or draft model (default: the known drafter)")
     p.add_argument("--no-spec", action="store_true", help="plain decoding, no drafter")
     p.add_argument("--spec-n-max", type=int, default=d.spec.n_max,
                    help="max draft tokens per round (adaptive: the cap of each round's chosen length)")

@@ -1,4 +1,4 @@
-"""`tandem train-assistant`, `tandem train-nextn` and `tandem export-assistant`."""
+"""`tandem train-assistant`, `tandem train-nextn`, `tandem train-draft-model` and `tandem export-assistant`."""
 
 from __future__ import annotations
 
@@ -108,6 +108,21 @@ def register_train_nextn(sub) -> None:
 
 def cmd_train_nextn(a) -> int:
     from tandem.train.nextn import cmd_train_nextn as run
+    return run(a)
+
+
+def register_train_draft_model(sub) -> None:
+    """The `train-draft-model` verb: the target's first layers + head as a draft model, self-distilled."""
+    t = sub.add_parser("train-draft-model", help="build a draft model (the target's first N layers + its head, "
+                                                 "self-distilled) for a target that has no packaged draft model")
+    add_common_args(t)
+    t.add_argument("--layers", type=int, default=4, help="target layers the draft model keeps (the first N)")
+    t.set_defaults(lr=2e-4, steps=600)  # fine-tuning layers that start as the target's own; --steps 0: truncate only
+    t.set_defaults(func=cmd_train_draft_model)
+
+
+def cmd_train_draft_model(a) -> int:
+    from tandem.train.draft_model import cmd_train_draft_model as run
     return run(a)
 
 
