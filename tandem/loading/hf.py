@@ -15,7 +15,7 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
             d = json.load(fh)
@@ -33,7 +33,7 @@ def read_config(model_dir: str | os.PathLike) -> dict:
     p = d / "config.json"
     if not p.is_file():
         raise ModelLoadError(f"{d}: no config.json (not an HF model directory)")
-    cfg = _read_json(p)
+    cfg = read_json(p)
     if "model_type" not in cfg:
         raise ModelLoadError(f"{p}: no model_type")
     check_model_config(cfg, str(p), ModelLoadError)
@@ -44,7 +44,7 @@ def weight_files(model_dir: str | os.PathLike) -> dict[str, list[str] | None]:
     """shard file -> tensor names it should hold (None = all; single-file checkpoints)."""
     d = Path(model_dir)
     if (d / INDEX).is_file():
-        idx = _read_json(d / INDEX)
+        idx = read_json(d / INDEX)
         wm = idx.get("weight_map")
         if not isinstance(wm, dict) or not wm:
             raise ModelLoadError(f"{d / INDEX}: no weight_map")
@@ -91,12 +91,12 @@ def read_tokenizer(model_dir: str | os.PathLike, config: dict):
     """(Tokenizer or None, chat template or None)."""
     d = Path(model_dir)
     tc_path = d / "tokenizer_config.json"
-    tc = _read_json(tc_path) if tc_path.is_file() else {}
+    tc = read_json(tc_path) if tc_path.is_file() else {}
     template = tc.get("chat_template")
     if (d / "chat_template.jinja").is_file():
         template = (d / "chat_template.jinja").read_text(encoding="utf-8")
     elif template is None and (d / "chat_template.json").is_file():
-        template = _read_json(d / "chat_template.json").get("chat_template")
+        template = read_json(d / "chat_template.json").get("chat_template")
     if isinstance(template, list):  # named templates: take the default one
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
@@ -106,7 +106,7 @@ def read_tokenizer(model_dir: str | os.PathLike, config: dict):
         gen = d / "generation_config.json"
         cfg = dict(config)
         if gen.is_file():
-            g = _read_json(gen)
+            g = read_json(gen)
             if g.get("eos_token_id") is not None:
                 cfg["eos_token_id"] = g["eos_token_id"]
                 check_model_config({"vocab_size": config.get("vocab_size"), "eos_token_id": g["eos_token_id"]},

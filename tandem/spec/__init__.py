@@ -94,12 +94,12 @@ def _shared_embedding_config(path: str) -> dict | None:
     """config.json of a tandem-trained drafter whose tied head is the target's embedding (not stored), else None."""
     from pathlib import Path
 
-    from tandem.loading.hf import _read_json
+    from tandem.loading.hf import read_json
 
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         return None
-    cfg = _read_json(cfg_path)
+    cfg = read_json(cfg_path)
     extra = cfg.get("tandem") or {}
     if not isinstance(extra, dict):
         raise ModelLoadError(f"{cfg_path}: field 'tandem' must be a JSON object, got {type(extra).__name__}")
@@ -110,7 +110,6 @@ def _load_shared_embedding_drafter(path: str, cfg: dict, target: Any):
     """Build the assistant, load its own weights, and make its tied head the target's (shared modules, no copy)."""
     from pathlib import Path
 
-    import torch
     from safetensors.torch import load_file
 
     from tandem import models

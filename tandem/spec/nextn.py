@@ -68,7 +68,8 @@ class NextNDrafter(Drafter):
 
     def describe(self) -> str:
         n = self.heads.n_heads
-        return f"nextn ({n} MTP head{'s' if n > 1 else ''}, in-target, {weight_format_of(self.heads)})"
+        where = "trained for the target" if getattr(self.target, "nextn_trained", False) else "in-target"
+        return f"nextn ({n} MTP head{'s' if n > 1 else ''}, {where}, {weight_format_of(self.heads)})"
 
     def make_cache(self, n_slots: int, max_len: int, *, k_type: str, v_type: str, device) -> None:
         self.cache = self.heads.make_cache(n_slots, max_len, k_type=k_type, v_type=v_type, device=device)

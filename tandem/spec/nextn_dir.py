@@ -6,7 +6,6 @@ checkpoint that carries MTP layers would) and builds kind `nextn` from it."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -22,13 +21,12 @@ PROBE_RTOL = 0.03
 
 def nextn_dir_config(path: str) -> dict | None:
     """config.json of a trained nextn head directory, else None."""
+    from tandem.loading.hf import read_json
+
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         return None
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise ModelLoadError(f"{cfg_path}: invalid JSON ({e})") from None
+    cfg = read_json(cfg_path)
     return cfg if cfg.get("kind") == "nextn" else None
 
 
@@ -67,7 +65,7 @@ def attach(target: nn.Module, weights: dict[str, torch.Tensor], n_heads: int) ->
     if getattr(target.args, "num_nextn_predict_layers", 0):
         raise ModelLoadError(f"{target.args.model_type}: the target already carries {target.args.num_nextn_predict_layers}"
                              " MTP layers; a trained head would replace them")
-    target.nextn_weights, target.nextn_layout = weights, TrainedNextN
+    target.nextn_weights, target.nextn_layout, target.nextn_trained = weights, TrainedNextN, True
     target.args.num_nextn_predict_layers = n_heads  # a dense family's config has no such field: set on the instance
 
 
@@ -86,5 +84,5 @@ def load_nextn_dir(path: str, cfg: dict, target: nn.Module, target_name: str, we
         return NextNDrafter.build(target, target, weight_format=weight_format)
     except ModelLoadError as e:
         target.nextn_weights, target.args.num_nextn_predict_layers = {}, 0  # the target stays as it was
-        del target.nextn_layout
+        del target.nextn_layout, target.nextn_trained
         raise ModelLoadError(f"nextn head {path}: {e}") from None
