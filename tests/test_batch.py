@@ -18,7 +18,8 @@ import torch
 
 from tandem.config import SamplingParams, SpecConfig
 from tandem.engine import Engine, Finished, Token
-from tandem.engine.batch import BatchScheduler, Failed
+from tandem.engine.batch import BatchScheduler
+from tandem.errors import RequestError
 from tandem.models.gemma3 import Model, ModelArgs
 from tandem.spec import DraftModelDrafter, register_method
 
@@ -215,11 +216,11 @@ def test_async_iteration(engine):
         assert isinstance(evs[-1], Finished) and evs[-1].stats.predicted_n == 6
 
 
-def test_failure_reaches_the_request_and_scheduler_survives(engine):
+def test_bad_ids_refused_at_submit_and_scheduler_survives(engine):
+    """(Failures inside the loop, one slot at a time: tests/test_reliability_server.py.)"""
     with BatchScheduler(engine) as sch:
-        bad = sch.submit([1, 2, 10 ** 6], SamplingParams(max_tokens=3))  # id outside the vocabulary
-        evs = list(bad)
-        assert isinstance(evs[-1], Failed)
+        with pytest.raises(RequestError, match="outside the vocabulary"):  # refused before it reaches a slot
+            sch.submit([1, 2, 10 ** 6], SamplingParams(max_tokens=3))
         ok = events_of(sch.submit([1, 2, 3], SamplingParams(max_tokens=3)))
         assert ok[-1][0] == "fin"
 

@@ -159,6 +159,7 @@ class BatchScheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.step_rows = 0  # rows forwarded, summed over steps (for a mean batch size)
 
     # -- public API ----------------------------------------------------------------------------------------------
     def start(self) -> "BatchScheduler":
@@ -390,6 +391,7 @@ class BatchScheduler:
             hidden = torch.cat([out.hidden[b, :len(r)] for b, r in enumerate(rows)])[:, None]
             logits = eng.model.logits(hidden)[:, 0]
         self.steps += 1
+        self.step_rows += sum(len(r) for r in rows)
         o = 0
         for b, (s, r) in enumerate(zip(active, rows)):
             lg = logits[o:o + len(r)]
