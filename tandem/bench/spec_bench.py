@@ -74,6 +74,8 @@ def run_spec_bench(a) -> dict:
 
     opts = EngineOptions.from_args(a)
     spec_on, prompts = bench_spec(opts, a), bench_prompts(a)
+    if spec_on.method == "ngram" and not opts.spec.chain:  # the model-free drafter needs no flag of its own
+        opts = dataclasses.replace(opts, spec=dataclasses.replace(opts.spec, chain=("ngram",)))
     if getattr(a, "compare", None) == "llama.cpp":
         from tandem.bench.e2e import run_e2e_compare
         return run_e2e_compare(a, opts, spec_on, prompts)

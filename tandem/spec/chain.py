@@ -47,8 +47,9 @@ def check_spec(drafter: Any, spec: SpecConfig) -> None:
     """A request's method and chain must name drafters the engine has (ConfigError naming the allowed ones)."""
     method = get_method(spec.method)
     if not method.fits(drafter):
+        hint = " (start it with --spec-chain ngram)" if spec.method == "ngram" else ""
         raise ConfigError(f"speculative.method {spec.method!r} needs a {method.drafter_cls.__name__}, "
-                          f"the engine has {describe(drafter)}")
+                          f"the engine has {describe(drafter)}{hint}")
     have = kinds_of(drafter)
     for name in spec.chain:
         try:
