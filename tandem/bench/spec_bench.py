@@ -63,9 +63,12 @@ class _Arm:
 
     def spec_dict(self, prefix: str = "") -> dict:
         st = self.stats
-        return {prefix + "accept_rate": round(st.acceptance_rate, 4), prefix + "mean_acceptance_length":
-                round(st.mean_len, 3), prefix + "mean_k": round(st.drafted / st.rounds, 3) if st.rounds else 0.0,
-                prefix + "tok_s": self.tok_s}
+        d = {prefix + "accept_rate": round(st.acceptance_rate, 4), prefix + "mean_acceptance_length":
+             round(st.mean_len, 3), prefix + "mean_k": round(st.drafted / st.rounds, 3) if st.rounds else 0.0,
+             prefix + "tok_s": self.tok_s}
+        if len(st.by_drafter) > 1:  # a chain: which member won the rounds, and how its drafts fared
+            d[prefix + "by_drafter"] = {k: dict(v) for k, v in st.by_drafter.items()}
+        return d
 
 
 def run_spec_bench(a) -> dict:
