@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def _build():
     for p in [_CSRC / s for s in _SOURCES] + sorted(_CSRC.glob("*.h")):  # headers too: they change the build
         h.update(p.read_bytes())
     h.update(" ".join(sorted(flags)).encode())  # -march=native: a cached build is only valid on the same CPU kind
+    h.update(sys.prefix.encode())  # one build per environment: torch rebuilds a name whose include paths changed
     name = f"tandem_kernels_{h.hexdigest()[:12]}"
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
     root.mkdir(parents=True, exist_ok=True)
