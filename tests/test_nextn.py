@@ -175,15 +175,12 @@ def test_cache_holds_the_accepted_prefix(tmp_path, monkeypatch, name):
         tandem_rounds(target, drafter, prompt, 14, 3, check_cache=check)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", FAMILIES)
-def test_spec_equals_plain_engine_and_batch(tmp_path, name):
-    """q8_0 target, its nextn heads (q8_0 by default): speculative T=0 (k up to 4: recursive drafts, rejections)
-    == plain decoding on 60 prompts, through Engine.generate and through the batch scheduler (4 slots)."""
-    write_checkpoint(tmp_path, name, 1)
-    target = prepare(load(str(tmp_path), tokenizer=False).model.eval(), "q8_0")
+def spec_equals_plain_60(path, n_heads: int | None = None) -> None:
+    """q8_0 target from `path` and its nextn heads (q8_0 by default): speculative T=0 (k up to 4: recursive or chained
+    drafts, rejections) == plain decoding on 60 prompts, through Engine.generate and the batch scheduler (4 slots)."""
+    target = prepare(load(str(path), tokenizer=False).model.eval(), "q8_0")
     drafter = nextn_drafter(target)
-    assert weight_format_of(drafter.heads) == "q8_0"
+    assert weight_format_of(drafter.heads) == "q8_0" and n_heads in (None, drafter.heads.n_heads)
     eng = Engine(target, None, max_len=64, n_slots=4, drafter=drafter, spec=SpecConfig(method="auto"),
                  cache_type_k="bf16")
     g = torch.Generator().manual_seed(11)
@@ -203,3 +200,10 @@ def test_spec_equals_plain_engine_and_batch(tmp_path, name):
         handles = [sch.submit(p, sp, spec) for p in prompts]
         together = [[e.id for e in h if isinstance(e, Token) and e.id >= 0] for h in handles]
     assert together == plain
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_spec_equals_plain_engine_and_batch(tmp_path, name):
+    write_checkpoint(tmp_path, name, 1)
+    spec_equals_plain_60(tmp_path)

@@ -27,14 +27,12 @@ from transformers.models.qwen3_5 import modeling_qwen3_5 as q35  # noqa: E402
 from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as q35m  # noqa: E402
 
 from tandem.config import SamplingParams, SpecConfig  # noqa: E402
-from tandem.engine import Engine, Token  # noqa: E402
-from tandem.engine.batch import BatchScheduler  # noqa: E402
-from tandem.kernels import prepare  # noqa: E402
+from tandem.engine import Engine  # noqa: E402
 from tandem.loading import load  # noqa: E402
 from tandem.models import build  # noqa: E402
 from tandem.sampling import process_logits  # noqa: E402
-from tandem.spec.nextn import nextn_drafter, weight_format_of  # noqa: E402
-from tests.test_nextn import cache_rows, heads_from_scratch, tandem_rounds  # noqa: E402
+from tandem.spec.nextn import nextn_drafter  # noqa: E402
+from tests.test_nextn import cache_rows, heads_from_scratch, spec_equals_plain_60, tandem_rounds  # noqa: E402
 from tests.test_nextn_engine import save_tokenizer  # noqa: E402
 
 V, D = 128, 64
@@ -231,22 +229,7 @@ def test_spec_equals_plain_engine_and_batch(tmp_path, family):
     """q8_0 target and heads, bf16 caches: speculative T=0 (k up to 4, one head recurring) == plain decoding on 60
     prompts through Engine.generate and the batch scheduler (4 slots); accepted and rejected rounds both occur."""
     write_checkpoint(tmp_path, family, 1)
-    target = prepare(load(str(tmp_path), tokenizer=False).model.eval(), "q8_0")
-    drafter = nextn_drafter(target)
-    assert weight_format_of(drafter.heads) == "q8_0"
-    eng = Engine(target, None, max_len=64, n_slots=4, drafter=drafter, spec=SpecConfig(method="auto"),
-                 cache_type_k="bf16")
-    ps = prompts(60, 11)
-    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    spec = SpecConfig(enabled=True, method="auto", n_max=4)
-    plain = [eng.complete(p, sp, spec=SpecConfig(enabled=False))[0] for p in ps]
-    fins = [eng.complete(p, sp, spec=spec) for p in ps]
-    assert [t for t, _ in fins] == plain
-    drafted, accepted = (sum(getattr(f.stats.spec, a) for _, f in fins) for a in ("drafted", "accepted"))
-    assert drafted > accepted > 0, (drafted, accepted)
-    with BatchScheduler(eng) as sch:
-        handles = [sch.submit(p, sp, spec) for p in ps]
-        assert [[e.id for e in h if isinstance(e, Token) and e.id >= 0] for h in handles] == plain
+    spec_equals_plain_60(tmp_path)
 
 
 def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:

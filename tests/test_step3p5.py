@@ -15,19 +15,15 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 from transformers.generation import candidate_generator as cg  # noqa: E402
 
-from tandem.config import SamplingParams, SpecConfig  # noqa: E402
-from tandem.engine import Engine, Token  # noqa: E402
-from tandem.engine.batch import BatchScheduler  # noqa: E402
 from tandem.errors import ConfigError  # noqa: E402
-from tandem.kernels import prepare  # noqa: E402
 from tandem.loading import load  # noqa: E402
 from tandem.models import build  # noqa: E402
 from tandem.models.step3p5 import MtpHeads  # noqa: E402
-from tandem.spec.nextn import nextn_drafter, weight_format_of  # noqa: E402
+from tandem.spec.nextn import nextn_drafter  # noqa: E402
 # the house parity tests, collected here and run on this module's `pair` fixture
 from tests.test_families_parity import (N, TOL, test_batched_slots_with_padding,  # noqa: E402,F401
                                         test_embed_and_logit_rows, test_parity)
-from tests.test_nextn import cache_rows, heads_from_scratch, tandem_rounds  # noqa: E402
+from tests.test_nextn import cache_rows, heads_from_scratch, spec_equals_plain_60, tandem_rounds  # noqa: E402
 
 L, NMTP, D = 4, 2, 64
 # hub form: per-layer lists padded with the MTP layers' entries (chosen so that transformers' reading of the heads'
@@ -248,25 +244,4 @@ def test_spec_equals_plain_engine_and_batch(tmp_path):
     """q8_0 target, its two chained heads (q8_0 by default): speculative T=0 (k up to 4: the last head recurs past
     2, rejections) == plain decoding on 60 prompts, through Engine.generate and the batch scheduler (4 slots)."""
     write_checkpoint(tmp_path, make_hf(), hub_config=True)
-    target = prepare(load(str(tmp_path), tokenizer=False).model.eval(), "q8_0")
-    drafter = nextn_drafter(target)
-    assert weight_format_of(drafter.heads) == "q8_0" and drafter.heads.n_heads == NMTP
-    eng = Engine(target, None, max_len=64, n_slots=4, drafter=drafter, spec=SpecConfig(method="auto"),
-                 cache_type_k="bf16")
-    g = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(0, 128, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(60)]
-    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    spec = SpecConfig(enabled=True, method="auto", n_max=4)
-    plain = [eng.complete(p, sp, spec=SpecConfig(enabled=False))[0] for p in prompts]
-    alone, stats = [], []
-    for p in prompts:
-        toks, fin = eng.complete(p, sp, spec=spec)
-        alone.append(toks)
-        stats.append(fin.stats.spec)
-    assert alone == plain
-    assert sum(s.drafted for s in stats) > sum(s.accepted for s in stats) > 0  # accepted and rejected rounds
-    with BatchScheduler(eng) as sch:
-        handles = [sch.submit(p, sp, spec) for p in prompts]
-        together = [[e.id for e in h if isinstance(e, Token) and e.id >= 0] for h in handles]
-    assert together == plain
+    spec_equals_plain_60(tmp_path, NMTP)
