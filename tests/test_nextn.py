@@ -59,6 +59,11 @@ def hf_mtp_rounds(cls, path, prompt: list[int], new: int, monkeypatch) -> tuple[
     # its MTP-key pattern names the real checkpoints' layer index; the tiny one's is L..L+n-1
     monkeypatch.setattr(cls, "_keys_to_ignore_on_load_unexpected", [rf"model\.layers\.{L + j}\..*" for j in range(n)])
     model = cls.from_pretrained(str(path), attn_implementation="eager", dtype=torch.float32).eval()
+    return mtp_rounds(model, prompt, new, monkeypatch)
+
+
+def mtp_rounds(model, prompt: list[int], new: int, monkeypatch) -> tuple[list[int], list[list[int]]]:
+    """`model.generate(use_mtp=True)` greedy: the generated tokens and the drafts of every round."""
     rounds, orig = [], cg.MTPCandidateGenerator.get_candidates
 
     def spy(self, input_ids, **kw):

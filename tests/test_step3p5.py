@@ -13,7 +13,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import save_file  # noqa: E402
-from transformers.generation import candidate_generator as cg  # noqa: E402
 
 from tandem.errors import ConfigError  # noqa: E402
 from tandem.loading import load  # noqa: E402
@@ -23,7 +22,8 @@ from tandem.spec.nextn import nextn_drafter  # noqa: E402
 # the house parity tests, collected here and run on this module's `pair` fixture
 from tests.test_families_parity import (N, TOL, test_batched_slots_with_padding,  # noqa: E402,F401
                                         test_embed_and_logit_rows, test_parity)
-from tests.test_nextn import cache_rows, heads_from_scratch, spec_equals_plain_60, tandem_rounds  # noqa: E402
+from tests.test_nextn import (cache_rows, heads_from_scratch, mtp_rounds, spec_equals_plain_60,  # noqa: E402
+                              tandem_rounds)
 
 L, NMTP, D = 4, 2, 64
 # hub form: per-layer lists padded with the MTP layers' entries (chosen so that transformers' reading of the heads'
@@ -181,21 +181,6 @@ def test_hub_and_vl_layouts_load(tmp_path):
     assert hub.args.mtp_swiglu_limits == [None, 0.7] and hub.args.mtp_swiglu_limits_shared == [0.6, None]
 
 
-def hf_mtp_rounds(model, prompt: list[int], new: int, monkeypatch) -> tuple[list[int], list[list[int]]]:
-    """transformers' generate(use_mtp=True): the generated tokens and the drafts of every round."""
-    rounds, orig = [], cg.MTPCandidateGenerator.get_candidates
-
-    def spy(self, input_ids, **kw):
-        out = orig(self, input_ids, **kw)
-        if out[0].shape[1] > input_ids.shape[1]:
-            rounds.append(out[0][0, input_ids.shape[1]:].tolist())
-        return out
-
-    monkeypatch.setattr(cg.MTPCandidateGenerator, "get_candidates", spy)
-    out = model.generate(torch.tensor([prompt]), use_mtp=True, do_sample=False, max_new_tokens=new)
-    return out[0, len(prompt):].tolist(), rounds
-
-
 def test_drafts_equal_transformers_mtp(tmp_path, monkeypatch):
     """Two chained heads (a full- and a sliding-attention one, each with its RoPE), greedy: every round's drafts
     (one per head) equal transformers' MTPCandidateGenerator's, and the tokens its generate's."""
@@ -210,7 +195,7 @@ def test_drafts_equal_transformers_mtp(tmp_path, monkeypatch):
     assert isinstance(drafter.heads, MtpHeads) and drafter.heads.n_heads == NMTP
     for seed in (0, 1):
         prompt = torch.randint(0, 128, (9,), generator=torch.Generator().manual_seed(seed)).tolist()
-        ref_tokens, ref_rounds = hf_mtp_rounds(ref_model, prompt, 20, monkeypatch)
+        ref_tokens, ref_rounds = mtp_rounds(ref_model, prompt, 20, monkeypatch)
         tokens, rounds = tandem_rounds(target, drafter, prompt, 20, NMTP)
         assert tokens == ref_tokens
         m = len(ref_rounds) - 1  # transformers' last round may be cut by max_new_tokens
