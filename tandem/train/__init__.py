@@ -51,6 +51,19 @@ def add_train_args(p) -> None:
     p.add_argument("--top-k-clusters", type=int, default=32)
 
 
+def load_target(a):
+    """--threads, then the target in fp32 (drafter weights are copied from it before kernels.prepare packs it):
+    (loaded, the run's start time)."""
+    import torch
+
+    from tandem import loading
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t_start = time.time()
+    return loading.load(a.target, dtype=torch.float32), t_start
+
+
 def teacher_data(a, target, tokenizer, layers: list[int], out: Path):
     """(work dir, corpus, teacher data, train part, held-out part): collected once into the work dir, then loaded;
     the last --n-eval generations are held out."""
@@ -135,7 +148,6 @@ def add_export_args(p) -> None:
 def cmd_train(a) -> int:
     import torch
 
-    from tandem import loading
     from tandem.errors import ConfigError
     from tandem.train import assistant_io
     from tandem.train.assistant_init import assistant_config, build_assistant, init_from_target
@@ -144,12 +156,9 @@ def cmd_train(a) -> int:
 
     if a.init_from and a.init == "target":  # before loading anything
         raise ConfigError("--init-from and --init target both say where the weights start: give one")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    t_start = time.time()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = loading.load(a.target, dtype=torch.float32)
+    loaded, t_start = load_target(a)
     target = loaded.model
     from tandem import kernels
     # teacher passes with the weights the drafter will be verified against at run time (and fast)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -153,14 +152,12 @@ def check_saved(out: Path, model: nn.Module, target: nn.Module, target_tokenizer
 
 
 def cmd_train_draft_model(a) -> int:
-    from tandem import kernels, loading
-    from tandem.train import run_report, teacher_data
+    from tandem import kernels
+    from tandem.train import load_target, run_report, teacher_data
     from tandem.train.trainer import train
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    t_start, out = time.time(), Path(a.out)
-    loaded = loading.load(a.target, dtype=torch.float32)
+    out = Path(a.out)
+    loaded, t_start = load_target(a)
     target = loaded.model
     model, cfg = truncate(target, loaded.config, a.layers, str(loaded.path))  # before packing: fp32 weights
     report = {"layers": a.layers, "target_layers": target.args.num_hidden_layers}

@@ -12,7 +12,6 @@ The teacher data, loss (sampled softmax over the teacher's top-K) and training l
 from __future__ import annotations
 
 import json
-import time
 from functools import partial
 from pathlib import Path
 
@@ -160,14 +159,12 @@ def save(heads: NextN, target: nn.Module, target_name: str, out: Path, report: d
 
 
 def cmd_train_nextn(a) -> int:
-    from tandem import kernels, loading
-    from tandem.train import run_report, teacher_data
+    from tandem import kernels
+    from tandem.train import load_target, run_report, teacher_data
     from tandem.train.trainer import train
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    t_start, out = time.time(), Path(a.out)
-    loaded = loading.load(a.target, dtype=torch.float32)
+    out = Path(a.out)
+    loaded, t_start = load_target(a)
     target = loaded.model
     if getattr(target.args, "num_nextn_predict_layers", 0):
         raise ConfigError(f"{loaded.path}: this checkpoint already carries MTP layers; train-nextn is for a dense "
