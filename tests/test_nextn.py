@@ -164,20 +164,25 @@ def test_cache_holds_the_accepted_prefix(tmp_path, monkeypatch, name):
     the accepted prefix: its length, every entry and the last outputs equal a from-scratch run over it."""
     for n_heads in (1, 2):
         write_checkpoint(tmp_path, name, n_heads)
-        target = load(str(tmp_path), tokenizer=False).model.eval()
-        drafter = nextn_drafter(target)
-        prompt = torch.randint(0, 128, (6,), generator=torch.Generator().manual_seed(4)).tolist()
+        cache_tracks_rounds(load(str(tmp_path), tokenizer=False).model.eval())
 
-        def check(d, gen):
-            seq = prompt + gen
-            ref, outs = heads_from_scratch(target, d.heads, seq, 1)
-            n = len(seq) - 1
-            assert d.cache.lengths[0] == n  # entries at positions 1..n
-            for j in range(d.heads.n_heads):
-                assert torch.allclose(cache_rows(d.cache, j, n - j), cache_rows(ref, j, n - j), atol=1e-5)
-                assert torch.allclose(d._out[0][j], outs[j], atol=1e-5)
 
-        tandem_rounds(target, drafter, prompt, 14, 3, check_cache=check)
+def cache_tracks_rounds(target) -> None:
+    """k = 3 rounds of the target's nextn drafter; after each, its cache (length, every entry, the last outputs)
+    equals a from-scratch run of its heads over the accepted sequence."""
+    drafter = nextn_drafter(target)
+    prompt = torch.randint(0, 128, (6,), generator=torch.Generator().manual_seed(4)).tolist()
+
+    def check(d, gen):
+        seq = prompt + gen
+        ref, outs = heads_from_scratch(target, d.heads, seq, 1)
+        n = len(seq) - 1
+        assert d.cache.lengths[0] == n  # entries at positions 1..n
+        for j in range(d.heads.n_heads):
+            assert torch.allclose(cache_rows(d.cache, j, n - j), cache_rows(ref, j, n - j), atol=1e-5)
+            assert torch.allclose(d._out[0][j], outs[j], atol=1e-5)
+
+    tandem_rounds(target, drafter, prompt, 14, 3, check_cache=check)
 
 
 def spec_equals_plain_60(path, n_heads: int | None = None) -> None:
