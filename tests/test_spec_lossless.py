@@ -293,6 +293,28 @@ def test_verify_greedy_terms():
     assert v.tokens.tolist() == [[2]]
 
 
+def second_token_marginal(target, prompt: list[int], sampling: SamplingParams) -> torch.Tensor:
+    """The target's exact distribution of the 2nd generated token, sum_t1 p(t1) p(. | t1) [V]."""
+    plain = Engine(target, max_len=64)
+    p1 = process_logits(plain.prefill(0, prompt).logits[:, -1], sampling)[0]
+    marg = torch.zeros(V)
+    for t1 in range(V):
+        if p1[t1] > 0:
+            marg += p1[t1] * process_logits(plain.prefill(0, prompt + [t1]).logits[:, -1], sampling)[0]
+    return marg
+
+
+def assert_matches_marginal(samples: torch.Tensor, marg: torch.Tensor) -> None:
+    """Chi-square of sampled token ids against `marg` at alpha = 1e-3; nothing outside its support."""
+    counts = torch.bincount(samples, minlength=V).double()
+    support = marg > 1e-12
+    assert counts[~support].sum() == 0
+    exp = marg[support].double() * len(samples)
+    chi2 = float(((counts[support] - exp) ** 2 / exp).sum())
+    assert chi2 < {4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59, 11: 31.26, 12: 32.91,
+                   13: 34.53, 14: 36.12, 15: 37.70}[int(support.sum()) - 1], chi2
+
+
 @pytest.mark.parametrize("method", ["mtp", "mtp_sample", "draft", "draft_sample"])
 def test_end_to_end_sampling_matches_target_distribution(setup, method):
     """The 2nd generated token (the first one a verify round emits) of sampled speculative runs is distributed as
@@ -300,12 +322,7 @@ def test_end_to_end_sampling_matches_target_distribution(setup, method):
     target, prompts, _ = setup
     sp = dict(temperature=1.0, top_k=5, max_tokens=4, ignore_eos=True)
     prompt = prompts[1]
-    plain = Engine(target, max_len=64)
-    p1 = process_logits(plain.prefill(0, prompt).logits[:, -1], SamplingParams(**sp))[0]
-    marg = torch.zeros(V)
-    for t1 in range(V):
-        if p1[t1] > 0:
-            marg += p1[t1] * process_logits(plain.prefill(0, prompt + [t1]).logits[:, -1], SamplingParams(**sp))[0]
+    marg = second_token_marginal(target, prompt, SamplingParams(**sp))
     if method.startswith("mtp"):
         eng = Engine(target, max_len=64, drafter=MTPAssistantDrafter(tiny_assistant(), target),
                      spec=SpecConfig(method=method, n_max=2))
@@ -313,13 +330,7 @@ def test_end_to_end_sampling_matches_target_distribution(setup, method):
         eng = draft_engine(target, noisy_copy(target, scale=1.0), method, n_max=2)
     n = 400
     seconds = torch.tensor([eng.complete(prompt, SamplingParams(**sp, seed=s))[0][1] for s in range(n)])
-    counts = torch.bincount(seconds, minlength=V).double()
-    support = marg > 1e-12
-    assert counts[~support].sum() == 0
-    exp = marg[support].double() * n
-    chi2 = float(((counts[support] - exp) ** 2 / exp).sum())
-    assert chi2 < {4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59, 11: 31.26, 12: 32.91,
-                   13: 34.53, 14: 36.12, 15: 37.70}[int(support.sum()) - 1], chi2
+    assert_matches_marginal(seconds, marg)
 
 
 def test_stats_line_and_merge():
