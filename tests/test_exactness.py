@@ -3,7 +3,6 @@ among other rows (the lossless-speculation guarantee) with fp32 weights, f16 cac
 for 17-row verifies (n_max 16) over quantized caches; Engine.exact reports it (False off CPU or unprepared);
 token ids outside the vocabulary are refused before any kernel; the C++ kernels release the GIL."""
 
-import copy
 import threading
 import time
 
@@ -13,12 +12,12 @@ import torch
 from tandem import kernels
 from tandem.engine.core import Engine
 from tandem.errors import RequestError
-from tandem.kernels import _ext, quant_attention as qa
+from tandem.kernels import _ext
 from tandem.kernels.linear import PackedLinear
 from tests.test_moe import needs_ext, randomize
-from tests.test_row_invariance import make
+from tests.test_row_invariance import assert_rows_invariant as rows_invariant, make
 
-V, SLOTS, PROMPT = 128, 8, 5
+SLOTS = 8
 
 
 @pytest.fixture
@@ -27,36 +26,8 @@ def no_ext(monkeypatch):
     monkeypatch.setattr(_ext, "_state", {"tried": True, "mod": None, "why": "disabled by the test"})
 
 
-def _forward(model, cache, tokens, positions, slots):
-    return model(tokens, positions, copy.deepcopy(cache), slots).logits
-
-
 def assert_rows_invariant(model, k_type: str, v_type: str | None = None, verify: int = 17) -> None:
-    """(a) a decode row alone == among 2..SLOTS slots, (b) a `verify`-row forward == that many single steps,
-    (c) a decode row beside a verify (padding rows) == alone."""
-    g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(0, V, (SLOTS, PROMPT), generator=g)
-    nxt = torch.randint(0, V, (SLOTS, verify), generator=g)
-    cache = model.make_cache(SLOTS, 40, k_type=k_type, v_type=v_type or k_type)
-    slots = torch.arange(SLOTS)
-    with torch.no_grad():
-        model(prompts, torch.arange(PROMPT).repeat(SLOTS, 1), cache, slots)
-        for s in range(SLOTS):
-            cache.set_length(s, PROMPT)
-        step = lambda s: _forward(model, cache, nxt[s, :1], torch.full((len(s), 1), PROMPT), s)  # noqa: E731
-        alone = torch.cat([step(slots[i:i + 1]) for i in range(SLOTS)])
-        for m in (2, 5, SLOTS):
-            assert torch.equal(step(slots[:m]), alone[:m]), f"a row among {m} slots differs from alone"
-        rows = _forward(model, cache, nxt[:1], torch.arange(PROMPT, PROMPT + verify)[None], slots[:1])
-        single, c = [], copy.deepcopy(cache)
-        for t in range(verify):
-            single.append(model(nxt[:1, t:t + 1], torch.tensor([[PROMPT + t]]), c, slots[:1]).logits)
-            c.set_length(0, PROMPT + t + 1)
-        assert torch.equal(rows, torch.cat(single, 1)), f"a {verify}-row verify != {verify} single steps"
-        pos = torch.tensor([[PROMPT] + [-1] * (verify - 1), list(range(PROMPT, PROMPT + verify))])
-        mixed = _forward(model, cache, torch.stack([nxt[1], nxt[0]]), pos, slots[[1, 0]])
-        assert torch.equal(mixed[0, :1], alone[1:2, 0]), "a decode row with padding beside it differs"
-        assert torch.equal(mixed[1:], rows), "a verify row beside a padded row differs"
+    rows_invariant(model, k_type, v_type, verify=verify, n_slots=SLOTS, max_len=40)
 
 
 def _model(name: str, fmt: str, unaligned: bool = False):

@@ -76,31 +76,39 @@ def test_rows_bitwise(name, fmt):
         assert not hasattr(model.model.layers[0].self_attn, "kv_b_proj")  # absorbed per head, packed
     if name == "gemma4_moe":
         assert isinstance(model.model.layers[0].experts, Experts)  # packed, row-invariant experts
+    assert_rows_invariant(model, name=name)
+
+
+def assert_rows_invariant(model, k_type: str = "f32", v_type: str | None = None, verify: int = K1,
+                          n_slots: int = SLOTS, max_len: int = 16, name: str = "") -> None:
+    """(a) a decode row alone == among 2..n_slots slots and in any slot order, (b) a `verify`-row forward == that
+    many single steps, (c) a decode row beside a verify (padding rows) == alone; bitwise."""
     g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(0, V, (SLOTS, PROMPT), generator=g)
-    nxt = torch.randint(0, V, (SLOTS, K1), generator=g)
-    cache, slots = model.make_cache(SLOTS, 16, k_type="f32"), torch.arange(SLOTS)
+    prompts = torch.randint(0, V, (n_slots, PROMPT), generator=g)
+    nxt = torch.randint(0, V, (n_slots, verify), generator=g)
+    cache = model.make_cache(n_slots, max_len, k_type=k_type, v_type=v_type or k_type)
+    slots = torch.arange(n_slots)
     with torch.no_grad():
-        model(prompts, torch.arange(PROMPT).repeat(SLOTS, 1), cache, slots)
-        for s in range(SLOTS):
+        model(prompts, torch.arange(PROMPT).repeat(n_slots, 1), cache, slots)
+        for s in range(n_slots):
             cache.set_length(s, PROMPT)
         step = lambda s: forward(model, cache, nxt[s, :1], torch.full((len(s), 1), PROMPT), s)  # noqa: E731
-        alone = torch.cat([step(slots[i:i + 1]) for i in range(SLOTS)])
-        for m in (2, 5, 9, 16):  # (a)
+        alone = torch.cat([step(slots[i:i + 1]) for i in range(n_slots)])
+        for m in sorted({2, 5, 9, n_slots} & set(range(2, n_slots + 1))):  # (a)
             assert torch.equal(step(slots[:m]), alone[:m]), f"{name}: a row among {m} slots differs from alone"
-        perm = torch.randperm(SLOTS, generator=g)
+        perm = torch.randperm(n_slots, generator=g)
         assert torch.equal(step(perm), alone[perm]), f"{name}: slot order changes a row"
 
-        verify = forward(model, cache, nxt[:1], torch.arange(PROMPT, PROMPT + K1)[None], slots[:1])  # (b)
+        rows = forward(model, cache, nxt[:1], torch.arange(PROMPT, PROMPT + verify)[None], slots[:1])  # (b)
         single, c = [], copy.deepcopy(cache)
-        for t in range(K1):
+        for t in range(verify):
             single.append(model(nxt[:1, t:t + 1], torch.tensor([[PROMPT + t]]), c, slots[:1]).logits)
             c.set_length(0, PROMPT + t + 1)
-        assert torch.equal(verify, torch.cat(single, 1)), f"{name}: a {K1}-row verify != {K1} single steps"
+        assert torch.equal(rows, torch.cat(single, 1)), f"{name}: a {verify}-row verify != {verify} single steps"
 
-        pos = torch.tensor([[PROMPT] + [-1] * (K1 - 1), list(range(PROMPT, PROMPT + K1))])  # (c)
+        pos = torch.tensor([[PROMPT] + [-1] * (verify - 1), list(range(PROMPT, PROMPT + verify))])  # (c)
         mixed = forward(model, cache, torch.stack([nxt[1], nxt[0]]), pos, slots[[1, 0]])
-        assert torch.equal(mixed[1:], verify), f"{name}: a verify row beside a padded row differs"
+        assert torch.equal(mixed[1:], rows), f"{name}: a verify row beside a padded row differs"
         assert torch.equal(mixed[0, :1], alone[1:2, 0]), f"{name}: a decode row with padding beside it differs"
 
 
