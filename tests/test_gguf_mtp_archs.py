@@ -24,7 +24,7 @@ from tandem.errors import ModelLoadError
 from tandem.loading import load
 from tandem.models.nextn import NextN
 from tandem.spec.nextn import nextn_drafter
-from tests.test_gguf_families import _MERGES, TOKENS, V
+from tests.test_gguf_families import _MERGES, TOKENS, V, _our_logits
 
 transformers = pytest.importorskip("transformers")
 T = gguf.MODEL_TENSOR
@@ -289,12 +289,6 @@ def convert(hub, arch: str, path, keep_mtp: bool = True, drop=(), drop_meta=()):
     return out
 
 
-def _logits(model, ids):
-    cache = model.make_cache(1, len(ids), k_type="fp32")
-    with torch.no_grad():
-        return model(torch.tensor([ids]), torch.arange(len(ids))[None], cache).logits[0]
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def converted(request, tmp_path_factory):
     case = request.param
@@ -312,7 +306,7 @@ def test_gguf_matches_transformers(converted):
         assert torch.allclose(mine[k], v, atol=1e-6, rtol=1e-6), k
     with torch.no_grad():
         want = hf(torch.tensor([IDS])).logits[0]
-    got = _logits(from_gguf, IDS)
+    got = _our_logits(from_gguf, IDS)
     assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
 
 
@@ -354,7 +348,7 @@ def test_without_nextn_runs_plain(tmp_path, caplog, case, how):
     assert "no MTP layers; running plain" in caplog.text
     with torch.no_grad():
         want = hf(torch.tensor([IDS])).logits[0]
-    assert torch.allclose(_logits(m.model, IDS), want, atol=1e-4, rtol=0)
+    assert torch.allclose(_our_logits(m.model, IDS), want, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("case,drop,drop_meta,needle", [
