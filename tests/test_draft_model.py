@@ -103,3 +103,48 @@ def test_recurrent_model_refused_as_draft_model():
     drafter = DraftModelDrafter(build({**BASE, "model_type": "qwen3_5_text"}).eval(), "target", "qwen3_5 tiny")
     with pytest.raises(ModelLoadError, match="qwen3_5 tiny.*rolls back only within one forward"):
         Engine(target, None, max_len=64, drafter=drafter)
+
+
+def test_draft_weight_format_and_threads_are_the_draft_models_own(dirs):
+    """--draft-weight-format bf16 under a q8_0 target, --draft-threads: spec == plain at T=0, the draft model runs
+    on its threads and the engine's count is back after every draft call."""
+    from tandem.engine.factory import load_engine
+    prev = torch.get_num_threads()
+    try:
+        eng = load_engine(str(dirs["target"]), str(dirs["other"]), weight_format="q8_0", draft_weight_format="bf16",
+                          threads=2, draft_threads=1, spec=SpecConfig(method="draft", n_max=4), max_len=64)
+        d = eng.drafter
+        assert isinstance(d, DraftModelDrafter) and d.threads == 1
+        assert d.model.kernel_format == "bf16" and eng.model.kernel_format == "q8_0"
+        seen = []
+        d.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+        greedy = SamplingParams(max_tokens=16, ignore_eos=True)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            p = torch.randint(4, V, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g).tolist()
+            got, fin = eng.complete(p, greedy)
+            assert torch.get_num_threads() == 2
+            assert got == eng.complete(p, greedy, spec=SpecConfig(enabled=False))[0]
+        assert fin.stats.spec.drafted > 0 and seen and set(seen) == {1}
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_draft_flags_parse_and_are_checked(dirs):
+    import argparse
+
+    from tandem.engine.factory import load_engine
+    from tandem.engine.options import EngineOptions, add_engine_args
+    from tandem.errors import ConfigError
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    o = EngineOptions.from_args(p.parse_args(["--draft-model", "d", "--draft-weight-format", "q8_0",
+                                              "--draft-threads", "3"]))
+    assert (o.drafter, o.draft_weight_format, o.draft_threads) == ("d", "q8_0", 3)
+    assert EngineOptions.from_args(p.parse_args([])).draft_weight_format is None
+    with pytest.raises(ConfigError, match="--draft-weight-format 'q4' unknown"):
+        EngineOptions(draft_weight_format="q4")
+    with pytest.raises(ConfigError, match="--draft-threads must be >= 1"):
+        EngineOptions(draft_threads=0)
+    with pytest.raises(ConfigError, match="--draft-threads 1: sets a draft model's threads, but the drafter loaded"):
+        load_engine(str(dirs["target"]), None, draft_threads=1, weight_format="fp32", max_len=64)

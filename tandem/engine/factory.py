@@ -8,6 +8,7 @@ import torch
 
 from tandem.engine.core import Engine
 from tandem.engine.options import EngineOptions
+from tandem.errors import ConfigError
 
 
 def check_cache_type(name: str) -> str:
@@ -32,16 +33,30 @@ def build_engine(opts: EngineOptions, n_slots: int = 1) -> Engine:
     kernels.prepare(target, opts.weight_format)  # fp32 too: its fixed-shape row blocks keep it exact
     drafter = None
     if opts.spec.enabled:
-        drafter = spec.build_drafters(opts.spec.chain, lambda: spec.load_drafter(
-            opts.drafter, target=target, target_loaded=loaded, device=opts.device, weight_format=opts.weight_format,
-            mtp_weight_format=opts.mtp_weight_format), dict(n_min=opts.ngram_n_min, n_max=opts.ngram_n_max,
-                                                            cache_size=opts.ngram_cache))
+        drafter = spec.build_drafters(opts.spec.chain, lambda: load_model_drafter(opts, target, loaded),
+                                      dict(n_min=opts.ngram_n_min, n_max=opts.ngram_n_max, cache_size=opts.ngram_cache))
     # the chain's order lives in the drafter: requests without a chain of their own use it (or their method's kind)
     spec_cfg = dataclasses.replace(opts.spec, enabled=drafter is not None and opts.spec.enabled, chain=())
     eng = Engine(target, loaded.tokenizer, max_len=opts.max_len, n_slots=n_slots, cache_type_k=k_type,
                  cache_type_v=v_type, device=opts.device, drafter=drafter, spec=spec_cfg)
     eng.loaded = loaded
     return eng
+
+
+def load_model_drafter(opts: EngineOptions, target, loaded):
+    """The model drafter (--drafter, the known one, or the target's heads) in --draft-weight-format (default the
+    target's), a draft model running on --draft-threads."""
+    from tandem import spec
+
+    d = spec.load_drafter(opts.drafter, target=target, target_loaded=loaded, device=opts.device,
+                          weight_format=opts.draft_weight_format or opts.weight_format,
+                          mtp_weight_format=opts.mtp_weight_format)
+    if opts.draft_threads is not None:
+        if not isinstance(d, spec.DraftModelDrafter):
+            raise ConfigError(f"--draft-threads {opts.draft_threads}: sets a draft model's threads, but the drafter "
+                              f"loaded is {d.describe() if d is not None else 'none'}")
+        d.threads = opts.draft_threads
+    return d
 
 
 def load_engine(model: str | None = None, drafter: str | None = None, *, n_slots: int = 1, **options) -> Engine:

@@ -21,7 +21,8 @@ class EngineOptions:
     drafter its checkpoint carries (MTP heads), if any.
 
     spec.enabled=False loads no drafter at all; cache_type_v None means the same type as K; mtp_weight_format None
-    means the in-target drafter's layers get the target's weight_format. spec.chain: the drafters the engine
+    means the in-target drafter's layers get the target's weight_format; draft_weight_format / draft_threads None
+    mean the --drafter model gets the target's weight_format / the engine's threads. spec.chain: the drafters the engine
     loads, in the order requests try them (tandem.spec.chain; () = the model drafter alone); ngram_*: the n-gram
     drafter's lengths and suffix-cache size."""
 
@@ -30,6 +31,8 @@ class EngineOptions:
     spec: SpecConfig = field(default_factory=lambda: SpecConfig(adaptive=True))
     weight_format: str = "q8_0"
     mtp_weight_format: str | None = None
+    draft_weight_format: str | None = None
+    draft_threads: int | None = None
     cache_type_k: str = "bf16"
     cache_type_v: str | None = None
     max_len: int = 4096
@@ -44,8 +47,11 @@ class EngineOptions:
             raise ConfigError(f"--ctx-size must be an integer >= 1, got {self.max_len!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads!r}")
+        if self.draft_threads is not None and self.draft_threads < 1:
+            raise ConfigError(f"--draft-threads must be >= 1, got {self.draft_threads!r}")
         from tandem.kernels.linear import FORMATS
-        for flag, fmt in (("--weight-format", self.weight_format), ("--mtp-weight-format", self.mtp_weight_format)):
+        for flag, fmt in (("--weight-format", self.weight_format), ("--mtp-weight-format", self.mtp_weight_format),
+                          ("--draft-weight-format", self.draft_weight_format)):
             if fmt is not None and fmt not in FORMATS:
                 raise ConfigError(f"{flag} {fmt!r} unknown; valid formats: {', '.join(FORMATS)}")
 
@@ -55,7 +61,8 @@ class EngineOptions:
         spec = SpecConfig(enabled=not a.no_spec, n_max=a.spec_n_max, n_min=a.spec_n_min, p_min=a.spec_p_min,
                           adaptive=not a.no_adaptive, chain=chain)
         return cls(model=a.model, drafter=a.drafter, spec=spec, weight_format=a.weight_format,
-                   mtp_weight_format=a.mtp_weight_format, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
+                   mtp_weight_format=a.mtp_weight_format, draft_weight_format=a.draft_weight_format,
+                   draft_threads=a.draft_threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
                    max_len=a.ctx_size, threads=a.threads, device=a.device, ngram_n_min=a.ngram_n_min,
                    ngram_n_max=a.ngram_n_max, ngram_cache=a.ngram_cache)
 
@@ -91,6 +98,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mtp-weight-format", default=None,
                    help="weight format of the target's own MTP (nextn) drafter layers (default: --weight-format); "
                         "acceptance is sensitive to quantizing them")
+    p.add_argument("--draft-weight-format", default=None,
+                   help="weight format of the --drafter/--draft-model model: q8_0, bf16, fp32 (default: "
+                        "--weight-format); e.g. a bf16 target drafted by its own GGUF in q8_0")
+    p.add_argument("--draft-threads", type=int, default=None,
+                   help="torch threads while a draft model runs (default: the engine's --threads)")
     p.add_argument("--cache-type-k", "-ctk", default=d.cache_type_k,
                    help="KV cache type for K: bf16, f16, f32, q8_0 (int8), turbo4, turbo3, turbo2 (rotated 4/3/2-bit)")
     p.add_argument("--cache-type-v", "-ctv", default=None, help="KV cache type for V (default: same as K)")

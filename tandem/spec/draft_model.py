@@ -6,10 +6,13 @@ yet plus the last emitted token x (ragged rows, padded with position -1); step i
 argmax (deterministic, probs None) or, when the method samples drafts, draws from the processed distribution
 (probs = q, for p/q rejection). accept() rolls the cache back to the longest prefix of what it ran that the target accepted (the verified tokens
 decide, not the drafter's memory); an accepted token it has not run (the last draft of a fully accepted round) is
-run with the next propose's first step.
+run with the next propose's first step. `threads` (--draft-threads): torch's intra-op thread count while the draft
+model runs (the C++ kernels' at::parallel_for follows it), restored after; None: the engine's.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -40,12 +43,28 @@ def check_vocab(model, target, name: str, target_name: str, tokenizer=None, targ
                                  f"differing token id {i} ({a!r} vs {b!r})")
 
 
+@contextmanager
+def _threads(n: int | None):
+    """torch's intra-op threads set to n for the block (process-wide, so restored after); n None: unchanged."""
+    prev = torch.get_num_threads()
+    if n is None or n == prev:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 @register_kind("draft-model", fallback=True, help="any model with the target's vocabulary, own KV cache")
 class DraftModelDrafter(Drafter):
     max_draft = 16
 
-    def __init__(self, model: torch.nn.Module, target_name: str = "target", name: str = "draft model"):
+    def __init__(self, model: torch.nn.Module, target_name: str = "target", name: str = "draft model",
+                 threads: int | None = None):
         self.model = model
+        self.threads = threads
         self.names = (target_name, name)
         self.cache = None
         self._todo: dict[int, list[int]] = {}  # slot -> accepted tokens at positions cache.lengths[slot].. not run
@@ -78,10 +97,11 @@ class DraftModelDrafter(Drafter):
         if self.cache is None:
             raise RuntimeError(f"draft model {self.names[1]}: no cache (the engine calls make_cache)")
         ids, dev = list(prompt_state.ids), self.device
-        for c in range(0, len(ids), PREFILL_CHUNK):
-            chunk = ids[c:c + PREFILL_CHUNK]
-            self.model(torch.tensor([chunk], device=dev), torch.arange(c, c + len(chunk), device=dev)[None],
-                       self.cache, torch.tensor([slot], device=dev), logit_rows=slice(0, 0))
+        with _threads(self.threads):
+            for c in range(0, len(ids), PREFILL_CHUNK):
+                chunk = ids[c:c + PREFILL_CHUNK]
+                self.model(torch.tensor([chunk], device=dev), torch.arange(c, c + len(chunk), device=dev)[None],
+                           self.cache, torch.tensor([slot], device=dev), logit_rows=slice(0, 0))
         self.cache.set_length(slot, len(ids))
         self._todo[slot] = []
 
@@ -101,6 +121,10 @@ class DraftModelDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, batch: list[DraftContext]) -> list[Draft]:
+        with _threads(self.threads):
+            return self._propose(batch)
+
+    def _propose(self, batch: list[DraftContext]) -> list[Draft]:
         toks: list[list[int]] = [[] for _ in batch]
         probs: list[list[torch.Tensor]] = [[] for _ in batch]
         conf: list[list[float]] = [[] for _ in batch]
