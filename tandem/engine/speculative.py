@@ -27,19 +27,34 @@ from tandem.config import SamplingParams, SpecConfig
 from tandem.sampling import process_logits, sample
 from tandem.spec.chain import check_spec
 from tandem.spec.drafter import Draft, DraftContext, PromptState, get_method
-from tandem.spec.policy import AdaptiveLength, DraftPolicy, RoundCost
+from tandem.spec.policy import AdaptiveLength, ChainLengths, DraftPolicy, RoundCost
 from tandem.spec.stats import SpecStats
 from tandem.spec.trace import get_tracer
 from tandem.spec.verify import verify
 
 
-_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> {(method, chain): RoundCost}
+_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> {(method, chain | member): RoundCost}
 
 
-def round_cost(engine, method: str, chain: tuple[str, ...] = ()) -> RoundCost:
-    """The engine's learned round cost for a drafting method (and chain), shared by its requests
-    (tandem.spec.policy)."""
-    return _COSTS.setdefault(engine, {}).setdefault((method, tuple(chain)), RoundCost())
+def round_cost(engine, method: str, chain: tuple[str, ...] = (), member: str | None = None) -> RoundCost:
+    """The engine's learned round cost for a drafting method (and chain), or for one member kind of a chain,
+    shared by its requests (tandem.spec.policy)."""
+    key = (method, member) if member is not None else (method, tuple(chain))
+    return _COSTS.setdefault(engine, {}).setdefault(key, RoundCost())
+
+
+def chain_lengths(engine, spec: SpecConfig, sampling: SamplingParams) -> ChainLengths:
+    """The request's adaptive lengths: one per member of its chain (a single drafter: one, keyed by method and
+    chain); a seeded sampled request gets fixed cost models of its own (reproducible lengths)."""
+    members = engine.drafter.chain_for(spec) if hasattr(engine.drafter, "chain_for") else (engine.drafter.kind,)
+    fixed = sampling.seed is not None and not sampling.greedy
+
+    def cost(member: str | None) -> RoundCost:
+        return RoundCost(fixed=True) if fixed else round_cost(engine, spec.method, spec.chain, member)
+
+    if len(members) == 1:
+        return ChainLengths({members[0]: AdaptiveLength(cost(None), spec.n_min)})
+    return ChainLengths({m: AdaptiveLength(cost(m), spec.n_min) for m in members})
 
 
 class SlotSpeculator:
@@ -55,8 +70,7 @@ class SlotSpeculator:
         check_spec(self.drafter, spec)  # the method's kind and the chain's names are drafters of this engine
         self.sample_drafts = method.sample_drafts and not sampling.greedy
         self.policy = DraftPolicy(spec, self.drafter.max_draft)
-        self.adaptive = (AdaptiveLength(round_cost(engine, spec.method, spec.chain), spec.n_min)
-                         if spec.adaptive else None)
+        self.adaptive = chain_lengths(engine, spec, sampling) if spec.adaptive else None
         self.stats = stats  # GenStats (predicted_n is the budget already spent); its .spec gets our SpecStats
         self.spec_stats = SpecStats()
         if stats is not None:
@@ -81,10 +95,15 @@ class SlotSpeculator:
         n = self.cache.lengths[self.slot]
         done = self.stats.predicted_n if self.stats is not None else 0
         k_max = self.policy.k_max(n, self.cache.max_len, self.budget - done)
+        k_by_member = None
         if self.adaptive is not None:
-            k_max = self.adaptive.choose(k_max)
+            members = getattr(self.drafter, "members", {})
+            ks = self.adaptive.choose({m: min(k_max, members[m].max_draft) if m in members else k_max
+                                       for m in self.adaptive.order})
+            k_max = max(ks.values())
+            k_by_member = ks if len(ks) > 1 else None
         return DraftContext(slot=self.slot, last_token=int(last_token), position=n, cache=self.cache,
-                            sampling=self.sampling, k_max=k_max,
+                            sampling=self.sampling, k_max=k_max, k_by_member=k_by_member,
                             p_floor=self.policy.p_floor, sample_drafts=self.sample_drafts, generator=self.gen,
                             request_id=self.request_id, round=self.round, spec=self.spec)
 
@@ -120,7 +139,7 @@ class SlotSpeculator:
         ms = 1000 * (time.perf_counter() - self._t_verify)
         self.spec_stats.record(k, a, draft_ms, ms, draft.source or self.drafter.kind)
         if self.adaptive is not None:
-            self.adaptive.observe(k, a, draft_ms, ms)
+            self.adaptive.observe(draft.source, k, a, draft_ms, ms)
         if self.tracer is not None:
             self.tracer.emit("verify", req=self.request_id, slot=self.slot, round=self.round, pos=n, n_draft=k,
                              accepted=a, tokens=toks, ms=round(ms, 3))

@@ -2,6 +2,8 @@
 proposes a draft (at least n_min tokens) wins, e.g. ["ngram", "mtp"]: copy from the text when it repeats itself,
 else ask the MTP drafter.
 
+Each member drafts at most its own k (DraftContext.k_by_member, the per-member adaptive length of
+tandem.spec.policy.ChainLengths; None: k_max for all); a member whose k is 0 is skipped and the next one is asked.
 Every member sees every begin / propose / accept / end of every slot, whether or not it drafts for that slot this
 round (a member not asked gets k_max = 0): a drafter with its own state (draft model cache, nextn heads, ngram
 history) must follow all accepted tokens even in rounds another member won. Each member is called with all the
@@ -100,7 +102,10 @@ class ChainDrafter(Drafter):
             d.end(slot)
 
     def chain_of(self, ctx: DraftContext) -> tuple[str, ...]:
-        spec = ctx.spec
+        return self.chain_for(ctx.spec)
+
+    def chain_for(self, spec: SpecConfig | None) -> tuple[str, ...]:
+        """The member kinds a request's settings ask for, in order."""
         if spec is None:
             return self.order
         if spec.chain:
@@ -115,7 +120,7 @@ class ChainDrafter(Drafter):
         for level in range(max(map(len, chains), default=0)):
             groups: dict[str, list[int]] = {}
             for b, ch in enumerate(chains):
-                if won[b] is None and level < len(ch):
+                if won[b] is None and level < len(ch) and self._k(batch[b], ch[level]) > 0:
                     groups.setdefault(ch[level], []).append(b)
             for name, rows in groups.items():
                 for b, d in zip(rows, self._call(name, batch, rows)):
@@ -129,10 +134,14 @@ class ChainDrafter(Drafter):
                 self._call(name, batch, rest, k_max=0)
         return [d if d is not None else Draft.empty() for d in won]
 
+    def _k(self, ctx: DraftContext, name: str) -> int:
+        k = ctx.k_max if ctx.k_by_member is None else ctx.k_by_member.get(name, ctx.k_max)
+        return min(k, ctx.k_max, self.members[name].max_draft)
+
     def _call(self, name: str, batch: list[DraftContext], rows: list[int], k_max: int | None = None) -> list[Draft]:
+        ctxs = [dataclasses.replace(batch[b], k_max=self._k(batch[b], name) if k_max is None else k_max,
+                                    k_by_member=None) for b in rows]
         d = self.members[name]
-        ctxs = [dataclasses.replace(batch[b], k_max=min(batch[b].k_max, d.max_draft) if k_max is None else k_max)
-                for b in rows]
         out = d.propose(ctxs)
         if len(out) != len(ctxs):
             raise RuntimeError(f"drafter {name} returned {len(out)} drafts for {len(ctxs)} slots")

@@ -84,6 +84,7 @@ class DraftContext:
     cache: Any  # the target's cache (read-only for drafters)
     sampling: SamplingParams
     k_max: int  # most tokens this slot may draft this round (decided by tandem.spec.policy)
+    k_by_member: dict[str, int] | None = None  # a chain: each member's own k_max (0: skip it this round)
     p_floor: float = 0.0  # a drafter may stop a row early once its top-1 probability falls below this
     sample_drafts: bool = False  # draw from the drafter's processed distribution (T > 0 and the method asks)
     generator: torch.Generator | None = None

@@ -6,8 +6,11 @@ rejected draft never enters it). A round drafts from:
   1. prompt lookup: the longest suffix of the history (n_max .. n_min tokens) that occurred earlier in it; the most
      recent earlier occurrence wins and the tokens that followed it are copied (periodically past the history's end);
   2. else the suffix cache shared by all requests of the engine: n-gram -> counts of the token that followed it in
-     earlier requests' outputs; drafts greedily (longest known context, most frequent next token, smallest id on
-     ties), confidence = that token's share of the counts. The cache keeps at most `cache_size` n-grams (LRU).
+     the outputs of requests so far (each accepted token is counted as it is accepted, so concurrent requests use
+     each other's text before they end); drafts greedily (longest known context, most frequent next token,
+     smallest id on ties), confidence = that token's share of the counts. The cache keeps at most `cache_size`
+     n-grams (LRU). A seeded sampled request does not read it (its drafts, hence its sample, depend only on
+     itself: tandem.spec.policy).
 Drafts are deterministic (probs None, verified as one-hot); prompt-lookup confidence is 1.0.
 """
 
@@ -22,7 +25,7 @@ from tandem.spec.drafter import Draft, DraftContext, Drafter, PromptState, regis
 
 
 class SuffixCache:
-    """n-gram (n_min..n_max tokens) -> {next token: count}, learnt from finished requests. Bounded: at most `size`
+    """n-gram (n_min..n_max tokens) -> {next token: count}, learnt from the requests' accepted tokens. Bounded: at most `size`
     n-grams (least recently used dropped first), at most `width` next tokens per n-gram (the rarest dropped)."""
 
     def __init__(self, n_min: int, n_max: int, size: int, width: int = 4):
@@ -107,10 +110,7 @@ class NgramDrafter(Drafter):
         self._push(slot, tokens)  # [d_1..d_a, y]: what the target emitted after x
 
     def end(self, slot: int) -> None:
-        hist, start = self._hist.pop(slot, None), self._prompt_n.pop(slot, None)
-        self._index.pop(slot, None)
-        if self.suffix is not None and hist is not None:
-            self.suffix.learn(hist, start)
+        self._hist.pop(slot, None), self._prompt_n.pop(slot, None), self._index.pop(slot, None)
 
     def propose(self, batch: list[DraftContext]) -> list[Draft]:
         out = []
@@ -121,20 +121,24 @@ class NgramDrafter(Drafter):
             if len(hist) != c.position + 1 or hist[-1] != c.last_token:
                 raise RuntimeError(f"ngram slot {c.slot}: history of {len(hist)} tokens does not end with the "
                                    f"token at position {c.position}")
-            toks, conf = self._draft(c.slot, c.k_max, c.p_floor) if c.k_max > 0 else ([], [])
+            private = c.sampling.seed is not None and not c.sampling.greedy  # reproducible: no shared state
+            toks, conf = self._draft(c.slot, c.k_max, c.p_floor, not private) if c.k_max > 0 else ([], [])
             out.append(Draft(torch.tensor(toks, dtype=torch.long), None, conf))
         return out
 
     # -- internals -----------------------------------------------------------------------------------------------
     def _push(self, slot: int, tokens: list[int]) -> None:
         hist, index = self._hist[slot], self._index[slot]
+        start = len(hist)
         for t in tokens:
             i = len(hist)  # the n-grams ending at i-1 now have a following token
             for n in range(self.n_min, min(self.n_max, i) + 1):
                 index[tuple(hist[i - n:i])] = i - 1
             hist.append(int(t))
+        if self.suffix is not None:  # the output so far (not the prompt), as it is accepted
+            self.suffix.learn(hist, max(start, self._prompt_n[slot]))
 
-    def _draft(self, slot: int, k: int, p_floor: float) -> tuple[list[int], list[float]]:
+    def _draft(self, slot: int, k: int, p_floor: float, shared: bool = True) -> tuple[list[int], list[float]]:
         hist, index = self._hist[slot], self._index[slot]
         for n in range(min(self.n_max, len(hist)), self.n_min - 1, -1):
             j = index.get(tuple(hist[-n:]))
@@ -143,6 +147,6 @@ class NgramDrafter(Drafter):
                 for p in range(j + 1, j + 1 + k):  # past the end: copy what was just drafted (periodic text)
                     toks.append(hist[p] if p < len(hist) else toks[p - len(hist)])
                 return toks, [1.0] * k
-        if self.suffix is not None:
+        if self.suffix is not None and shared:
             return self.suffix.draft(hist, k, p_floor)
         return [], []

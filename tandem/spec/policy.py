@@ -1,13 +1,21 @@
 """The draft-length policy, in one place: how many tokens a slot may draft this round, and how a draft is cut.
 
-Drafters do not read these settings: they get `k_max` and a confidence floor (`p_floor`, to stop early) in their
-DraftContext; the rule itself is applied here, to every drafter's output alike:
+Drafters do not read these settings: they get `k_max` (a chain: `k_by_member`) and a confidence floor (`p_floor`,
+to stop early) in their DraftContext; the rule itself is applied here, to every drafter's output alike:
     cap   = min(n_max, drafter.max_draft, room left in the context, token budget left)   (one token of each round
             is the target's own: the recovered or bonus token)
     k_max = cap (spec.adaptive False), else AdaptiveLength.choose(cap): the k in {0} u [n_min, cap] with the most
             expected tokens per unit of round time
     cut   = the draft up to (not including) its first token whose confidence is < p_min;
             a cut draft shorter than n_min is dropped (the round then verifies no draft: a plain decode step).
+Terms: a MEMBER is one drafter of a request's chain (tandem.spec.chain); a single drafter is a chain of one. Each
+member has its own AdaptiveLength (acceptance counts of the rounds it WON, and a RoundCost keyed per engine, method
+and member kind: ChainLengths); a member whose k is 0 this round is skipped, so the next member gets the round.
+A round nobody drafted refreshes only the k = 0 (plain) cost of every member.
+n_max / p_min unset in the request: the drafter's recommendation (Drafter.recommended), else SpecConfig's default.
+A seeded sampled request (SamplingParams.seed, T > 0) learns no timing: its RoundCost is the fixed prior model,
+and its drafters read only its own text (ngram: no suffix cache), so its lengths, hence its random stream, depend
+only on the request and the same seed gives the same sample.
 The adaptive choice never changes what is emitted at T = 0 (verification does), only how many rows are verified.
 """
 
@@ -78,12 +86,16 @@ class RoundCost:
     extra verify cost per draft row is `verify_ratio` x the 1-row cost (a k-row forward costs about one row here:
     `tandem bench` k-cost table), and a draft costs in proportion to its length."""
 
-    def __init__(self, verify_ratio: float = 0.05, draft_ratio: float = 0.1, decay: float = 0.95):
+    def __init__(self, verify_ratio: float = 0.05, draft_ratio: float = 0.1, decay: float = 0.95,
+                 fixed: bool = False):
         self.verify, self.draft = _Line(verify_ratio, decay), _Line(None, decay)
         self.draft_ratio = draft_ratio  # draft ms per token / 1-row verify ms, before any draft was timed
+        self.fixed = fixed  # the priors only, no timing learnt (a seeded request's reproducible lengths)
         self.seen: set[int] = set()
 
     def observe(self, k: int, draft_ms: float, verify_ms: float) -> None:
+        if self.fixed:
+            return
         if k not in self.seen:  # the first round of a length pays one-off costs (new shapes, allocations)
             self.seen.add(k)
             return
@@ -136,30 +148,63 @@ def expected_tokens(alphas: list[float]) -> list[float]:
 
 
 class AdaptiveLength:
-    """Per-request draft length: each round the k in {0} u [n_min, cap] maximising expected tokens per round time.
-    At k = 0 nothing is learned about the drafts, so every `probe_every` plain rounds one draft of n_min tokens
-    is verified anyway (at once again after a probe that was accepted): a request whose text turns predictable
-    (copying, lists) gets drafting back."""
+    """Per-request (per member) draft length: each round the k in {0} u [n_min, cap] maximising expected tokens per
+    round time. At k = 0 nothing is learned about the drafts, so after `probe_every` rounds chosen 0, one draft of
+    n_min tokens is asked for anyway (at once again after a probe that was accepted, or one that never ran because
+    an earlier member of the chain won the round): a request whose text turns predictable gets drafting back."""
 
     def __init__(self, cost: RoundCost, n_min: int = 1, probe_every: int = 8, prior: float = 0.5):
         self.cost, self.n_min, self.probe_every = cost, n_min, probe_every
         self.acceptance = AcceptanceEstimate(prior)
-        self.idle = 0  # plain rounds since the last draft
+        self.idle = 0  # rounds chosen 0 since the last draft
+        self.probing = False  # this round's k is a probe
 
     def choose(self, cap: int) -> int:
+        self.probing = False
         if cap < self.n_min:
             return 0
         gain = expected_tokens(self.acceptance.alphas(cap))
         time = self.cost.curve(cap)
         k = max([0] + list(range(self.n_min, cap + 1)), key=lambda j: gain[j] / time[j])
-        if k == 0 and self.idle >= self.probe_every:
-            self.idle = 0  # one probe, even when the drafter then finds nothing to propose
+        if k > 0:
+            return k
+        if self.idle >= self.probe_every:
+            self.idle, self.probing = 0, True  # one probe, even when the drafter then finds nothing to propose
             return self.n_min
-        return k
+        self.idle += 1
+        return 0
 
     def observe(self, k: int, a: int, draft_ms: float, verify_ms: float) -> None:
         """The round verified k draft tokens (after the cut) and accepted a; its propose and verify times."""
         self.acceptance.observe(k, a)
         self.cost.observe(k, draft_ms, verify_ms)
-        # a fully accepted draft earns another probe right away, so recovery takes a few rounds, not a few probes
-        self.idle = self.idle + 1 if k == 0 else (self.probe_every if a == k else 0)
+        if k > 0:  # a fully accepted draft earns another probe right away: recovery takes rounds, not probes
+            self.idle = self.probe_every if a == k else 0
+
+    def skipped(self) -> None:
+        """An earlier member of the chain won the round: a probe chosen for it did not run, so it runs next round."""
+        if self.probing:
+            self.idle = self.probe_every
+
+
+class ChainLengths:
+    """The adaptive lengths of one request: an AdaptiveLength per member of its chain, in chain order (a single
+    drafter: one). choose() gives each member its k before propose; observe() credits the round to its winner."""
+
+    def __init__(self, by_member: dict[str, AdaptiveLength]):
+        self.by_member = by_member
+        self.order = list(by_member)
+
+    def choose(self, caps: dict[str, int]) -> dict[str, int]:
+        return {m: ad.choose(caps[m]) for m, ad in self.by_member.items()}
+
+    def observe(self, source: str, k: int, a: int, draft_ms: float, verify_ms: float) -> None:
+        """source: the member that drafted the round's k tokens (Draft.source; ignored for a single drafter)."""
+        winner = self.order[0] if len(self.order) == 1 else source
+        if k == 0 or winner not in self.by_member:  # nobody drafted: a plain round, its cost for every member
+            for ad in self.by_member.values():
+                ad.cost.observe(0, draft_ms, verify_ms)
+            return
+        self.by_member[winner].observe(k, a, draft_ms, verify_ms)
+        for m in self.order[self.order.index(winner) + 1:]:
+            self.by_member[m].skipped()
