@@ -30,9 +30,9 @@ def prompts(n, vocab, seed):
     return out
 
 
-def check_chain(target, member, kind, ps, slots=3):
+def check_chain(target, member, kind, ps, slots=3, adaptive=False):
     eng = Engine(target, max_len=64, n_slots=slots, drafter=ChainDrafter(
-        {"ngram": NgramDrafter(n_min=1, n_max=3), kind: member}), spec=SpecConfig(n_max=3))
+        {"ngram": NgramDrafter(n_min=1, n_max=3), kind: member}), spec=SpecConfig(n_max=3, adaptive=adaptive))
     plain = [eng.complete(p, SP, spec=SpecConfig(enabled=False))[0] for p in ps]
     total = SpecStats()
     for p, want in zip(ps, plain):
@@ -42,21 +42,59 @@ def check_chain(target, member, kind, ps, slots=3):
     per = total.by_drafter
     assert per["ngram"]["won"] > 0 and per[kind]["won"] > 0, total.line()
     assert sum(v["accepted"] for v in per.values()) == total.accepted
-    chains = [SpecConfig(n_max=3), SpecConfig(n_max=2, chain=[kind, "ngram"]), SpecConfig(chain=["ngram"])]
+    chains = [SpecConfig(n_max=3, adaptive=adaptive), SpecConfig(n_max=2, chain=[kind, "ngram"], adaptive=adaptive),
+              SpecConfig(chain=["ngram"], adaptive=adaptive)]
     with BatchScheduler(eng) as sch:
         hs = [sch.submit(p, SP, chains[i % 3]) for i, p in enumerate(ps)]
         got = [[e.id for e in h if isinstance(e, Token) and e.id >= 0] for h in hs]
     assert got == plain
 
 
-def test_chain_ngram_then_assistant():
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_chain_ngram_then_assistant(adaptive):
     target = tiny_target()
-    check_chain(target, MTPAssistantDrafter(tiny_assistant(), target), "assistant", prompts(16, V, 1))
+    check_chain(target, MTPAssistantDrafter(tiny_assistant(), target), "assistant", prompts(16, V, 1),
+                adaptive=adaptive)
 
 
-def test_chain_ngram_then_draft_model():
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_chain_ngram_then_draft_model(adaptive):
     target = tiny_target()
-    check_chain(target, DraftModelDrafter(noisy_copy(target)), "draft-model", prompts(16, V, 2))
+    check_chain(target, DraftModelDrafter(noisy_copy(target)), "draft-model", prompts(16, V, 2), adaptive=adaptive)
+
+
+def recording(cls):
+    """A drafter class that records the k_max of every context it is asked for."""
+    class Recorder(cls):
+        def propose(self, batch):
+            self.k_max = getattr(self, "k_max", []) + [c.k_max for c in batch]
+            return super().propose(batch)
+    return Recorder
+
+
+def test_chain_members_get_their_own_length():
+    """Per-member adaptive length (tandem.spec.policy.ChainLengths): the member whose drafting is costly (injected
+    round cost) is held at k = 0 and skipped, with probes, while the draft model (the target: every draft
+    accepted) drafts long; the output is still plain decoding's."""
+    from tandem.engine.speculative import round_cost
+    target = tiny_target()
+    ngram, model = recording(NgramDrafter)(n_min=1, n_max=3), recording(DraftModelDrafter)(target)
+    eng = Engine(target, max_len=96, drafter=ChainDrafter({"ngram": ngram, "draft-model": model}),
+                 spec=SpecConfig(n_max=6, adaptive=True))
+    for member, per_token in (("ngram", 50.0), ("draft-model", 0.1)):
+        cost = round_cost(eng, "auto", member=member)
+        for _ in range(3):
+            for k in (0, 1, 2, 3):
+                cost.observe(k, per_token * k, 10.0)
+        cost.observe = lambda *_: None  # keep the injected costs whatever this loaded machine measures
+    p = prompts(2, V, 4)[1]
+    sp = SamplingParams(max_tokens=60, ignore_eos=True)
+    got, fin = eng.complete(p, sp)
+    assert got == eng.complete(p, sp, spec=SpecConfig(enabled=False))[0]
+    per = fin.stats.spec.by_drafter
+    assert per["draft-model"]["accepted"] == per["draft-model"]["proposed"] and per["draft-model"]["won"] > 3
+    assert max(model.k_max) == 6 and per.get("ngram", {"won": 0})["won"] <= 3  # ngram: only its probes
+    assert ngram.k_max.count(0) > len(ngram.k_max) * 3 // 4
 
 
 def test_chain_ngram_then_nextn(tmp_path):

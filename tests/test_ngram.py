@@ -80,6 +80,25 @@ def test_suffix_cache_stays_bounded():
     assert cache.draft([7, 1], 3, p_floor=0.9)[0] == []
 
 
+def test_suffix_cache_learns_mid_request_and_stays_bounded():
+    """What slot 0 has accepted so far drafts for slot 1 (a concurrent request) before slot 0 ends; a seeded sampled
+    request does not read the shared cache (reproducible); the cache stays within its size as tokens stream in."""
+    d = started([50, 51], slot=0, n_min=1, n_max=2, cache_size=64)
+    d.propose([ctx(0, 7, 2)])  # x of the first round enters slot 0's history
+    d.accept(0, [8, 9, 10], torch.zeros(3, 4))
+    d.begin(1, PromptState(ids=[60, 61, 7], hidden=torch.zeros(1, 4), cache=None))
+    assert d.propose([ctx(1, 8, 3)])[0].tokens.tolist() == [9, 10]  # 7 8 -> 9 10, learnt from slot 0's output
+    seeded = SamplingParams(temperature=1.0, seed=3)
+    private = DraftContext(slot=1, last_token=8, position=3, cache=None, sampling=seeded, k_max=4)
+    assert d.propose([private])[0].k == 0
+    rng = random.Random(1)
+    for _ in range(200):
+        d.accept(0, [rng.randrange(V) for _ in range(rng.randint(1, 5))], torch.zeros(5, 4))
+        assert len(d.suffix) <= 64
+    d.end(0)
+    assert len(d.suffix) <= 64
+
+
 @pytest.fixture(scope="module")
 def target():
     return tiny_target()

@@ -10,7 +10,7 @@ from tandem.engine import Engine
 from tandem.engine.batch import BatchScheduler
 from tandem.engine.speculative import round_cost
 from tandem.spec import DraftModelDrafter
-from tandem.spec.policy import AcceptanceEstimate, AdaptiveLength, RoundCost, expected_tokens
+from tandem.spec.policy import AcceptanceEstimate, AdaptiveLength, ChainLengths, RoundCost, expected_tokens
 from tests.test_spec_lossless import V, noisy_copy, tiny_target
 
 
@@ -82,6 +82,54 @@ def test_n_min_respected():
         ad.observe(3, 1, 0.9, 10.0)
     assert ad.choose(3) in (0, 2, 3)
     assert ad.choose(1) == 0  # the cap is below n_min: no draft
+
+
+def test_chain_members_have_separate_estimates():
+    """Member a's drafts are all accepted, member b's all rejected: a drafts long, b gets 0 and is skipped; b probes
+    after probe_every rounds chosen 0, and a probe that never ran (a won the round) runs the next round."""
+    lengths = ChainLengths({"a": AdaptiveLength(cost_of(10.0, 0.3), probe_every=4),
+                            "b": AdaptiveLength(cost_of(10.0, 3.0), probe_every=4)})
+    for _ in range(10):
+        lengths.observe("a", 3, 3, 0.9, 10.0)
+        lengths.observe("b", 3, 0, 9.0, 10.0)
+    caps = {"a": 8, "b": 8}
+    assert lengths.choose(caps) == {"a": 8, "b": 0}
+    b_picks = []
+    for _ in range(9):  # rounds nobody drafted (a found no match): b's idle rounds count, a is unaffected
+        b_picks.append(lengths.choose(caps)["b"])
+        lengths.observe("", 0, 0, 1.0, 10.0)
+    assert b_picks == [0, 0, 0, 1, 0, 0, 0, 0, 1]  # 3 more idle rounds after the first choice, then a probe
+    assert lengths.by_member["a"].choose(8) == 8
+    for _ in range(4):
+        lengths.choose(caps)
+        lengths.observe("", 0, 0, 1.0, 10.0)
+    assert lengths.choose(caps)["b"] == 1  # b's probe; a wins the round, so b's probe runs next round
+    lengths.observe("a", 8, 8, 2.4, 10.0)
+    assert lengths.choose(caps) == {"a": 8, "b": 1}
+    lengths.observe("b", 1, 0, 3.0, 10.0)  # the probe missed: back to idle
+    assert lengths.choose(caps)["b"] == 0
+
+
+def test_seeded_sampled_request_is_reproducible(setup):
+    """Seed + T > 0 + adaptive: the lengths come from the request's own counts and the fixed cost priors, so
+    whatever the engine's shared round cost learnt meanwhile, the same seed gives the same rounds and tokens."""
+    target, prompts, _, _ = setup
+    d = Recording(noisy_copy(target))
+    eng = Engine(target, max_len=64, drafter=d, spec=SpecConfig(method="draft_sample", n_max=4, adaptive=True))
+    sp = SamplingParams(temperature=1.0, seed=11, max_tokens=30, ignore_eos=True)
+    cost = round_cost(eng, "draft_sample")
+    runs = []
+    for per_token in (0.1, 50.0):  # the shared cost says drafting is cheap, then that it is ruinous
+        for _ in range(3):
+            for k in (0, 1, 2, 3):
+                cost.observe(k, per_token * k, 10.0)
+        d.k_max = []
+        runs.append((eng.complete(prompts[1], sp)[0], d.k_max))
+    assert runs[0] == runs[1] and max(runs[0][1]) > 0
+    unseeded = SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)
+    d.k_max = []
+    eng.complete(prompts[1], unseeded)
+    assert d.k_max.count(0) > len(d.k_max) // 2  # unseeded, it reads the shared cost: ruinous, so mostly no draft
 
 
 class Recording(DraftModelDrafter):
