@@ -54,13 +54,17 @@ class SpecConfig:
     """Speculation settings for one request. method: a name in tandem.spec.drafter.METHODS (a drafter kind and
     whether drafts are sampled); "auto" = the engine's drafter, argmax drafts. n_max / n_min / p_min are applied
     by tandem.spec.policy; adaptive: n_max is a cap and each round's length is chosen from the acceptance and the
-    measured round cost (the CLI, server and bench turn it on; a bare SpecConfig pins k = n_max, as tests need)."""
+    measured round cost (the CLI, server and bench turn it on; a bare SpecConfig pins k = n_max, as tests need).
+    n_max / p_min None = unset: resolved() takes the drafter's recommendation, else N_MAX / P_MIN."""
+
+    N_MAX = 3  # built-in defaults of the unset n_max / p_min
+    P_MIN = 0.0
 
     enabled: bool = True
     method: str = "auto"
-    n_max: int = 3
+    n_max: int | None = None
     n_min: int = 1
-    p_min: float = 0.0
+    p_min: float | None = None
     adaptive: bool = False
     chain: tuple[str, ...] = ()  # drafters to try in order each round (tandem.spec.chain); () = the engine's order
 
@@ -71,12 +75,22 @@ class SpecConfig:
             raise ConfigError(f"speculative.chain must list distinct drafter names, got {list(self.chain)!r}")
         if not isinstance(self.adaptive, bool):
             raise ConfigError(f"speculative.adaptive must be true or false, got {self.adaptive!r}")
-        if not (isinstance(self.n_max, int) and 1 <= self.n_max <= 16):
+        if self.n_max is not None and not (_is_int(self.n_max) and 1 <= self.n_max <= 16):
             raise ConfigError(f"speculative.n_max must be an integer in [1, 16], got {self.n_max!r}")
-        if not (isinstance(self.n_min, int) and 1 <= self.n_min <= self.n_max):
-            raise ConfigError(f"speculative.n_min must be an integer in [1, n_max={self.n_max}], got {self.n_min!r}")
-        if not 0 <= self.p_min <= 1:
-            raise ConfigError(f"speculative.p_min must be in [0, 1], got {self.p_min!r}")
+        top = 16 if self.n_max is None else self.n_max
+        if not (_is_int(self.n_min) and 1 <= self.n_min <= top):
+            raise ConfigError(f"speculative.n_min must be an integer in [1, n_max={top}], got {self.n_min!r}")
+        if self.p_min is not None and (isinstance(self.p_min, bool) or not isinstance(self.p_min, (int, float))
+                                       or not 0 <= self.p_min <= 1):
+            raise ConfigError(f"speculative.p_min must be a number in [0, 1], got {self.p_min!r}")
+
+    def resolved(self, recommended: dict | None = None) -> "SpecConfig":
+        """n_max / p_min set: kept; unset: the drafter's `recommended` value, else N_MAX / P_MIN (n_max raised to
+        n_min: a length the request set wins over a recommendation)."""
+        rec = recommended or {}
+        n_max = self.n_max if self.n_max is not None else max(self.n_min, rec.get("n_max", self.N_MAX))
+        p_min = self.p_min if self.p_min is not None else rec.get("p_min", self.P_MIN)
+        return dataclasses.replace(self, n_max=n_max, p_min=float(p_min))
 
     from_dict = classmethod(_from_dict)
 

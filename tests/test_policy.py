@@ -196,3 +196,37 @@ def test_adaptive_batched_equals_plain(setup):
         handles = [sch.submit(p, greedy) for p in prompts]
         got = [[e.id for e in h if getattr(e, "id", -1) >= 0] for h in handles]
     assert got == ref
+
+
+def test_drafter_recommendation_fills_unset_n_max_and_p_min(tmp_path):
+    """A drafter directory's config.json `recommended` n_max / p_min: used by the engine's default and by requests
+    that leave them unset, overridden where set; a bad recommendation is refused naming the file and field."""
+    import json
+
+    from tandem import loading
+    from tandem.errors import ModelLoadError
+    from tandem.spec import load_drafter
+    from tests.test_draft_model import save_tiny_gemma3
+
+    d = save_tiny_gemma3(tmp_path / "m", 0)
+    tgt = loading.load(str(d), dtype=torch.float32)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "recommended": {"n_max": 5, "p_min": 0.0}}))
+    same = load_drafter(str(d), target=tgt.model, target_loaded=tgt, weight_format="fp32")  # all accepted
+    assert same.recommended == {"n_max": 5, "p_min": 0.0}
+    eng = Engine(tgt.model, max_len=64, drafter=same)
+    assert (eng.spec.n_max, eng.spec.p_min) == (5, 0.0)
+    greedy = SamplingParams(max_tokens=24, ignore_eos=True)
+    longest = {n: len(eng.complete([5, 6, 7], greedy, spec=SpecConfig(method="draft", n_max=n))[1].stats.spec
+                      .drafted_at) for n in (None, 2)}
+    assert longest == {None: 5, 2: 2}
+    (d / "config.json").write_text(json.dumps({**cfg, "recommended": {"n_max": 4, "p_min": 1.0}}))
+    picky = load_drafter(str(d), target=tgt.model, target_loaded=tgt, weight_format="fp32")
+    eng = Engine(tgt.model, max_len=64, drafter=picky)
+    assert eng.complete([5, 6, 7], greedy, spec=SpecConfig(method="draft"))[1].stats.spec.drafted == 0  # cut
+    assert eng.complete([5, 6, 7], greedy, spec=SpecConfig(method="draft", p_min=0.0))[1].stats.spec.drafted > 0
+    assert SpecConfig(n_min=6).resolved(picky.recommended).n_max == 6  # a set n_min wins over the recommendation
+    for bad, what in (({"n_max": 40}, "n_max"), ({"n_min": 2}, "keys n_max and/or p_min"), ([3], "object")):
+        (d / "config.json").write_text(json.dumps({**cfg, "recommended": bad}))
+        with pytest.raises(ModelLoadError, match=rf"config.json: field 'recommended'.*{what}"):
+            load_drafter(str(d), target=tgt.model, target_loaded=tgt, weight_format="fp32")

@@ -50,6 +50,7 @@ def run_e2e_compare(a, opts, spec_on, prompts: dict[str, list[str]]) -> dict:
     from tandem.engine.factory import build_engine
 
     eng = build_engine(opts)
+    spec_on = spec_on.resolved(getattr(eng.drafter, "recommended", None))  # unset n_max / p_min, as reported
     if eng.loaded.kind != "gguf":
         raise ConfigError(f"--compare llama.cpp needs a GGUF model, got {eng.loaded.kind} {eng.loaded.path}")
     if eng.drafter is None:

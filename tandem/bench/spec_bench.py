@@ -1,12 +1,15 @@
 """Speculative bench: the nine category prompt sets (or --prompts FILE), each prompt run without and with the
-drafter (--method: any drafting method name; --compare-fixed: also at the fixed length n_max when adaptive) in one
-invocation. Prints one line per prompt (`pred= draft= acc= rate= tok/s=`), then the aggregate JSON (mtp-bench keys
+drafter (--method: any drafting method name; --compare-fixed: also at the fixed length n_max when adaptive;
+--compare-members: also with each member of a chain alone) in one invocation, the arms of a prompt back to back.
+Every arm of a prompt starts from the same n-gram suffix cache (what earlier prompts taught it), so no arm drafts
+from another arm's run of the same prompt. Prints one line per prompt (`pred= draft= acc= rate= tok/s=`), then the aggregate JSON (mtp-bench keys
 plus ours: per category and overall tok/s, acceptance, mean accepted length, mean k verified per round).
 --compare llama.cpp runs the end-to-end comparison instead (tandem.bench.e2e).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import sys
@@ -16,6 +19,7 @@ from pathlib import Path
 from tandem.bench.prompts import CATEGORIES, PROMPTS, load_prompts
 from tandem.config import SamplingParams, SpecConfig
 from tandem.errors import ConfigError
+from tandem.spec.chain import kinds_of
 from tandem.spec.drafter import get_method
 from tandem.spec.stats import SpecStats
 
@@ -86,9 +90,17 @@ def run_spec_bench(a) -> dict:
     if eng.drafter is None:
         raise ConfigError("bench --spec needs a drafter: none is known for this model and none was given "
                           "(--drafter DIR)")
+    spec_on = spec_on.resolved(getattr(eng.drafter, "recommended", None))  # unset n_max / p_min, as reported
     arms = {"plain": dataclasses.replace(spec_on, enabled=False), "spec": spec_on}
     if spec_on.adaptive and getattr(a, "compare_fixed", False):
         arms["fixed"] = dataclasses.replace(spec_on, adaptive=False)
+    if getattr(a, "compare_members", False):
+        members = kinds_of(eng.drafter)
+        if len(members) < 2:
+            raise ConfigError(f"--compare-members needs a chain of drafters (--spec-chain), the engine has "
+                              f"{eng.drafter.describe()}")
+        arms.update({m: dataclasses.replace(spec_on, chain=(m,)) for m in members})
+    suffix = _suffix_cache(eng.drafter)
     sampling = SamplingParams(max_tokens=a.max_tokens, ignore_eos=True)
     _run(eng, "Hello", SamplingParams(max_tokens=4), spec_on)  # warm-up (kernels, caches)
     total = {k: _Arm() for k in arms}
@@ -97,7 +109,10 @@ def run_spec_bench(a) -> dict:
         cs = {k: _Arm() for k in arms}
         for i, prompt in enumerate(texts):
             outs, rates, fins = {}, {}, {}
+            learnt = copy.deepcopy(suffix.table) if suffix is not None else None
             for name, spec in arms.items():
+                if suffix is not None:
+                    suffix.table = copy.deepcopy(learnt)
                 toks, fin, dt = _run(eng, prompt, sampling, spec)
                 outs[name], rates[name], fins[name] = toks, fin.stats.predicted_n / dt, fin
                 cs[name].add(fin, dt)
@@ -124,14 +139,25 @@ def run_spec_bench(a) -> dict:
     return res
 
 
+def _suffix_cache(drafter):
+    """The n-gram drafter's suffix cache (alone or in a chain), if it keeps one."""
+    ngram = drafter if drafter.kind == "ngram" else getattr(drafter, "members", {}).get("ngram")
+    return getattr(ngram, "suffix", None)
+
+
 def _summary(arms: dict[str, _Arm]) -> dict:
-    """One category's (or the whole run's) figures: plain tok/s, the speculative arm's, the fixed-length arm's."""
+    """One category's (or the whole run's) figures: plain tok/s, the speculative arm's, then each other arm's
+    (fixed length, chain members alone) under its name as prefix, with its speedup over plain."""
     spec, base = arms["spec"], arms["plain"].tok_s
     d = {"baseline_tok_s": base, "spec_tok_s": spec.tok_s, **spec.spec_dict(),
          "speedup": round(spec.tok_s / base, 3) if base else 0.0}
     d.pop("tok_s")
+    for name, arm in arms.items():
+        if name in ("plain", "spec"):
+            continue
+        d.update(arm.spec_dict(f"{name}_"))
+        d[f"{name}_speedup"] = round(arm.tok_s / base, 3) if base else 0.0
     if "fixed" in arms:
-        d.update(arms["fixed"].spec_dict("fixed_"))
         d["adaptive_vs_fixed"] = round(spec.tok_s / arms["fixed"].tok_s, 3) if arms["fixed"].tok_s else 0.0
     return d
 

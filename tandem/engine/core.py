@@ -6,6 +6,7 @@ Token events and one Finished event. Batched serving builds on the same pieces (
 
 from __future__ import annotations
 
+import logging
 import operator
 import time
 from collections.abc import Iterator
@@ -21,10 +22,13 @@ from tandem.models.base import Output
 from tandem.sampling import make_generator, process_logits, sample
 
 PREFILL_CHUNK = 512
+log = logging.getLogger("tandem.engine")
 
 
 def sample_token(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator) -> int:
     """One token from logits [1, V] (plain decoding; the batch scheduler uses the same function per slot)."""
+    if sampling.greedy:  # = argmax of process_logits' one-hot, without its copies of the vocabulary
+        return int(logits[0].argmax())
     return int(sample(process_logits(logits, sampling), gen)[0])
 
 
@@ -97,7 +101,23 @@ class Engine:
         self.drafter = drafter
         if drafter is not None:
             drafter.make_cache(n_slots, max_len, **types)
-        self.spec = spec or SpecConfig(enabled=drafter is not None)
+        # unset n_max / p_min: the drafter's recommendation, else the built-in default
+        self.spec = (spec or SpecConfig(enabled=drafter is not None)).resolved(getattr(drafter, "recommended", None))
+        self._slot_ids = [torch.tensor([i], device=self.device) for i in range(n_slots)]
+        self.warm_up(types)
+
+    @torch.inference_mode()
+    def warm_up(self, cache_types: dict) -> None:
+        """Build/load the C++ kernels and run a prefill-sized and a decode-sized forward on a scratch cache, so the
+        first request's prompt and decode timings are its own, not the kernels' JIT build and first calls."""
+        t = time.perf_counter()
+        scratch = self.model.make_cache(1, 8, **cache_types)
+        slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        for n in (4, 1):
+            toks = torch.zeros(1, n, dtype=torch.long, device=self.device)
+            pos = torch.arange(n, device=self.device)[None]
+            self.model(toks, pos, scratch, slot, logit_rows=slice(-1, None))
+        log.info("kernels built and warmed at load (%.2f s): request timings exclude it", time.perf_counter() - t)
 
     @property
     def max_len(self) -> int:
@@ -135,7 +155,7 @@ class Engine:
             chunk = ids[c:c + PREFILL_CHUNK]
             toks = torch.tensor([chunk], device=self.device)
             pos = torch.arange(start + c, start + c + len(chunk), device=self.device)[None]
-            out = self.model(toks, pos, self.cache, torch.tensor([slot], device=self.device), logit_rows=slice(-1, None))
+            out = self.model(toks, pos, self.cache, self._slot_ids[slot], logit_rows=slice(-1, None))
             if keep_hidden:
                 hidden.append(out.hidden)
         self.cache.set_length(slot, start + len(ids))
@@ -147,7 +167,7 @@ class Engine:
         n = self.cache.lengths[slot]
         toks = torch.tensor([ids], device=self.device)
         pos = torch.arange(n, n + len(ids), device=self.device)[None]
-        out = self.model(toks, pos, self.cache, torch.tensor([slot], device=self.device), logit_rows=logit_rows)
+        out = self.model(toks, pos, self.cache, self._slot_ids[slot], logit_rows=logit_rows)
         self.cache.set_length(slot, n + len(ids))
         return out
 

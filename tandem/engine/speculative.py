@@ -64,6 +64,7 @@ class SlotSpeculator:
     def __init__(self, engine, slot: int, ids: list[int], out, sampling: SamplingParams, spec: SpecConfig,
                  gen: torch.Generator | None, stats: Any = None, request_id: str | None = None):
         self.engine, self.cache, self.drafter = engine, engine.cache, engine.drafter
+        spec = spec.resolved(getattr(self.drafter, "recommended", None))  # unset n_max / p_min
         self.slot, self.sampling, self.spec, self.gen = slot, sampling, spec, gen
         self.request_id = request_id
         method = get_method(spec.method)

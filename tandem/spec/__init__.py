@@ -19,7 +19,7 @@ from tandem.spec.ngram import NgramDrafter  # registers kind `ngram`
 from tandem.spec.chain import ChainDrafter, build_drafters, check_spec
 from tandem.spec.drafter import (KINDS, METHODS, Draft, DraftContext, Drafter, Kind, Method, PromptState,
                                  get_method, in_target_kind, kind_of, register_kind, register_method)
-from tandem.spec.policy import DraftPolicy
+from tandem.spec.policy import DraftPolicy, read_recommended
 from tandem.spec.stats import SpecStats
 from tandem.spec.trace import Tracer, get_tracer, set_tracer
 from tandem.spec.verify import Verdict, verify
@@ -53,17 +53,25 @@ def load_drafter(drafter: str | None, *, target: Any, target_loaded: Any = None,
     """Load a drafter from a path for `target`; its kind comes from what the path holds (an assistant, or any
     full model with the target's vocabulary: a draft model). drafter=None: the shipped drafter known for this
     target, else the one its checkpoint carries (an in-target kind, e.g. nextn MTP heads, in mtp_weight_format,
-    default the target's format), else None (logged: the target runs plain)."""
-    import torch
-
-    from tandem import loading
-
+    default the target's format), else None (logged: the target runs plain). A drafter directory's config.json
+    may carry `recommended` n_max / p_min (tandem.spec.policy.read_recommended): drafter.recommended."""
     if drafter is None:
         from tandem.drafters import known_drafter
         found = known_drafter(getattr(target_loaded, "path", None))
         if found is None:
             return _in_target_drafter(target, _name(target_loaded, "target"), mtp_weight_format)
         drafter = str(found)
+    d = _load_path(drafter, target, target_loaded, device, weight_format, mtp_weight_format)
+    d.recommended = read_recommended(drafter)  # the drafter's own n_max / p_min, for requests that set none
+    return d
+
+
+def _load_path(drafter: str, target: Any, target_loaded: Any, device: str, weight_format: str,
+               mtp_weight_format: str | None) -> Drafter:
+    import torch
+
+    from tandem import loading
+
     head_cfg = nextn_dir_config(drafter)
     if head_cfg is not None:  # a trained nextn head: attached to the target, drafts as kind nextn
         return load_nextn_dir(drafter, head_cfg, target, _name(target_loaded, "target"), mtp_weight_format)

@@ -80,6 +80,9 @@ class ChainDrafter(Drafter):
         self.order = tuple(members)
         self.needs_prompt_hidden = any(d.needs_prompt_hidden for d in members.values())
         self.max_draft = max(d.max_draft for d in members.values())
+        self.recommended: dict = {}  # n_max / p_min: the first member recommending each (tandem.spec.policy)
+        for d in reversed(list(members.values())):
+            self.recommended.update(getattr(d, "recommended", {}))
 
     def describe(self) -> str:
         return "chain " + " -> ".join(d.describe() for d in self.members.values())

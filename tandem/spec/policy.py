@@ -22,9 +22,30 @@ The adaptive choice never changes what is emitted at T = 0 (verification does), 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from tandem.config import SpecConfig
+from tandem.errors import ConfigError, ModelLoadError
 from tandem.spec.drafter import Draft
+
+
+def read_recommended(path: str) -> dict:
+    """The `recommended` object ({"n_max": int, "p_min": number}, both optional) of a drafter directory's
+    config.json; {} when there is none (a GGUF file, no such field). ModelLoadError naming file and field."""
+    from tandem.loading.hf import read_json
+
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return {}
+    rec = read_json(cfg).get("recommended", {})
+    if not isinstance(rec, dict) or set(rec) - {"n_max", "p_min"}:
+        raise ModelLoadError(f"{cfg}: field 'recommended' must be an object with keys n_max and/or p_min, "
+                             f"got {rec!r}")
+    try:
+        SpecConfig(**rec)
+    except ConfigError as e:
+        raise ModelLoadError(f"{cfg}: field 'recommended': {e}") from None
+    return rec
 
 
 @dataclass(frozen=True)
@@ -51,7 +72,8 @@ class DraftPolicy:
 
 
 class _Line:
-    """ms = a + b * k from exponentially decayed least-squares sums over rounds. While the rounds seen lack spread
+    """ms = a + b * k from exponentially decayed least-squares sums over rounds (with a `ratio`, a verify line: a is
+    kept >= half the mean, so noisy timings cannot make a plain round look free). While the rounds seen lack spread
     in k (a policy that settles on one length), the slope comes from `ratio`: b = ratio * a (ratio None: a = 0,
     the cost proportional to k)."""
 
@@ -71,7 +93,11 @@ class _Line:
         var = self.kk / self.w - mk * mk
         if var > 0.1:  # spread enough to measure the slope itself
             b = max(0.0, (self.ky / self.w - mk * my) / var)
-            return max(0.0, my - b * mk), b
+            a = my - b * mk
+            if self.ratio is not None and a < 0.5 * my:  # a verify costs a forward: noise must not zero it
+                a = 0.5 * my
+                b = (my - a) / mk
+            return max(0.0, a), b
         if self.ratio is None:
             return (0.0, my / mk) if mk > 0 else (my, 0.0)
         a = my / (1 + self.ratio * mk)
