@@ -41,10 +41,13 @@ class SpeculativeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: StrictBool | None = None
     method: StrictStr | None = Field(None, max_length=64)
-    n_max: StrictInt | None = Field(None, ge=1, le=16, description="most draft tokens per round")
+    n_max: StrictInt | None = Field(None, ge=1, le=16, description="most draft tokens per round (unset: the "
+                                    "server's, i.e. --spec-n-max, else the drafter's recommendation, else 3)")
     n_min: StrictInt | None = Field(None, ge=1, le=16, description="drafts shorter than this are dropped")
-    p_min: Number | None = Field(None, ge=0, le=1, description="stop drafting below this top-1 probability")
-    adaptive: StrictBool | None = Field(None, description="choose each round's length up to n_max (false: n_max)")
+    p_min: Number | None = Field(None, ge=0, le=1, description="stop drafting below this top-1 probability (unset: "
+                                 "as n_max)")
+    adaptive: StrictBool | None = Field(None, description="choose each round's length up to n_max (false: n_max); "
+                                        "with a seed at T > 0 the lengths depend only on the request: reproducible")
     chain: list[StrictStr] | None = Field(None, max_length=8, description="drafters to try in order, e.g. "
                                           "[\"ngram\", \"mtp\"]: the first with a draft wins the round")
 
