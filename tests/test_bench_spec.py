@@ -118,3 +118,22 @@ def test_llama_greedy_reads_real_logits():
     theirs, seconds = LlamaGreedy(path, 1, 128).generate(ids, 6)
     assert len(theirs) == 6 and seconds > 0
     assert _common_prefix(ours, theirs) >= 4 and _common_prefix([1, 2, 3], [1, 2, 4]) == 2
+
+
+@pytest.mark.slow
+def test_spec_bench_compare_members(tmp_path, capsys):
+    """--compare-members runs each member of the chain alone beside the chain, same prompts, identical outputs;
+    every arm of a prompt starts from the same suffix cache, so the arms after the first do not copy its run."""
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "1, 2, 3, 4, 5,", "category": "copy"}\n{"prompt": "The sky is", "category": "prose"}\n')
+    assert main(["bench", "--spec", "--model", _smol(), "--drafter", _smol(), "--spec-chain", "ngram,draft",
+                 "--compare-members", "--prompts", str(f), "--max-tokens", "12", "--spec-n-max", "3",
+                 "--threads", "1"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["identical_outputs"] == "2/2"
+    for c in res["per_category"].values():
+        assert {"ngram_speedup", "draft-model_speedup", "ngram_tok_s", "draft-model_accept_rate"} <= set(c)
+        assert c["draft-model_accept_rate"] == 1.0  # the target drafting for itself alone
+    assert main(["bench", "--spec", "--model", _smol(), "--drafter", _smol(), "--compare-members",
+                 "--prompts", str(f), "--max-tokens", "4", "--threads", "1"]) == 2
+    assert "needs a chain" in capsys.readouterr().err

@@ -25,6 +25,8 @@ def add_bench_args(p) -> None:
                    help="(spec form) drafting method name (tandem.spec METHODS, e.g. mtp, draft, nextn; default auto)")
     p.add_argument("--compare-fixed", action="store_true",
                    help="(spec form) also run every prompt at the fixed length --spec-n-max (adaptive vs fixed)")
+    p.add_argument("--compare-members", action="store_true",
+                   help="(spec form, with --spec-chain) also run every prompt with each member of the chain alone")
     p.add_argument("--out", default=None, help="(spec form) directory for the JSON and PNG plot")
     p.add_argument("--kv-quality", action="store_true",
                    help="KV cache quality: perplexity per cache type and next-token agreement with the bf16 cache "
