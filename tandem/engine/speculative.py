@@ -11,7 +11,8 @@ Round r of a slot, with x = its last emitted token at position n (the target cac
          cache.rollback(slot, n + a + 1)                keeps x, d_1..d_a; y (at n+a+1) is not in the cache
          drafter.accept(slot, [d_1..d_a, y], hidden[:a+1])
 First round (HF's convention): x = the target's own token sampled from the prefill logits, h = the prompt's last
-hidden state (every prompt row's, [P, D], for a drafter with needs_prompt_hidden: prefill keeps them for it). Once verify() returns, the target cache never holds more than the accepted tokens.
+hidden state (every prompt row's, [P, D], for a drafter with needs_prompt_hidden: prefill keeps them for it).
+Once verify() returns, the target cache never holds more than the accepted tokens.
 """
 
 from __future__ import annotations
@@ -52,9 +53,7 @@ def chain_lengths(engine, spec: SpecConfig, sampling: SamplingParams) -> ChainLe
     def cost(member: str | None) -> RoundCost:
         return RoundCost(fixed=True) if fixed else round_cost(engine, spec.method, spec.chain, member)
 
-    if len(members) == 1:
-        return ChainLengths({members[0]: AdaptiveLength(cost(None), spec.n_min)})
-    return ChainLengths({m: AdaptiveLength(cost(m), spec.n_min) for m in members})
+    return ChainLengths({m: AdaptiveLength(cost(m if len(members) > 1 else None), spec.n_min) for m in members})
 
 
 class SlotSpeculator:

@@ -25,8 +25,9 @@ from tandem.spec.drafter import Draft, DraftContext, Drafter, PromptState, regis
 
 
 class SuffixCache:
-    """n-gram (n_min..n_max tokens) -> {next token: count}, learnt from the requests' accepted tokens. Bounded: at most `size`
-    n-grams (least recently used dropped first), at most `width` next tokens per n-gram (the rarest dropped)."""
+    """n-gram (n_min..n_max tokens) -> {next token: count}, learnt from the requests' accepted tokens. Bounded: at
+    most `size` n-grams (least recently used dropped first), at most `width` next tokens per n-gram (rarest
+    dropped)."""
 
     def __init__(self, n_min: int, n_max: int, size: int, width: int = 4):
         self.n_min, self.n_max, self.size, self.width = n_min, n_max, size, width
