@@ -8,15 +8,17 @@ import torch.nn as nn
 
 from tandem import kernels
 from tandem.kernels import PackedEmbedding, PackedLinear, attend_reference, prepare
-from tandem.kernels._ext import ext
+from tandem.kernels._ext import ext, has_vnni
+from tandem.kernels.linear import quantize_act_q8
 from tandem.kvcache import KVCache
 from tandem.models.gemma3 import Model, ModelArgs
 
-PACKED = ["bf16", "q8_0"]
+PACKED = ["bf16", "q8_0", "q8_0x8"]
 needs_ext = pytest.mark.skipif(ext() is None, reason="fast CPU kernels unavailable on this machine")
+needs_vnni = pytest.mark.skipif(ext() is None or not has_vnni(), reason="no q8_0x8 kernels (AVX-512 VNNI) here")
 
 
-@pytest.mark.parametrize("fmt", PACKED)
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0"])
 @pytest.mark.parametrize("N,K", [(640, 2048), (1000, 640), (70, 96)])
 def test_packed_linear_accuracy(fmt, N, K):
     w = torch.randn(N, K) * 0.05
@@ -47,6 +49,41 @@ def test_packed_linear_batch_invariant(fmt):
     # prefill-sized M uses the same per-element arithmetic
     xb = torch.cat([x, torch.randn(90, K)])
     assert torch.equal(pl(xb)[:16], alone)
+
+
+def test_q8_0x8_activation_rows_are_ggml_q8_0():
+    """The activation quantizer is bit-exact to ggml's quantize_row_q8_0_ref (gguf-py's Q8_0, ties included)."""
+    gq = pytest.importorskip("gguf.quants")
+    x = torch.randn(5, 256) * 3
+    x[0, :32] = 0.0
+    below_half = torch.nextafter(torch.tensor(0.5), torch.tensor(0.0)).item()
+    x[1, :4] = torch.tensor([127.0, -2.5, below_half, 0.5])  # d = 1: ties go away from 0, 0.49999997 down
+    q, d, c = quantize_act_q8(x)
+    raw = gq.quantize(x.numpy(), gq.GGMLQuantizationType.Q8_0).reshape(5, 8, 34)
+    assert torch.equal(q.view(5, 8, 32), torch.from_numpy(raw[..., 2:].copy().view("int8")))
+    assert torch.equal(d, torch.from_numpy(raw[..., :2].copy().view("float16")[..., 0]).float())
+    assert torch.equal(c, 128 * q.view(5, 8, 32).int().sum(-1))
+
+
+@needs_vnni
+@pytest.mark.parametrize("N,K", [(640, 2048), (1000, 640), (70, 96), (64, 32)])
+def test_q8_0x8_kernel_equals_reference(N, K):
+    """The VNNI kernel == the torch reference (same quantization, exact integer dots, one fma chain) bitwise; the
+    weight values are q8_0's; the error against fp32 is the activation quantization's (~0.5 %)."""
+    w = torch.randn(N, K) * 0.05
+    pl, q8 = PackedLinear.from_weight(w, "q8_0x8"), PackedLinear.from_weight(w, "q8_0")
+    assert torch.equal(pl.dequantized_weight(), q8.dequantized_weight())
+    idx = torch.tensor([[N - 1, 0], [3, 5]])
+    assert torch.equal(pl.rows(idx), q8.rows(idx))
+    x = torch.randn(13, K)
+    y = pl(x)
+    assert torch.equal(y, pl._reference_q8x8(x))
+    orig = x.double() @ w.double().T
+    assert ((y.double() - orig).norm() / orig.norm()).item() < 1.5e-2
+    panels = torch.tensor([(N - 1) // 64, 0])
+    sel = pl.panels(x, panels)
+    full = torch.nn.functional.pad(y, (0, 64 * ((N + 63) // 64) - N))
+    assert torch.equal(sel, torch.cat([full[:, p * 64:(p + 1) * 64] for p in panels.tolist()], 1))
 
 
 def test_q8_0_matches_reference_quantiser():
@@ -164,5 +201,5 @@ def test_prepared_model_close_to_fp32(fmt):
     with torch.no_grad():
         a = ref(tok, pos, KVCache(ref.kv_specs(), 2, 16)).logits
         b = model(tok, pos, KVCache(model.kv_specs(), 2, 16)).logits
-    tol = {"fp32": 1e-6, "bf16": 3e-2, "q8_0": 5e-2}[fmt]
+    tol = {"fp32": 1e-6, "bf16": 3e-2, "q8_0": 5e-2, "q8_0x8": 5e-2}[fmt]
     assert ((a - b).norm() / a.norm()).item() < tol

@@ -1,7 +1,8 @@
 """Bitwise row invariance of every registered family after prepare(), the lossless-speculation guarantee: (a) a
 decode row alone == the same row among 1..16 slots (any order), (b) a 4-row verify == 4 single steps, (c) a row with
-padding rows beside it == alone. The tiny configs are the parity tests' own: as they are in q8_0 (which needs linear
-inputs in 32-blocks; router / shared-expert gates, Gated DeltaNet heads and Gemma 4 per-layer inputs stay narrow),
+padding rows beside it == alone. The tiny configs are the parity tests' own: as they are in q8_0 / q8_0x8 (which
+need linear inputs in 32-blocks; router / shared-expert gates, Gated DeltaNet heads and Gemma 4 per-layer inputs stay
+narrow),
 and in bf16 with MLP / expert widths that are not multiples of 32 either (torch's CPU activations compute a tensor's
 last partial 32-float step in scalar code, whose last bits differ)."""
 
@@ -68,7 +69,7 @@ def forward(model, cache, tokens, positions, slots):
 
 
 @needs_ext
-@pytest.mark.parametrize("fmt", ["q8_0", "bf16"])
+@pytest.mark.parametrize("fmt", ["q8_0", "bf16", "q8_0x8"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_rows_bitwise(name, fmt):
     model = prepare(randomize(make(name, unaligned=fmt == "bf16").eval()), fmt)

@@ -6,6 +6,7 @@ The extension is built once per source/CPU-flags combination and cached in the t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 log = logging.getLogger("tandem.kernels")
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ["small_gemm.cpp", "attention.cpp", "quant_attention.cpp", "kv_quantize.cpp", "bindings.cpp"]
+_SOURCES = ["small_gemm.cpp", "q8_vnni.cpp", "attention.cpp", "quant_attention.cpp", "kv_quantize.cpp", "bindings.cpp"]
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "f16c", "fma")
 
 _lock = threading.Lock()
@@ -85,6 +86,12 @@ def ext():
                             str(e).splitlines()[0] if str(e) else type(e).__name__)
             _state["tried"] = True
     return _state["mod"]
+
+
+@functools.lru_cache(maxsize=None)
+def has_vnni() -> bool:
+    """Whether this CPU runs the q8_0x8 int8 dot-product GEMMs (AVX-512 VNNI); else q8_0x8 takes the torch path."""
+    return "avx512_vnni" in _cpu_flags()
 
 
 def unavailable_reason() -> str | None:

@@ -12,6 +12,9 @@ Formats (by name):
   bf16 : weights rounded to bf16 (2 B/weight), activations stay fp32.
   q8_0 : GGUF Q8_0 blocks of 32 along K (int8 + fp16 scale, 1.0625 B/weight; bit-identical values to llama.cpp's
          Q8_0 quantiser / a Q8_0 GGUF tensor), dequantised exactly to fp32 in registers; activations stay fp32.
+  q8_0x8 : the same Q8_0 weight values, stored for int8 x int8 dot products (AVX-512 VNNI, csrc/q8_vnni.cpp):
+         each activation row is quantized per 32-block as llama.cpp does for its Q8_0 dot products
+         (quantize_act_q8), so a row's result still depends on that row only; ~6x fewer instructions per weight.
 Without the compiled extension (or off CPU) the packed formats take the same fixed-shape torch path.
 """
 
@@ -21,10 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tandem.kernels._ext import ext
+from tandem.kernels._ext import ext, has_vnni
 
-FORMATS = ("fp32", "bf16", "q8_0")
-PACKED_FORMATS = ("bf16", "q8_0")
+FORMATS = ("fp32", "bf16", "q8_0", "q8_0x8")
+PACKED_FORMATS = ("bf16", "q8_0", "q8_0x8")
 NB = 64       # columns per panel (must match csrc/small_gemm.cpp)
 QBLOCK = 32   # Q8_0 block along K
 ROW_BLOCK = 8  # rows per torch call on the reference path (fixed_rows): decode pays ~3x a GEMV, not ~10x
@@ -49,22 +52,50 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
+def _q8_blocks(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [..., 32] blocks -> (q as fp32 integers in [-127, 127], d fp32 [...]) as llama.cpp's
+    quantize_row_q8_0_ref: d = amax/127, q = round(x / d) half away from zero (also csrc/q8_vnni.cpp's rows)."""
+    d = b.abs().amax(-1) / 127.0
+    idv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    x = b * idv[..., None]
+    a = x.abs()
+    t = torch.floor(a)  # roundf: a - t is exact, so ties are seen exactly (floor(a + 0.5) rounds 0.49999997 up)
+    return (torch.sign(x) * (t + (a - t >= 0.5).float())).clamp(-127, 127), d
+
+
 def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] float -> (q int8 [N, K], d fp16 [N, K/32]) as llama.cpp's quantize_row_q8_0_ref:
-    d = amax/127, q = round(x / d) (half away from zero), d stored as fp16."""
+    """[N, K] float -> (q int8 [N, K], d fp16 [N, K/32]), GGUF Q8_0 blocks (d stored as fp16)."""
     N, K = w.shape
     if K % QBLOCK:
         raise ValueError(f"q8_0 needs in_features % {QBLOCK} == 0, got {K}")
     out_q = torch.empty(N, K, dtype=torch.int8)
     out_d = torch.empty(N, K // QBLOCK, dtype=torch.float16)
     for n0 in range(0, N, 8192):  # chunked: no full fp32 temporaries of huge tables
-        b = w[n0:n0 + 8192].float().reshape(-1, K // QBLOCK, QBLOCK)
-        d = b.abs().amax(-1) / 127.0
-        idv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
-        x = b * idv[..., None]
-        out_q[n0:n0 + 8192] = (torch.sign(x) * torch.floor(x.abs() + 0.5)).clamp(-127, 127).to(torch.int8).reshape(-1, K)
+        q, d = _q8_blocks(w[n0:n0 + 8192].float().reshape(-1, K // QBLOCK, QBLOCK))
+        out_q[n0:n0 + 8192] = q.to(torch.int8).reshape(-1, K)
         out_d[n0:n0 + 8192] = d.to(torch.float16)
     return out_q, out_d
+
+
+def quantize_act_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activation rows [M, K] -> (q int8 [M, K], d fp32 [M, K/32] holding fp16 values, 128 * sum(q) int32
+    [M, K/32]). d is rounded to fp16 as llama.cpp stores it, which also makes d_w * d_x exact in fp32."""
+    M, K = x2.shape
+    q, d = _q8_blocks(x2.float().reshape(M, K // QBLOCK, QBLOCK))
+    return q.to(torch.int8).reshape(M, K), d.half().float(), (128 * q.sum(-1)).to(torch.int32)
+
+
+def _pack_q8x8(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> uint8 [ceil(N/64), K/4, 64, 4]: q + 128 (the sign bit flipped; padded rows hold q = 0), 4
+    consecutive k of one column per 32-bit lane (the dpbusd operand layout)."""
+    P, K = (q.shape[0] + NB - 1) // NB, q.shape[1]
+    wp = _panelize(q).view(P, K // 4, 4, NB).transpose(2, 3).contiguous()  # [P, K/4, 64, 4]
+    return wp.view(torch.uint8) ^ 0x80
+
+
+def _unpack_q8x8(w8: torch.Tensor, N: int) -> torch.Tensor:
+    P, K4 = w8.shape[:2]
+    return (w8 ^ 0x80).view(torch.int8).permute(0, 2, 1, 3).reshape(P * NB, K4 * 4)[:N]
 
 
 def _panelize(w: torch.Tensor) -> torch.Tensor:
@@ -117,18 +148,28 @@ class PackedLinear(nn.Module):
             t = {"w_bf16": _panelize(w.to(torch.bfloat16))}
         else:
             q, d = quantize_q8_0(w)
-            t = cls._q8_tensors(q, d)
+            t = cls._q8_tensors(q, d, fmt)
         return cls(K, N, fmt, t, bias)
 
     @classmethod
-    def from_q8_0(cls, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> "PackedLinear":
-        """From Q8_0 values as stored in GGUF: q int8 [N, K], d fp16 [N, K/32] (no requantisation)."""
+    def from_q8_0(cls, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None,
+                  fmt: str = "q8_0") -> "PackedLinear":
+        """From Q8_0 values as stored in GGUF: q int8 [N, K], d fp16 [N, K/32] (no requantisation), held as
+        fmt q8_0 or q8_0x8."""
         N, K = q.shape
-        return cls(K, N, "q8_0", cls._q8_tensors(q.to(torch.int8), d.to(torch.float16)), bias)
+        return cls(K, N, fmt, cls._q8_tensors(q.to(torch.int8), d.to(torch.float16), fmt), bias)
 
     @staticmethod
-    def _q8_tensors(q, d):
+    def _q8_tensors(q, d, fmt):
+        if fmt == "q8_0x8":
+            return {"q8x8": _pack_q8x8(q), "d16": _panelize(d)}
         return {"q8": _panelize(q), "d16": _panelize(d)}
+
+    def _q8_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q int8 [N, K], d fp16 [N, K/32]) of a q8_0 / q8_0x8 linear."""
+        q = _unpack_q8x8(self.q8x8, self.out_features) if self.fmt == "q8_0x8" else \
+            _unpanelize(self.q8, self.out_features)
+        return q, _unpanelize(self.d16, self.out_features)
 
     # ---------------------------------------------------------------------------------------------------------
     @property
@@ -141,9 +182,8 @@ class PackedLinear(nn.Module):
             return self.weight
         if self.fmt == "bf16":
             return _unpanelize(self.w_bf16, self.out_features).float()
-        q = _unpanelize(self.q8, self.out_features).float()
-        d = _unpanelize(self.d16, self.out_features).float()
-        return (q.reshape(self.out_features, -1, QBLOCK) * d[..., None]).reshape(self.out_features, -1)
+        q, d = self._q8_values()
+        return (q.float().reshape(self.out_features, -1, QBLOCK) * d.float()[..., None]).reshape(self.out_features, -1)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows `idx` (any shape, int) of the dequantised weight as fp32 [*idx.shape, K] (tied embedding lookup)."""
@@ -156,15 +196,18 @@ class PackedLinear(nn.Module):
             out = self.weight.index_select(0, flat)
         elif m is not None and self.fmt == "bf16":
             out = m.rows_bf16(self.w_bf16, flat, self.in_features)
-        elif m is not None:
+        elif m is not None and self.fmt == "q8_0":
             out = m.rows_q8_0(self.q8, self.d16, flat, self.in_features)
+        elif m is not None:
+            out = m.rows_q8_0x8(self.q8x8, self.d16, flat, self.in_features)
         else:
             P = flat // NB
             C = flat % NB
             if self.fmt == "bf16":
                 out = self.w_bf16[P, :, C].float()
             else:
-                q = self.q8[P, :, C].float()
+                q = self.q8[P, :, C].float() if self.fmt == "q8_0" else \
+                    (self.q8x8[P, :, C] ^ 0x80).view(torch.int8).reshape(len(flat), -1).float()
                 d = self.d16[P, :, C].float()
                 out = (q.reshape(len(flat), -1, QBLOCK) * d[..., None]).reshape(len(flat), -1)
         return out.reshape(*idx.shape, self.in_features)
@@ -177,8 +220,8 @@ class PackedLinear(nn.Module):
         if self.fmt == "bf16":
             return PackedLinear(self.in_features, len(order), "bf16",
                                 {"w_bf16": _panelize(_unpanelize(self.w_bf16, self.out_features)[order])})
-        q, d = _unpanelize(self.q8, self.out_features)[order], _unpanelize(self.d16, self.out_features)[order]
-        return PackedLinear.from_q8_0(q, d)
+        q, d = self._q8_values()
+        return PackedLinear.from_q8_0(q[order], d[order], fmt=self.fmt)
 
     def panels(self, x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor | None:
         """x [M, K] -> y [M, S*64]: output rows of the 64-row panels `panels` [S] only, each value bitwise the
@@ -190,6 +233,8 @@ class PackedLinear(nn.Module):
         idx = panels.reshape(-1).to(torch.int64).contiguous()
         if self.fmt == "bf16":
             return m.gemm_bf16_panels(x2, self.w_bf16, idx)
+        if self.fmt == "q8_0x8":
+            return m.gemm_q8_0x8_panels(x2, self.q8x8, self.d16, idx) if has_vnni() else None
         return m.gemm_q8_0_panels(x2, self.q8, self.d16, idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,14 +242,17 @@ class PackedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
-        m = ext()
+        m = ext() if x2.device.type == "cpu" else None
         if self.fmt == "fp32":
             y = fixed_rows(x2, self.weight.float())
-        elif m is not None and x2.device.type == "cpu":
-            if self.fmt == "bf16":
-                y = m.gemm_bf16(x2, self.w_bf16, self.out_features)
-            else:
-                y = m.gemm_q8_0(x2, self.q8, self.d16, self.out_features)
+        elif m is not None and self.fmt == "bf16":
+            y = m.gemm_bf16(x2, self.w_bf16, self.out_features)
+        elif m is not None and self.fmt == "q8_0":
+            y = m.gemm_q8_0(x2, self.q8, self.d16, self.out_features)
+        elif m is not None and has_vnni() and self.fmt == "q8_0x8":
+            y = m.gemm_q8_0x8(x2, self.q8x8, self.d16, self.out_features)
+        elif self.fmt == "q8_0x8":
+            y = self._reference_q8x8(x2)
         else:
             y = self._fallback(x2)
         if self.bias is not None:
@@ -222,6 +270,25 @@ class PackedLinear(nn.Module):
 
     def _dequant_range(self, n0: int, n1: int) -> torch.Tensor:
         return self.rows(torch.arange(n0, n1))
+
+    def _reference_q8x8(self, x2: torch.Tensor) -> torch.Tensor:
+        """q8_0x8 in torch, as csrc/q8_vnni.cpp: the same row quantization, the integer block dots exact in fp32
+        (|sum| < 2^24), the fp32 fma chain in fp64 (exact product; only a 53->24-bit double rounding can differ)."""
+        xq, dx, _ = quantize_act_q8(x2)
+        M, KB = dx.shape
+        xb = xq.float().view(M, KB, QBLOCK).transpose(0, 1)  # [KB, M, 32]
+        q_all, d_all = self._q8_values()
+        outs = []
+        for n0 in range(0, self.out_features, 8192):
+            n1 = min(self.out_features, n0 + 8192)
+            q, dw = q_all[n0:n1].to(x2.device).float(), d_all[n0:n1].to(x2.device).float()
+            isum = torch.bmm(xb, q.view(n1 - n0, KB, QBLOCK).permute(1, 2, 0))  # [KB, M, n]
+            acc = x2.new_zeros(M, n1 - n0)
+            for b in range(KB):
+                scale = dx[:, b, None] * dw[None, :, b]  # fp16 x fp16: exact in fp32
+                acc = (acc.double() + isum[b].double() * scale.double()).float()
+            outs.append(acc)
+        return torch.cat(outs, dim=1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
