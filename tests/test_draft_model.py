@@ -148,3 +148,23 @@ def test_draft_flags_parse_and_are_checked(dirs):
         EngineOptions(draft_threads=0)
     with pytest.raises(ConfigError, match="--draft-threads 1: sets a draft model's threads, but the drafter loaded"):
         load_engine(str(dirs["target"]), None, draft_threads=1, weight_format="fp32", max_len=64)
+
+
+@pytest.mark.slow
+def test_fidelity_pair_same_gguf_q8_0_drafts_a_bf16_target():
+    """The README's example: a bf16 target drafted by its own GGUF in q8_0 loads (same vocabulary), equals plain
+    decoding at T=0 and is accepted almost always (only the weight rounding differs)."""
+    from test_smollm2 import smollm2_path
+
+    from tandem.engine.factory import load_engine
+    path = smollm2_path()
+    eng = load_engine(path, path, weight_format="bf16", draft_weight_format="q8_0", max_len=256,
+                      spec=SpecConfig(method="draft", n_max=4, adaptive=False))
+    assert eng.drafter.model.kernel_format == "q8_0" and eng.model.kernel_format == "bf16"
+    greedy = SamplingParams(max_tokens=24, ignore_eos=True)
+    drafted = accepted = 0
+    for p in ("def fibonacci(n):", "The capital of France is", "Once upon a time"):
+        got, fin = eng.complete(p, greedy)
+        assert got == eng.complete(p, greedy, spec=SpecConfig(enabled=False))[0]
+        drafted, accepted = drafted + fin.stats.spec.drafted, accepted + fin.stats.spec.accepted
+    assert drafted > 20 and accepted >= 0.8 * drafted

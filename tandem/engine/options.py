@@ -99,7 +99,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weight format of the target's own MTP (nextn) drafter layers (default: --weight-format); "
                         "acceptance is sensitive to quantizing them")
     p.add_argument("--draft-weight-format", default=None,
-                   help="weight format of the --drafter/--draft-model model: q8_0, bf16, fp32 (default: "
+                   help="weight format of the --drafter/--draft-model model, any --weight-format value (default: "
                         "--weight-format); e.g. a bf16 target drafted by its own GGUF in q8_0")
     p.add_argument("--draft-threads", type=int, default=None,
                    help="torch threads while a draft model runs (default: the engine's --threads)")
