@@ -18,6 +18,7 @@ import torch
 
 from tandem import kernels
 from tandem.kernels import quant_attention as qa
+from tandem.kernels._ext import ext
 
 
 class SlotLengths:
@@ -106,6 +107,11 @@ class KVCache(SlotLengths):
         todo = [(buf, x) for buf, x in ((self.k[layer], k), (self.v[layer], v))
                 if not (isinstance(buf, qa.QuantBuffer) and buf.store(slots, positions, x))]
         if not todo:
+            return
+        m = ext() if self.device.type == "cpu" else None
+        if m is not None and all(isinstance(buf, torch.Tensor) for buf, _ in todo):
+            for buf, x in todo:  # one C++ copy per tensor: no index tensors, no padding check round trip
+                m.kv_write(buf, x.to(buf.dtype).contiguous(), slots, positions)
             return
         if bool((positions < 0).any()):
             keep = positions >= 0

@@ -83,9 +83,9 @@ class Gemma3DecoderLayer(nn.Module):
 
     def forward(self, x, cos_sin, positions, cache, slots):
         h = self.self_attn(self.input_layernorm(x), cos_sin, positions, cache, slots)
-        x = x + self.post_attention_layernorm(h)
+        x = self.post_attention_layernorm(h, residual=x)  # x + norm(h)
         h = self.mlp(self.pre_feedforward_layernorm(x))
-        return x + self.post_feedforward_layernorm(h)
+        return self.post_feedforward_layernorm(h, residual=x)
 
 
 class Gemma3TextModel(nn.Module):

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tandem.errors import ConfigError
+from tandem.kernels._ext import ext
 from tandem.kvcache import KVCache
 from tandem.models.base import gelu_tanh
 from tandem.models.rope import apply_rope
@@ -42,6 +43,15 @@ def rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torc
     return out[:n].view(x.shape)
 
 
+def glue(*ts: torch.Tensor | None):
+    """The C++ glue kernels (csrc/glue.cpp) when every tensor given is fp32 on CPU and no gradient is wanted, else
+    None. Never decided by shape: a row takes the same path alone or among others."""
+    if torch.is_grad_enabled() or any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32)
+                                      for t in ts):
+        return None
+    return ext()
+
+
 def activation(name: str, where: str = "model") -> Callable[[torch.Tensor], torch.Tensor]:
     """The named activation, row-invariant (`rowwise`)."""
     if name not in ACTIVATIONS:
@@ -58,14 +68,26 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim)) if with_scale else None
+        self.fused = False  # the C++ glue kernel (after kernels.prepare); unprepared stays op for op HF's
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pack_weights(self, fmt: str) -> None:
+        """kernels.prepare's hook: run the fused row-invariant C++ norm from now on (CPU fp32, no grad)."""
+        self.fused = True
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x) [.., D], or residual + norm(x) (one pass: the sandwich norms' residual add)."""
+        m = glue(x, self.weight, residual) if self.fused else None
+        if m is not None:
+            res = None if residual is None else residual.contiguous()
+            w = None if self.weight is None else self.weight.contiguous()
+            return m.rms_norm(x.contiguous(), w, float(self.unit_offset), self.eps, res)
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
             w = self.weight.float()
             out = out * (1.0 + w if self.unit_offset else w)
-        return out.type_as(x)
+        out = out.type_as(x)
+        return out if residual is None else residual + out
 
 
 class Attention(nn.Module):
@@ -88,6 +110,28 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = qk_norm(head_dim), qk_norm(head_dim)
         else:
             self.q_norm = self.k_norm = None
+        self.fused = False  # q/k norm + RoPE in one C++ call per tensor (after kernels.prepare)
+
+    def pack_weights(self, fmt: str) -> None:
+        """kernels.prepare's hook: fuse q/k norm + RoPE from now on (CPU fp32, full rotary, no grad)."""
+        self.fused = True
+
+    def _norm_rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [B, T, Hq, D], k [B, T, Hkv, D] -> q/k-normed (if any) and rotated."""
+        norms = [n for n in (self.q_norm, self.k_norm) if n is not None]
+        m = glue(q, k, cos, *(n.weight for n in norms)) if self.fused and cos.shape[-1] == self.head_dim else None
+        if m is None or not all(n.fused for n in norms):
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        B, T = q.shape[:2]
+        cos, sin = cos.reshape(B * T, -1).contiguous(), sin.reshape(B * T, -1).contiguous()
+        q, k = q.contiguous(), k.contiguous()
+        for x, n in ((q, self.q_norm), (k, self.k_norm)):
+            w = None if n is None or n.weight is None else n.weight.contiguous()
+            m.norm_rope_(x.view(B * T, -1, self.head_dim), w, float(n is not None and n.unit_offset),
+                         n.eps if n is not None else 0.0, n is not None, cos, sin)
+        return q, k
 
     def forward(self, x: torch.Tensor, cos_sin, positions: torch.Tensor, cache: KVCache,
                 slots: torch.Tensor) -> torch.Tensor:
@@ -96,9 +140,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        q, k = self._norm_rope(q, k, *cos_sin)
         cache.write(self.layer_idx, slots, positions, k, v)
         out = cache.attend(self.layer_idx, q, slots, positions, self.window, self.scale, self.softcap)
         return self.o_proj(out.reshape(B, T, -1))

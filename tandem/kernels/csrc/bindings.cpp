@@ -18,6 +18,12 @@ std::vector<torch::Tensor> kv_quantize(torch::Tensor x, int64_t bits, torch::Ten
 void kv_store(torch::Tensor x, int64_t bits, torch::Tensor signs, torch::Tensor codes, torch::Tensor scales,
               torch::Tensor slots, torch::Tensor positions);
 
+torch::Tensor rms_norm(torch::Tensor x, std::optional<torch::Tensor> w, double offset, double eps,
+                       std::optional<torch::Tensor> residual);
+void norm_rope_(torch::Tensor x, std::optional<torch::Tensor> w, double offset, double eps, bool norm,
+                torch::Tensor cos, torch::Tensor sin);
+void kv_write(torch::Tensor buf, torch::Tensor x, torch::Tensor slots, torch::Tensor positions);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // compute without the GIL: other Python threads (the server's event loop) keep running during a long kernel
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -34,4 +40,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_quant", &attend_quant, nogil);
   m.def("kv_quantize", &kv_quantize, nogil);
   m.def("kv_store", &kv_store, nogil);
+  m.def("rms_norm", &rms_norm, nogil);
+  m.def("norm_rope_", &norm_rope_, nogil);
+  m.def("kv_write", &kv_write, nogil);
 }

@@ -1,0 +1,124 @@
+// The small per-layer ops between the GEMMs of a decode step (Tandem), one call each instead of 5-30 torch ops:
+// RMSNorm (optionally plus a residual), q/k RMSNorm + RoPE in place, K/V cache writes.
+//
+// Row-invariant by construction: every row (token, or token x head) is computed alone by the same code, a fixed
+// fp32 order (16 partial sums, then summed in lane order); nothing depends on the row count or the thread split.
+// fp32 only (the callers fall back to torch otherwise).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+namespace {
+
+// 1 / sqrt(mean(x^2) + eps) of one row, fixed summation order
+inline float inv_rms(const float* x, int64_t D, float eps) {
+  float acc[16] = {0.f};
+  int64_t i = 0;
+  for (; i + 16 <= D; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += x[i + j] * x[i + j];
+  for (int j = 0; i < D; ++i, ++j) acc[j] += x[i] * x[i];
+  float s = 0.f;
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  return 1.0f / std::sqrt(s / static_cast<float>(D) + eps);
+}
+
+// out[i] = (res[i] +) x[i] * r * (offset + w[i])   (w null: unscaled)
+inline void norm_row(const float* x, const float* w, float offset, float eps, const float* res, float* out,
+                     int64_t D) {
+  const float r = inv_rms(x, D, eps);
+  for (int64_t i = 0; i < D; ++i) {
+    float v = x[i] * r;
+    if (w) v = v * (offset + w[i]);
+    out[i] = res ? res[i] + v : v;
+  }
+}
+
+void check_f32(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(),
+              what, " must be a contiguous fp32 CPU tensor");
+}
+
+const float* weight_ptr(const std::optional<torch::Tensor>& w, int64_t D) {
+  if (!w.has_value()) return nullptr;
+  check_f32(*w, "norm weight");
+  TORCH_CHECK(w->numel() == D, "norm weight has ", w->numel(), " entries, the rows ", D);
+  return w->data_ptr<float>();
+}
+
+}  // namespace
+
+// x [..., D] -> (residual +) RMSNorm(x) * (offset + w), a new tensor
+torch::Tensor rms_norm(torch::Tensor x, std::optional<torch::Tensor> w, double offset, double eps,
+                       std::optional<torch::Tensor> residual) {
+  check_f32(x, "x");
+  const int64_t D = x.size(-1), M = D ? x.numel() / D : 0;
+  const float* wp = weight_ptr(w, D);
+  const float* rp = nullptr;
+  if (residual.has_value()) {
+    check_f32(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes(), "residual shape ", residual->sizes(), " != x shape ", x.sizes());
+    rp = residual->data_ptr<float>();
+  }
+  auto out = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m)
+      norm_row(xp + m * D, wp, (float)offset, (float)eps, rp ? rp + m * D : nullptr, op + m * D, D);
+  });
+  return out;
+}
+
+// x [N, H, D] in place: optional per-head RMSNorm (w, offset), then RoPE (rotate_half) with cos/sin [N, D]
+void norm_rope_(torch::Tensor x, std::optional<torch::Tensor> w, double offset, double eps, bool norm,
+                torch::Tensor cos, torch::Tensor sin) {
+  check_f32(x, "x");
+  check_f32(cos, "cos");
+  check_f32(sin, "sin");
+  TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) &&
+              cos.size(1) == x.size(2) && x.size(2) % 2 == 0, "norm_rope_: x [N, H, D], cos/sin [N, D] expected");
+  const int64_t N = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  const float* wp = norm ? weight_ptr(w, D) : nullptr;
+  float* xp = x.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  at::parallel_for(0, N * H, 64, [&](int64_t b, int64_t e) {
+    std::vector<float> t(D);
+    for (int64_t r = b; r < e; ++r) {
+      float* row = xp + r * D;
+      const float *c = cp + (r / H) * D, *s = sp + (r / H) * D;
+      if (norm) norm_row(row, wp, (float)offset, (float)eps, nullptr, t.data(), D);
+      else std::memcpy(t.data(), row, D * sizeof(float));
+      for (int64_t i = 0; i < half; ++i) row[i] = t[i] * c[i] - t[i + half] * s[i];
+      for (int64_t i = half; i < D; ++i) row[i] = t[i] * c[i] + t[i - half] * s[i];
+    }
+  });
+}
+
+// buf [S, H, Tmax, D] <- x [B, T, H, D] (same dtype) at (slots [B], positions [B, T]); position -1 = padding
+void kv_write(torch::Tensor buf, torch::Tensor x, torch::Tensor slots, torch::Tensor positions) {
+  TORCH_CHECK(buf.device().is_cpu() && x.device().is_cpu() && buf.is_contiguous() && x.is_contiguous() &&
+              buf.scalar_type() == x.scalar_type(), "kv_write: contiguous CPU tensors of one dtype expected");
+  TORCH_CHECK(buf.dim() == 4 && x.dim() == 4 && x.size(2) == buf.size(1) && x.size(3) == buf.size(3),
+              "kv_write: buf [S, H, Tmax, D], x [B, T, H, D] expected");
+  auto sl = slots.to(torch::kInt64).contiguous();
+  auto pos = positions.to(torch::kInt64).contiguous();
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3);
+  const int64_t S = buf.size(0), Tmax = buf.size(2), es = x.element_size();
+  TORCH_CHECK(sl.numel() == B && pos.size(0) == B && pos.size(1) == T, "kv_write: slots [B], positions [B, T]");
+  const int64_t *s = sl.data_ptr<int64_t>(), *p = pos.data_ptr<int64_t>();
+  auto* dst = static_cast<char*>(buf.data_ptr());
+  const auto* src = static_cast<const char*>(x.data_ptr());
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(0 <= s[b] && s[b] < S, "kv_write: slot ", s[b], " outside [0, ", S, ")");
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t q = p[b * T + t];
+      if (q < 0) continue;
+      TORCH_CHECK(q < Tmax, "kv_write: position ", q, " outside the cache [0, ", Tmax, ")");
+      for (int64_t h = 0; h < H; ++h)
+        std::memcpy(dst + ((s[b] * H + h) * Tmax + q) * D * es, src + ((b * T + t) * H + h) * D * es, D * es);
+    }
+  }
+}
