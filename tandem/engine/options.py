@@ -78,7 +78,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="drafter directory/file: an assistant, nextn head or draft model (default: the known drafter)")
     p.add_argument("--no-spec", action="store_true", help="plain decoding, no drafter")
     p.add_argument("--spec-n-max", type=int, default=d.spec.n_max,
-                   help="max draft tokens per round (adaptive: the cap of each round's chosen length)")
+                   help="max draft tokens per round (adaptive: the cap of each round's chosen length; default: the "
+                        "drafter's recommended n_max, else 3)")
     p.add_argument("--no-adaptive", action="store_true",
                    help="draft --spec-n-max tokens every round instead of choosing the length from the acceptance "
                         "and the measured round cost")
@@ -92,7 +93,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ngram-cache", type=int, default=d.ngram_cache,
                    help="ngram: n-grams the suffix cache keeps from earlier requests (LRU; 0 = off)")
     p.add_argument("--spec-n-min", type=int, default=d.spec.n_min, help="discard drafts shorter than this")
-    p.add_argument("--spec-p-min", type=float, default=d.spec.p_min, help="stop drafting when top-1 prob < p_min")
+    p.add_argument("--spec-p-min", type=float, default=d.spec.p_min,
+                   help="stop drafting when top-1 prob < p_min (default: the drafter's recommended p_min, else 0)")
     p.add_argument("--weight-format", default=d.weight_format,
                    help="q8_0 (default: GGUF Q8_0 blocks), bf16, fp32 (exact reference)")
     p.add_argument("--mtp-weight-format", default=None,
