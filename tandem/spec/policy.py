@@ -141,7 +141,7 @@ class AcceptanceEstimate:
     position with little evidence leans on the one before it (on `prior` for position 0), so a run of full
     acceptances lets the next, never-drafted position look as good as the last one."""
 
-    def __init__(self, prior: float = 0.5, weight: float = 2.0, decay: float = 0.9):
+    def __init__(self, prior: float = 0.5, weight: float = 1.0, decay: float = 0.9):
         self.prior, self.weight, self.decay = prior, weight, decay
         self.hits: list[float] = []
         self.seen: list[float] = []
