@@ -13,6 +13,13 @@ from dataclasses import dataclass, field
 
 from tandem.config import SpecConfig
 from tandem.errors import ConfigError
+from tandem.kernels._ext import has_vnni
+
+
+def default_weight_format() -> str:
+    """q8_0x8 (int8 x int8 dot products, as llama.cpp) where the CPU has AVX-512 VNNI, else q8_0 (fp32 activations):
+    the same GGUF Q8_0 weights either way; on a CPU without VNNI q8_0x8 would take the slow torch path."""
+    return "q8_0x8" if has_vnni() else "q8_0"
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,7 @@ class EngineOptions:
     model: str | None = None
     drafter: str | None = None
     spec: SpecConfig = field(default_factory=lambda: SpecConfig(adaptive=True))
-    weight_format: str = "q8_0"
+    weight_format: str = field(default_factory=default_weight_format)
     mtp_weight_format: str | None = None
     draft_weight_format: str | None = None
     draft_threads: int | None = None
@@ -96,7 +103,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-p-min", type=float, default=d.spec.p_min,
                    help="stop drafting when top-1 prob < p_min (default: the drafter's recommended p_min, else 0)")
     p.add_argument("--weight-format", default=d.weight_format,
-                   help="q8_0 (default: GGUF Q8_0 blocks), bf16, fp32 (exact reference)")
+                   help="q8_0x8 (GGUF Q8_0 blocks, int8 activations: VNNI dot products; the default on a CPU with "
+                        "AVX-512 VNNI), q8_0 (the same blocks, fp32 activations; the default elsewhere), bf16, "
+                        "fp32 (exact reference)")
     p.add_argument("--mtp-weight-format", default=None,
                    help="weight format of the target's own MTP (nextn) drafter layers (default: --weight-format); "
                         "acceptance is sensitive to quantizing them")
