@@ -144,7 +144,10 @@ def test_spec_chain_flag_builds_the_drafter_set():
     d = build_drafters(opts.spec.chain, lambda: assistant, dict(n_max=opts.ngram_n_max))
     assert isinstance(d, ChainDrafter) and d.order == ("ngram", "assistant") and d.members["ngram"].n_max == 5
     assert isinstance(build_drafters(("ngram",), lambda: None), NgramDrafter)
-    assert build_drafters((), lambda: assistant) is assistant
+    default = build_drafters((), lambda: assistant, dict(n_max=opts.ngram_n_max))  # no flag: ngram, then the model
+    assert isinstance(default, ChainDrafter) and default.order == ("ngram", "assistant")
+    assert default.members["assistant"] is assistant and default.members["ngram"].n_max == 5
+    assert build_drafters(("mtp",), lambda: assistant) is assistant and build_drafters((), lambda: None) is None
     with pytest.raises(ConfigError, match="'draft'.*a draft-model drafter.*assistant"):
         build_drafters(("ngram", "draft"), lambda: assistant)
     with pytest.raises(ConfigError, match="at most one model drafter"):

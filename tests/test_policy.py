@@ -231,3 +231,17 @@ def test_drafter_recommendation_fills_unset_n_max_and_p_min(tmp_path):
         (d / "config.json").write_text(json.dumps({**cfg, "recommended": bad}))
         with pytest.raises(ModelLoadError, match=rf"config.json: field 'recommended'.*{what}"):
             load_drafter(str(d), target=tgt.model, target_loaded=tgt, weight_format="fp32")
+
+
+def test_new_request_starts_from_the_engines_first_position_acceptance():
+    """A member whose first draft token is rarely accepted (a chain's fallback at the hard positions) is not trusted
+    afresh at 0.5 by every request: the shared round cost carries its acceptance; a seeded request's fixed cost
+    does not (its lengths depend only on itself)."""
+    cost = cost_of(10.0, 3.0)
+    first = AdaptiveLength(cost, n_min=1)
+    assert first.acceptance.prior == 0.5 and first.choose(3) > 0
+    for _ in range(60):
+        first.observe(2, 0, 6.0, 10.0)
+    later = AdaptiveLength(cost, n_min=1)
+    assert later.acceptance.prior < 0.2 and later.choose(3) == 0
+    assert AdaptiveLength(RoundCost(fixed=True)).acceptance.prior == 0.5

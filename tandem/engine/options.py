@@ -30,7 +30,7 @@ class EngineOptions:
     spec.enabled=False loads no drafter at all; cache_type_v None means the same type as K; mtp_weight_format None
     means the in-target drafter's layers get the target's weight_format; draft_weight_format / draft_threads None
     mean the --drafter model gets the target's weight_format / the engine's threads. spec.chain: the drafters the engine
-    loads, in the order requests try them (tandem.spec.chain; () = the model drafter alone); ngram_*: the n-gram
+    loads, in the order requests try them (tandem.spec.chain; () = ngram, then the model drafter); ngram_*: the n-gram
     drafter's lengths and suffix-cache size."""
 
     model: str | None = None
@@ -94,7 +94,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="drafters to load, in the order each round tries them (the first with a draft wins), e.g. "
                         "ngram,mtp: n-gram lookup, else the MTP drafter. Names: ngram, mtp|assistant, "
                         "draft|draft-model, nextn (at most one model drafter). A request's speculative.chain may "
-                        "reorder or subset them. Default: the model drafter alone")
+                        "reorder or subset them. Default: ngram, then the model drafter (mtp alone: the model drafter "
+                        "only)")
     p.add_argument("--ngram-n-min", type=int, default=d.ngram_n_min, help="ngram: shortest n-gram to look up")
     p.add_argument("--ngram-n-max", type=int, default=d.ngram_n_max, help="ngram: longest n-gram to look up")
     p.add_argument("--ngram-cache", type=int, default=d.ngram_cache,

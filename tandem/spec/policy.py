@@ -110,7 +110,10 @@ class RoundCost:
     the estimate for every k, not only for the k it used. Shared by the requests of one engine, method and chain:
     the cost belongs to the machine, model and drafter, not to the text. Before the rounds show a spread of k, the
     extra verify cost per draft row is `verify_ratio` x the 1-row cost (a k-row forward costs about one row here:
-    `tandem bench` k-cost table), and a draft costs in proportion to its length."""
+    `tandem bench` k-cost table), and a draft costs in proportion to its length. It also keeps the drafter's
+    first-position acceptance over the engine's rounds (`prior()`): a new request starts from it, not from 0.5, so
+    a chain member that drafts only where the others found nothing (the hard positions) is not over-trusted anew
+    by every request."""
 
     def __init__(self, verify_ratio: float = 0.05, draft_ratio: float = 0.1, decay: float = 0.95,
                  fixed: bool = False):
@@ -118,6 +121,15 @@ class RoundCost:
         self.draft_ratio = draft_ratio  # draft ms per token / 1-row verify ms, before any draft was timed
         self.fixed = fixed  # the priors only, no timing learnt (a seeded request's reproducible lengths)
         self.seen: set[int] = set()
+        self.first = AcceptanceEstimate(prior=0.5, decay=0.99)  # position 0 across requests
+
+    def prior(self) -> float:
+        """P(first draft token accepted) over the engine's recent rounds (0.5 before any, and when fixed)."""
+        return self.first.prior if self.fixed else self.first.alphas(1)[0]
+
+    def observe_acceptance(self, k: int, a: int) -> None:
+        if not self.fixed and k > 0:
+            self.first.observe(1, min(a, 1))
 
     def observe(self, k: int, draft_ms: float, verify_ms: float) -> None:
         if self.fixed:
@@ -179,9 +191,9 @@ class AdaptiveLength:
     n_min tokens is asked for anyway (at once again after a probe that was accepted, or one that never ran because
     an earlier member of the chain won the round): a request whose text turns predictable gets drafting back."""
 
-    def __init__(self, cost: RoundCost, n_min: int = 1, probe_every: int = 8, prior: float = 0.5):
+    def __init__(self, cost: RoundCost, n_min: int = 1, probe_every: int = 8, prior: float | None = None):
         self.cost, self.n_min, self.probe_every = cost, n_min, probe_every
-        self.acceptance = AcceptanceEstimate(prior)
+        self.acceptance = AcceptanceEstimate(cost.prior() if prior is None else prior)
         self.idle = 0  # rounds chosen 0 since the last draft
         self.probing = False  # this round's k is a probe
 
@@ -204,6 +216,7 @@ class AdaptiveLength:
         """The round verified k draft tokens (after the cut) and accepted a; its propose and verify times."""
         self.acceptance.observe(k, a)
         self.cost.observe(k, draft_ms, verify_ms)
+        self.cost.observe_acceptance(k, a)
         if k > 0:  # a fully accepted draft earns another probe right away: recovery takes rounds, not probes
             self.idle = self.probe_every if a == k else 0
 
