@@ -134,6 +134,6 @@ def test_spec_bench_compare_members(tmp_path, capsys):
     for c in res["per_category"].values():
         assert {"ngram_speedup", "draft-model_speedup", "ngram_tok_s", "draft-model_accept_rate"} <= set(c)
         assert c["draft-model_accept_rate"] == 1.0  # the target drafting for itself alone
-    assert main(["bench", "--spec", "--model", _smol(), "--drafter", _smol(), "--compare-members",
-                 "--prompts", str(f), "--max-tokens", "4", "--threads", "1"]) == 2
+    assert main(["bench", "--spec", "--model", _smol(), "--drafter", _smol(), "--spec-chain", "draft",
+                 "--compare-members", "--prompts", str(f), "--max-tokens", "4", "--threads", "1"]) == 2
     assert "needs a chain" in capsys.readouterr().err

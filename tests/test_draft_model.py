@@ -14,6 +14,7 @@ from tandem.engine import Engine
 from tandem.errors import ModelLoadError
 from tandem.spec import KINDS, DraftModelDrafter, MTPAssistantDrafter, get_method, kind_of, load_drafter
 from tandem.spec.draft_model import check_vocab
+from tandem.spec.chain import member
 from tandem.tokenizer import Tokenizer
 
 V = 40
@@ -113,7 +114,7 @@ def test_draft_weight_format_and_threads_are_the_draft_models_own(dirs):
     try:
         eng = load_engine(str(dirs["target"]), str(dirs["other"]), weight_format="q8_0", draft_weight_format="bf16",
                           threads=2, draft_threads=1, spec=SpecConfig(method="draft", n_max=4), max_len=64)
-        d = eng.drafter
+        d = member(eng.drafter, "draft-model")  # the default chain: ngram, then the draft model
         assert isinstance(d, DraftModelDrafter) and d.threads == 1
         assert d.model.kernel_format == "bf16" and eng.model.kernel_format == "q8_0"
         seen = []
@@ -160,7 +161,7 @@ def test_fidelity_pair_same_gguf_q8_0_drafts_a_bf16_target():
     path = smollm2_path()
     eng = load_engine(path, path, weight_format="bf16", draft_weight_format="q8_0", max_len=256,
                       spec=SpecConfig(method="draft", n_max=4, adaptive=False))
-    assert eng.drafter.model.kernel_format == "q8_0" and eng.model.kernel_format == "bf16"
+    assert member(eng.drafter, "draft-model").model.kernel_format == "q8_0" and eng.model.kernel_format == "bf16"
     greedy = SamplingParams(max_tokens=24, ignore_eos=True)
     drafted = accepted = 0
     for p in ("def fibonacci(n):", "The capital of France is", "Once upon a time"):

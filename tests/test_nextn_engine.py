@@ -20,6 +20,7 @@ import tandem.engine.core as core_mod  # noqa: E402
 import tandem.spec.nextn as nextn_mod  # noqa: E402
 from tandem.config import SamplingParams, SpecConfig  # noqa: E402
 from tandem.engine import Engine, Token  # noqa: E402
+from tandem.spec.chain import member  # noqa: E402
 from tandem.engine.batch import BatchScheduler  # noqa: E402
 from tandem.engine.factory import load_engine  # noqa: E402
 from tandem.loading import load  # noqa: E402
@@ -128,7 +129,8 @@ def test_spec_equals_plain_q8(tmp_path):
     write_checkpoint(tmp_path, "deepseek_v3_yarn", 1)
     eng = load_engine(str(tmp_path), max_len=64, n_slots=3, weight_format="q8_0", cache_type_k="bf16",
                       spec=SpecConfig(n_max=4))
-    assert isinstance(eng.drafter, NextNDrafter) and weight_format_of(eng.drafter.heads) == "q8_0"
+    heads = member(eng.drafter, "nextn")  # the default chain: ngram, then the target's own heads
+    assert isinstance(heads, NextNDrafter) and weight_format_of(heads.heads) == "q8_0"
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     ps = prompts(8, 5, lo=1, hi=20)
     plain = [eng.complete(p, sp, spec=SpecConfig(enabled=False))[0] for p in ps]
@@ -173,7 +175,8 @@ def test_generate_names_the_drafter(tmp_path, capsys, caplog):
         save_tokenizer(d)
     args = ["generate", "-p", "w5 w9 w17 w4", "-n", "8", "--ignore-eos", "-c", "64", "-ctk", "f32"]
     assert main(args + ["-m", str(with_mtp), "--mtp-weight-format", "fp32"]) == 0
-    assert "drafter: nextn (1 MTP head, in-target, fp32) | draft acceptance" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the default chain names both drafters
+    assert "drafter: chain ngram" in err and "-> nextn (1 MTP head, in-target, fp32) | draft acceptance" in err
     assert main(args + ["-m", str(with_mtp), "--no-spec"]) == 0
     assert "drafter: none (plain)\n" in capsys.readouterr().err
     with caplog.at_level(logging.WARNING, logger="tandem.spec"):

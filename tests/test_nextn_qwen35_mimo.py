@@ -298,7 +298,8 @@ def test_vl_layout_and_generate_names_the_drafter(tmp_path, capsys):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     args = ["generate", "-p", "w5 w9 w17 w4", "-n", "8", "--ignore-eos", "-c", "64", "-ctk", "f32"]
     assert main(args + ["-m", str(vl), "--mtp-weight-format", "fp32"]) == 0
-    assert "drafter: nextn (1 MTP head, in-target, fp32) | draft acceptance" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the default chain names both drafters
+    assert "drafter: chain ngram" in err and "-> nextn (1 MTP head, in-target, fp32) | draft acceptance" in err
 
 
 @pytest.mark.parametrize("family", FAMILIES)

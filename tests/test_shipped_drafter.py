@@ -5,6 +5,7 @@ import pytest
 
 from tandem.bench.prompts import PROMPTS
 from tandem.config import SamplingParams, SpecConfig
+from tandem.spec.chain import member
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,7 @@ def eng():
 def test_default_model_speculates_by_default(eng):
     from tandem.drafters import SHIPPED_DIR
     assert eng.drafter is not None and eng.spec.enabled
-    assert eng.drafter.names[1] == str(SHIPPED_DIR / "gemma-3-270m")
+    assert member(eng.drafter, "assistant").names[1] == str(SHIPPED_DIR / "gemma-3-270m")
 
 
 def test_shipped_drafter_is_lossless_and_accepts(eng):

@@ -63,6 +63,13 @@ def check_spec(drafter: Any, spec: SpecConfig) -> None:
                               f"{names_for(have)}")
 
 
+def member(drafter: Any, kind: str) -> Any:
+    """The engine's drafter of `kind`: the drafter itself, or that member of its chain (None when it has none)."""
+    if getattr(drafter, "kind", None) == kind:
+        return drafter
+    return (getattr(drafter, "members", None) or {}).get(kind)
+
+
 def describe(drafter: Any) -> str:
     return drafter.describe() if drafter is not None else "no drafter"
 

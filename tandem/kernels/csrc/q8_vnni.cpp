@@ -138,6 +138,22 @@ static void check_args(const torch::Tensor& x, const torch::Tensor& w, const tor
 
 }  // namespace
 
+// y's column panel s <- weight panel panel_of(s) for every 48-row block; threads split (panel, row block) items,
+// never K, so a row's values do not depend on M or the thread count.
+template <typename PanelOf>
+static void run_panels(const QRows& r, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* dp, float* yp,
+                       int64_t ldy, int64_t S, int64_t N, PanelOf panel_of) {
+  const int64_t MB = (M + MBLK - 1) / MBLK;
+  at::parallel_for(0, S * MB, 1, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t s = it / MB, mb = it % MB, p = panel_of(s);
+      const int ncols = (int)std::min<int64_t>(NB, N - p * NB);
+      panel_rows(r, mb * MBLK, std::min(M, mb * MBLK + MBLK), K, wp + p * K * NB, dp + p * (K / 32) * NB,
+                 yp + s * NB, ldy, ncols);
+    }
+  });
+}
+
 // x [M, K] fp32; w uint8 [P, K/4, 64, 4]; d fp16 [P, K/32, 64]; returns y [M, N] fp32.
 torch::Tensor gemm_q8_0x8(torch::Tensor x, torch::Tensor w, torch::Tensor d, int64_t N) {
   check_args(x, w, d);
@@ -145,18 +161,8 @@ torch::Tensor gemm_q8_0x8(torch::Tensor x, torch::Tensor w, torch::Tensor d, int
   TORCH_CHECK(w.size(0) == P, "packed q8_0x8 weight has ", w.size(0), " panels, N=", N, " needs ", P);
   const QRows r = quantize_rows(x);
   auto y = torch::empty({M, N}, x.options());
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
-  float* yp = y.data_ptr<float>();
-  const int64_t MB = (M + MBLK - 1) / MBLK;
-  at::parallel_for(0, P * MB, 1, [&](int64_t b, int64_t e) {
-    for (int64_t it = b; it < e; ++it) {
-      const int64_t p = it / MB, mb = it % MB;
-      const int ncols = (int)std::min<int64_t>(NB, N - p * NB);
-      panel_rows(r, mb * MBLK, std::min(M, mb * MBLK + MBLK), K, wp + p * K * NB, dp + p * (K / 32) * NB,
-                 yp + p * NB, N, ncols);
-    }
-  });
+  run_panels(r, M, K, w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr()), y.data_ptr<float>(),
+             N, P, N, [](int64_t s) { return s; });
   return y;
 }
 
@@ -169,17 +175,8 @@ torch::Tensor gemm_q8_0x8_panels(torch::Tensor x, torch::Tensor w, torch::Tensor
   for (int64_t s = 0; s < S; ++s) TORCH_CHECK(pp[s] >= 0 && pp[s] < P, "panel index out of range");
   const QRows r = quantize_rows(x);
   auto y = torch::empty({M, S * NB}, x.options());
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
-  float* yp = y.data_ptr<float>();
-  const int64_t MB = (M + MBLK - 1) / MBLK;
-  at::parallel_for(0, S * MB, 1, [&](int64_t b, int64_t e) {
-    for (int64_t it = b; it < e; ++it) {
-      const int64_t s = it / MB, mb = it % MB, p = pp[s];
-      panel_rows(r, mb * MBLK, std::min(M, mb * MBLK + MBLK), K, wp + p * K * NB, dp + p * (K / 32) * NB,
-                 yp + s * NB, S * NB, NB);
-    }
-  });
+  run_panels(r, M, K, w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr()), y.data_ptr<float>(),
+             S * NB, S, P * NB, [pp](int64_t s) { return pp[s]; });
   return y;
 }
 
