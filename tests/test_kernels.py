@@ -77,7 +77,7 @@ def test_q8_0x8_kernel_equals_reference(N, K):
     assert torch.equal(pl.rows(idx), q8.rows(idx))
     x = torch.randn(13, K)
     y = pl(x)
-    assert torch.equal(y, pl._reference_q8x8(x))
+    assert torch.equal(y, pl._reference_vnni(x))
     orig = x.double() @ w.double().T
     assert ((y.double() - orig).norm() / orig.norm()).item() < 1.5e-2
     panels = torch.tensor([(N - 1) // 64, 0])

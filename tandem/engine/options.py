@@ -17,9 +17,10 @@ from tandem.kernels._ext import has_vnni
 
 
 def default_weight_format() -> str:
-    """q8_0x8 (int8 x int8 dot products, as llama.cpp) where the CPU has AVX-512 VNNI, else q8_0 (fp32 activations):
-    the same GGUF Q8_0 weights either way; on a CPU without VNNI q8_0x8 would take the slow torch path."""
-    return "q8_0x8" if has_vnni() else "q8_0"
+    """native where the CPU has AVX-512 VNNI (a GGUF's Q8_0/Q5_0/Q4_K/Q6_K tensors as stored, every other weight
+    q8_0x8: int8 x int8 dot products, as llama.cpp), else q8_0 (fp32 activations; the VNNI formats would take the
+    slow torch path)."""
+    return "native" if has_vnni() else "q8_0"
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tandem.kernels._ext import unavailable_reason
+from tandem.kernels._ext import has_vnni, unavailable_reason
 from tandem.kernels.attention import attend_cpu
-from tandem.kernels.linear import FORMATS, PackedEmbedding, PackedLinear, check_format
+from tandem.kernels.linear import FORMATS, PackedEmbedding, PackedLinear, base_format, check_format
 from tandem.kernels.quant_attention import attend_quant
 from tandem.kernels.reference import attend_reference
 
@@ -32,17 +32,21 @@ def prepare(model: nn.Module, weight_format: str = "bf16") -> nn.Module:
     dequantised rows from that packed Linear, so no full-precision copy of the table stays referenced.
     Modules with a `pack_weights(fmt)` method (MoE experts [E, 2I, D], routers) then pack their own weights.
     weight_format="fp32" keeps the original fp32 weights, run in fixed-shape row blocks (row-invariant too).
+    weight_format="native": a linear whose weight came from GGUF blocks the VNNI kernels hold as stored
+    (`model.gguf_blocks`, verified against the loaded values) keeps them; every other weight gets base_format.
     Sets `model.kernel_format` (what exactness() reads).
     """
     check_format(weight_format)
+    blocks = _native_blocks(model) if weight_format == "native" else {}
     packed: dict[int, PackedLinear] = {}  # id(weight Parameter) -> PackedLinear (tied weights packed once)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 key = id(child.weight)
                 if key not in packed:
-                    packed[key] = PackedLinear.from_linear(child, weight_format)
+                    packed[key] = _pack(child, weight_format, blocks.get(key))
                 setattr(parent, name, packed[key])
+    model.__dict__.pop("gguf_blocks", None)  # the raw rows are packed (or not wanted): let the file's pages go
     if weight_format != "fp32":
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
@@ -50,9 +54,34 @@ def prepare(model: nn.Module, weight_format: str = "bf16") -> nn.Module:
                     setattr(parent, name, PackedEmbedding(packed[id(child.weight)]))
     for m in list(model.modules()):
         if callable(getattr(m, "pack_weights", None)):
-            m.pack_weights(weight_format)
+            m.pack_weights(base_format(weight_format))
     model.kernel_format = weight_format
     return model
+
+
+def _native_blocks(model: nn.Module) -> dict[int, tuple[str, object]]:
+    """id(weight Parameter) -> (GGUF type, raw rows) for the weights loaded from blocks a VNNI format holds."""
+    raw = getattr(model, "gguf_blocks", None) or {}
+    if not (has_vnni() and raw):
+        return {}
+    return {id(p): raw[n] for n, p in model.named_parameters(remove_duplicate=False) if n in raw}
+
+
+def _pack(lin: nn.Linear, fmt: str, block) -> PackedLinear:
+    if block is not None and lin.weight.device.type == "cpu":
+        pl = PackedLinear.from_gguf(block[0], block[1], lin.in_features, expect=lin.weight, bias=lin.bias)
+        if pl is not None:
+            return pl
+    return PackedLinear.from_linear(lin, fmt)
+
+
+def formats_of(model: nn.Module) -> dict[str, int]:
+    """How many packed linears of `model` hold each format."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            out[m.fmt] = out.get(m.fmt, 0) + 1
+    return out
 
 
 def exactness(model: nn.Module, device: torch.device | str) -> tuple[bool, str]:

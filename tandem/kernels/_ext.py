@@ -17,7 +17,7 @@ from pathlib import Path
 log = logging.getLogger("tandem.kernels")
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ["small_gemm.cpp", "q8_vnni.cpp", "attention.cpp", "quant_attention.cpp", "kv_quantize.cpp", "glue.cpp",
+_SOURCES = ["small_gemm.cpp", "vnni_gemm.cpp", "attention.cpp", "quant_attention.cpp", "kv_quantize.cpp", "glue.cpp",
             "bindings.cpp"]
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "f16c", "fma")
 

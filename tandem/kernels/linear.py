@@ -12,9 +12,12 @@ Formats (by name):
   bf16 : weights rounded to bf16 (2 B/weight), activations stay fp32.
   q8_0 : GGUF Q8_0 blocks of 32 along K (int8 + fp16 scale, 1.0625 B/weight; bit-identical values to llama.cpp's
          Q8_0 quantiser / a Q8_0 GGUF tensor), dequantised exactly to fp32 in registers; activations stay fp32.
-  q8_0x8 : the same Q8_0 weight values, stored for int8 x int8 dot products (AVX-512 VNNI, csrc/q8_vnni.cpp):
+  q8_0x8 : the same Q8_0 weight values, stored for int8 x int8 dot products (AVX-512 VNNI, csrc/vnni_gemm.cpp):
          each activation row is quantized per 32-block as llama.cpp does for its Q8_0 dot products
          (quantize_act_q8), so a row's result still depends on that row only; ~6x fewer instructions per weight.
+  q5_0x8, q4_kx8, q6_kx8 : a GGUF Q5_0 / Q4_K / Q6_K tensor's own integers and scales, no requantisation
+         (tandem/kernels/kquants.py), the same int8 activation rows and kernel: the file's bytes per weight.
+  native (prepare only): each GGUF-loaded linear in its file's type where a VNNI format holds it, else q8_0x8.
 Without the compiled extension (or off CPU) the packed formats take the same fixed-shape torch path.
 """
 
@@ -24,10 +27,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tandem.kernels import kquants
 from tandem.kernels._ext import ext, has_vnni
 
-FORMATS = ("fp32", "bf16", "q8_0", "q8_0x8")
-PACKED_FORMATS = ("bf16", "q8_0", "q8_0x8")
+FORMATS = ("fp32", "bf16", "q8_0", "q8_0x8", "native")  # what prepare() and the CLI take
+KQUANT_FORMATS = ("q5_0x8", "q4_kx8", "q6_kx8")
+VNNI_FORMATS = ("q8_0x8",) + KQUANT_FORMATS
+LINEAR_FORMATS = ("fp32", "bf16", "q8_0") + VNNI_FORMATS  # what a PackedLinear holds
 NB = 64       # columns per panel (must match csrc/small_gemm.cpp)
 QBLOCK = 32   # Q8_0 block along K
 ROW_BLOCK = 8  # rows per torch call on the reference path (fixed_rows): decode pays ~3x a GEMV, not ~10x
@@ -46,10 +52,16 @@ def fixed_rows(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs) if outs else x2.new_zeros(0, w.shape[0])
 
 
-def check_format(fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown weight format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+def check_format(fmt: str, valid: tuple[str, ...] = FORMATS) -> str:
+    if fmt not in valid:
+        raise ValueError(f"unknown weight format {fmt!r}; valid formats: {', '.join(valid)}")
     return fmt
+
+
+def base_format(fmt: str) -> str:
+    """The format a weight without GGUF blocks of its own gets under `fmt` (native: q8_0x8 where the CPU has VNNI,
+    else q8_0)."""
+    return ("q8_0x8" if has_vnni() else "q8_0") if fmt == "native" else fmt
 
 
 def _q8_blocks(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +135,7 @@ class PackedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, fmt: str, tensors: dict[str, torch.Tensor],
                  bias: torch.Tensor | None = None):
         super().__init__()
-        self.in_features, self.out_features, self.fmt = in_features, out_features, check_format(fmt)
+        self.in_features, self.out_features, self.fmt = in_features, out_features, check_format(fmt, LINEAR_FORMATS)
         for k, v in tensors.items():
             if isinstance(v, nn.Parameter):  # fp32: the original Parameter itself (keeps weight tying intact)
                 self.register_parameter(k, v)
@@ -133,13 +145,14 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, fmt: str = "bf16") -> "PackedLinear":
-        if check_format(fmt) == "fp32" and lin.weight.dtype == torch.float32:
+        fmt = base_format(check_format(fmt))
+        if fmt == "fp32" and lin.weight.dtype == torch.float32:
             return cls(lin.in_features, lin.out_features, "fp32", {"weight": lin.weight}, lin.bias)
         return cls.from_weight(lin.weight.detach(), fmt, lin.bias)
 
     @classmethod
     def from_weight(cls, w: torch.Tensor, fmt: str = "bf16", bias: torch.Tensor | None = None) -> "PackedLinear":
-        check_format(fmt)
+        fmt = base_format(check_format(fmt))
         N, K = w.shape
         w = w.detach().cpu()
         if fmt == "fp32":
@@ -158,6 +171,34 @@ class PackedLinear(nn.Module):
         fmt q8_0 or q8_0x8."""
         N, K = q.shape
         return cls(K, N, fmt, cls._q8_tensors(q.to(torch.int8), d.to(torch.float16), fmt), bias)
+
+    @classmethod
+    def from_gguf(cls, qtype: str, raw, K: int, expect: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> "PackedLinear | None":
+        """A GGUF tensor's raw rows (uint8 [N, row bytes]) of type `qtype` (kquants.GGUF_TYPES) kept as stored;
+        None when `expect` (the loaded fp32 weight) differs from the blocks' values (a fix-up changed them)."""
+        fmt = kquants.GGUF_TYPES[qtype]
+        for n0 in range(0, raw.shape[0], 16384):  # in row chunks: no full fp32 copy of a large table
+            f = kquants.parse_gguf(qtype, raw[n0:n0 + 16384], K)
+            if expect is not None and not torch.equal(kquants.dequantize(fmt, f),
+                                                      expect[n0:n0 + 16384].detach().float().cpu()):
+                return None
+        f = kquants.parse_gguf(qtype, raw, K)
+        if fmt == "q8_0x8":
+            return cls.from_q8_0((f["u"] ^ 0x80).view(torch.int8), f["d"], bias, fmt)
+        return cls(K, f["u"].shape[0], fmt, {f"vnni{i}": t for i, t in enumerate(kquants.pack(fmt, f))}, bias)
+
+    def _streams(self) -> list[torch.Tensor]:
+        if self.fmt == "q8_0x8":
+            return [self.q8x8, self.d16]
+        return [v for k, v in self._buffers.items() if k.startswith("vnni")]  # registration order
+
+    def _fields(self) -> dict[str, torch.Tensor]:
+        """Per-row integers and scales of a VNNI-format linear (tandem.kernels.kquants)."""
+        if self.fmt == "q8_0x8":
+            q, d = self._q8_values()
+            return {"u": (q.to(torch.int16) + 128).to(torch.uint8), "d": d}
+        return kquants.unpack(self.fmt, self._streams(), self.out_features)
 
     @staticmethod
     def _q8_tensors(q, d, fmt):
@@ -182,6 +223,8 @@ class PackedLinear(nn.Module):
             return self.weight
         if self.fmt == "bf16":
             return _unpanelize(self.w_bf16, self.out_features).float()
+        if self.fmt in KQUANT_FORMATS:
+            return kquants.dequantize(self.fmt, self._fields())
         q, d = self._q8_values()
         return (q.float().reshape(self.out_features, -1, QBLOCK) * d.float()[..., None]).reshape(self.out_features, -1)
 
@@ -194,6 +237,9 @@ class PackedLinear(nn.Module):
         m = ext()
         if self.fmt == "fp32":
             out = self.weight.index_select(0, flat)
+        elif self.fmt in KQUANT_FORMATS:  # not an embedding format: the torch path is enough
+            f = {k: v.index_select(0, flat) for k, v in self._fields().items()}
+            out = kquants.dequantize(self.fmt, f)
         elif m is not None and self.fmt == "bf16":
             out = m.rows_bf16(self.w_bf16, flat, self.in_features)
         elif m is not None and self.fmt == "q8_0":
@@ -220,6 +266,10 @@ class PackedLinear(nn.Module):
         if self.fmt == "bf16":
             return PackedLinear(self.in_features, len(order), "bf16",
                                 {"w_bf16": _panelize(_unpanelize(self.w_bf16, self.out_features)[order])})
+        if self.fmt in KQUANT_FORMATS:
+            f = {k: v[order] for k, v in self._fields().items()}
+            return PackedLinear(self.in_features, len(order), self.fmt,
+                                {f"vnni{i}": t for i, t in enumerate(kquants.pack(self.fmt, f))})
         q, d = self._q8_values()
         return PackedLinear.from_q8_0(q[order], d[order], fmt=self.fmt)
 
@@ -233,8 +283,9 @@ class PackedLinear(nn.Module):
         idx = panels.reshape(-1).to(torch.int64).contiguous()
         if self.fmt == "bf16":
             return m.gemm_bf16_panels(x2, self.w_bf16, idx)
-        if self.fmt == "q8_0x8":
-            return m.gemm_q8_0x8_panels(x2, self.q8x8, self.d16, idx) if has_vnni() else None
+        if self.fmt in VNNI_FORMATS:
+            P = (self.out_features + NB - 1) // NB
+            return m.gemm_vnni_panels(x2, self.fmt, self._streams(), P, idx) if has_vnni() else None
         return m.gemm_q8_0_panels(x2, self.q8, self.d16, idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,10 +300,10 @@ class PackedLinear(nn.Module):
             y = m.gemm_bf16(x2, self.w_bf16, self.out_features)
         elif m is not None and self.fmt == "q8_0":
             y = m.gemm_q8_0(x2, self.q8, self.d16, self.out_features)
-        elif m is not None and has_vnni() and self.fmt == "q8_0x8":
-            y = m.gemm_q8_0x8(x2, self.q8x8, self.d16, self.out_features)
-        elif self.fmt == "q8_0x8":
-            y = self._reference_q8x8(x2)
+        elif m is not None and has_vnni() and self.fmt in VNNI_FORMATS:
+            y = m.gemm_vnni(x2, self.fmt, self._streams(), self.out_features)
+        elif self.fmt in VNNI_FORMATS:
+            y = self._reference_vnni(x2)
         else:
             y = self._fallback(x2)
         if self.bias is not None:
@@ -271,24 +322,10 @@ class PackedLinear(nn.Module):
     def _dequant_range(self, n0: int, n1: int) -> torch.Tensor:
         return self.rows(torch.arange(n0, n1))
 
-    def _reference_q8x8(self, x2: torch.Tensor) -> torch.Tensor:
-        """q8_0x8 in torch, as csrc/q8_vnni.cpp: the same row quantization, the integer block dots exact in fp32
-        (|sum| < 2^24), the fp32 fma chain in fp64 (exact product; only a 53->24-bit double rounding can differ)."""
-        xq, dx, _ = quantize_act_q8(x2)
-        M, KB = dx.shape
-        xb = xq.float().view(M, KB, QBLOCK).transpose(0, 1)  # [KB, M, 32]
-        q_all, d_all = self._q8_values()
-        outs = []
-        for n0 in range(0, self.out_features, 8192):
-            n1 = min(self.out_features, n0 + 8192)
-            q, dw = q_all[n0:n1].to(x2.device).float(), d_all[n0:n1].to(x2.device).float()
-            isum = torch.bmm(xb, q.view(n1 - n0, KB, QBLOCK).permute(1, 2, 0))  # [KB, M, n]
-            acc = x2.new_zeros(M, n1 - n0)
-            for b in range(KB):
-                scale = dx[:, b, None] * dw[None, :, b]  # fp16 x fp16: exact in fp32
-                acc = (acc.double() + isum[b].double() * scale.double()).float()
-            outs.append(acc)
-        return torch.cat(outs, dim=1)
+    def _reference_vnni(self, x2: torch.Tensor) -> torch.Tensor:
+        """A VNNI format in torch, as csrc/vnni_gemm.cpp computes it (tandem.kernels.kquants.reference)."""
+        xq, dx, _ = quantize_act_q8(x2.cpu())
+        return kquants.reference(self.fmt, self._fields(), xq, dx).to(x2.device)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"

@@ -166,7 +166,7 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
         f = GGUFFile(path)
         config = f.config()
         weights = f.state_dict(dtype=dtype, config=config)
-        file_names = f.sources
+        file_names, blocks = f.sources, f.blocks
         # a drafter reading its target's tokens (needs_tokenizer=False) loads no tokenizer of its own
         tok = _gguf_tokenizer(f, tokenizer_cache) if tokenizer and f.arch().needs_tokenizer else None
         template = f.chat_template
@@ -176,12 +176,13 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
             path = str(Path(path).parent)
         config = hf.read_config(path)
         weights = hf.state_dict(path, dtype=dtype)
-        file_names = None
+        file_names, blocks = None, {}
         tok, template = hf.read_tokenizer(path, config) if tokenizer else (None, None)
     with _no_init():
         model = build(config)
     weights = model.sanitize(weights)  # an instance method where the renames depend on the config (gemma4)
     load_state_into(model, weights, path, file_names)
+    model.gguf_blocks = blocks  # raw GGUF rows by parameter name, for kernels.prepare(model, "native")
     model.requires_grad_(False)
     model.to(device=device)
     model.eval()

@@ -171,7 +171,9 @@ class GGUFFile:
 
     def state_dict(self, dtype: torch.dtype = torch.float32, config: dict | None = None) -> dict[str, torch.Tensor]:
         """All tensors under their HF names, fix-ups applied (they may need `config`, default self.config()), in
-        `dtype`. `self.sources` maps each HF name back to its GGUF name (for error messages)."""
+        `dtype`. `self.sources` maps each HF name back to its GGUF name (for error messages); `self.blocks` maps the
+        HF name of each 2-D tensor no fix-up touched, in a type the VNNI kernels keep as stored, to (type name, raw
+        rows uint8 [N, row bytes]) (tandem.kernels.prepare's `native` format)."""
         spec = self.arch()
         config = self.config() if config is None else config
         n_blocks = int(self.meta(f"{self.architecture}.block_count", 0))
@@ -181,6 +183,7 @@ class GGUFFile:
                                  f"{' ...' if len(missing) > 8 else ''} for architecture {self.architecture!r}")
         out, unknown = {}, []
         self.sources: dict[str, str] = {}
+        self.blocks: dict[str, tuple[str, np.ndarray]] = {}
         for name in self._tensors:
             if name in spec.derived:
                 continue
@@ -188,7 +191,7 @@ class GGUFFile:
             if hf is None:
                 unknown.append(name)
                 continue
-            w = self.read(name)
+            w = read = self.read(name)
             try:
                 w = spec.fixup(name, w, config)
             except (ValueError, RuntimeError) as e:
@@ -196,6 +199,9 @@ class GGUFFile:
                                      f"config ({type(e).__name__}: {e})") from None
             out[hf] = w if w.dtype == dtype or not w.is_floating_point() else w.to(dtype)
             self.sources[hf] = name
+            t = self._tensors[name]
+            if w is read and w.dim() == 2 and t.tensor_type.name in ("Q8_0", "Q5_0", "Q4_K", "Q6_K"):
+                self.blocks[hf] = (t.tensor_type.name, t.data)
         if unknown:
             raise ModelLoadError(f"{self.path}: tensor(s) with no mapping for architecture {self.architecture!r}: "
                                  f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")

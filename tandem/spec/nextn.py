@@ -31,7 +31,8 @@ BEGIN_CHUNK = 512  # prompt pairs per heads' forward in begin() (bounds the atte
 
 def weight_format_of(model: torch.nn.Module) -> str:
     """The format kernels.prepare() gave the model's linears ("fp32" when unprepared)."""
-    return next((m.fmt for m in model.modules() if hasattr(m, "fmt") and hasattr(m, "out_features")), "fp32")
+    fmt = getattr(model, "kernel_format", None)
+    return fmt or next((m.fmt for m in model.modules() if hasattr(m, "fmt") and hasattr(m, "out_features")), "fp32")
 
 
 def nextn_drafter(target: torch.nn.Module, weight_format: str | None = None) -> "NextNDrafter | None":

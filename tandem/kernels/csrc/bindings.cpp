@@ -6,8 +6,9 @@ torch::Tensor gemm_q8_0_panels(torch::Tensor x, torch::Tensor q, torch::Tensor d
 torch::Tensor gemm_bf16_panels(torch::Tensor x, torch::Tensor w, torch::Tensor panels);
 torch::Tensor rows_q8_0(torch::Tensor q, torch::Tensor d, torch::Tensor rows, int64_t K);
 torch::Tensor rows_bf16(torch::Tensor w, torch::Tensor rows, int64_t K);
-torch::Tensor gemm_q8_0x8(torch::Tensor x, torch::Tensor w, torch::Tensor d, int64_t N);
-torch::Tensor gemm_q8_0x8_panels(torch::Tensor x, torch::Tensor w, torch::Tensor d, torch::Tensor panels);
+torch::Tensor gemm_vnni(torch::Tensor x, std::string fmt, std::vector<torch::Tensor> parts, int64_t N);
+torch::Tensor gemm_vnni_panels(torch::Tensor x, std::string fmt, std::vector<torch::Tensor> parts, int64_t P,
+                               torch::Tensor panels);
 torch::Tensor rows_q8_0x8(torch::Tensor w, torch::Tensor d, torch::Tensor rows, int64_t K);
 torch::Tensor attend_fast(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf, torch::Tensor slots,
                           torch::Tensor q_pos, int64_t window, double scale, double softcap);
@@ -33,8 +34,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_bf16_panels", &gemm_bf16_panels, nogil);
   m.def("rows_q8_0", &rows_q8_0, nogil);
   m.def("rows_bf16", &rows_bf16, nogil);
-  m.def("gemm_q8_0x8", &gemm_q8_0x8, nogil);
-  m.def("gemm_q8_0x8_panels", &gemm_q8_0x8_panels, nogil);
+  m.def("gemm_vnni", &gemm_vnni, nogil);
+  m.def("gemm_vnni_panels", &gemm_vnni_panels, nogil);
   m.def("rows_q8_0x8", &rows_q8_0x8, nogil);
   m.def("attend_fast", &attend_fast, nogil);
   m.def("attend_quant", &attend_quant, nogil);

@@ -1,0 +1,356 @@
+// Batch-invariant small-M GEMM y[M,N] = x[M,K] @ W[N,K]^T with int8 x int8 dot products (AVX-512 VNNI), Tandem.
+//
+// Each activation row is quantized per 32-block as llama.cpp's quantize_row_q8_0 (d = amax/127, q = round-half-away
+// (x/d), d kept as fp16). The weight keeps a GGUF type's own integers (no requantisation), stored unsigned as u:
+//   q8_0x8  u = q + 128 (8 bit),         w = d * (u - 128),        d fp16 per 32
+//   q5_0x8  u = q + 16  (4 bit + 1 bit), w = d * (u - 16),         d fp16 per 32
+//   q4_kx8  u = q       (4 bit),         w = d*sc * u - dmin*m,    6-bit sc, m per 32; d, dmin fp16 per 256
+//   q6_kx8  u = q + 32  (4 bit + 2 bit), w = d*sc * (u - 32),      int8 sc per 16; d fp16 per 256
+// Per row, column and scale group the int32 dot isum = sum u*q_x is exact (dpbusd: unsigned x signed bytes), the
+// offset comes off exactly (off * sum q_x, summed when the row is quantized), and y is one fp32 chain over the
+// groups in order, acc = fma(float(isum - off*sx), scale*dx, acc) (q4_k: then acc = fma(-float(sx), m*dx, acc)),
+// so a row's result depends on that row only: bitwise the same for any M, register tile or thread split (threads
+// split whole 64-column panels / row blocks, never K). N is padded to 64 with zero scales.
+// Layouts, per 64-column panel (kb: 32-block, g: 4 consecutive k, j: 16 columns; 64 values per (kb, g, j) ordered
+// column-major (column c, k) -> byte 4c + k, one dpbusd lane per column). 4-bit values come in pairs of groups
+// (gp: g = 2gp, 2gp+1 -> A, B): nib byte i = A[i] | B[i] << 4, so one 64-byte load and 3 ops give two groups.
+//   q8_0x8  u8 [KB][8][4][64], d fp16 [KB][64]
+//   q5_0x8  nib [KB][4][4][64], hbit u64 [KB][8][4] (bit i: +16 on v[i]), d fp16 [KB][64]
+//   q4_kx8  nib [KB][4][4][64], sc u8 [KB][64], m u8 [KB][64], d/dmin fp16 [K/256][2][64]
+//   q6_kx8  nib [KB][4][4][64], h2 [KB][4][4][32] (byte i: A[i], A[i+32], B[i], B[i+32] >> 4 at bits 0, 2, 4, 6),
+//           sc i8 [K/16][64], d fp16 [K/256][64]
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef __AVX512VNNI__
+namespace {
+
+constexpr int NB = 64;      // columns per panel = 4 zmm of int32 lanes
+constexpr int MR_MAX = 6;   // rows per register tile: 6 x 4 int32 accumulators (fp32 ones stay in L1)
+constexpr int MBLK = 48;    // rows per parallel work item (multiple of MR_MAX)
+
+struct QRows {  // activation rows quantized per 32-block
+  torch::Tensor q, d, s;  // int8 [M, K]; fp32 [M, K/32] (fp16 values); int32 [M, K/16] = sum(q) per 16
+};
+
+// One row: the same arithmetic as tandem.kernels.linear.quantize_act_q8 (fp32 throughout, no contraction).
+static void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* s) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const float* xb = x + b * 32;
+    __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const float db = amax / 127.0f;
+    const float id = db > 0.0f ? 1.0f / db : 0.0f;
+    for (int h = 0; h < 2; ++h) {
+      // round half away from zero (roundf): |v| = t + f exactly, t = floor(|v|), +1 where f >= 0.5
+      const __m512 v = _mm512_mul_ps(h ? v1 : v0, _mm512_set1_ps(id)), a = _mm512_abs_ps(v);
+      __m512 r = _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      r = _mm512_mask_add_ps(r, _mm512_cmp_ps_mask(_mm512_sub_ps(a, r), _mm512_set1_ps(0.5f), _CMP_GE_OQ), r,
+                             _mm512_set1_ps(1.0f));
+      r = _mm512_min_ps(r, _mm512_set1_ps(127.0f));
+      __m512i qi = _mm512_cvttps_epi32(r);
+      qi = _mm512_mask_sub_epi32(qi, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ),
+                                 _mm512_setzero_si512(), qi);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * 32 + 16 * h), _mm512_cvtepi32_epi8(qi));
+      s[2 * b + h] = _mm512_reduce_add_epi32(qi);
+    }
+    d[b] = _cvtsh_ss(_cvtss_sh(db, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+static QRows quantize_rows(const torch::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  QRows r{torch::empty({M, K}, torch::kInt8), torch::empty({M, K / 32}, torch::kFloat32),
+          torch::empty({M, K / 16}, torch::kInt32)};
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = r.q.data_ptr<int8_t>();
+  float* dp = r.d.data_ptr<float>();
+  int32_t* sp = r.s.data_ptr<int32_t>();
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) quantize_row(xp + m * K, K, qp + m * K, dp + m * (K / 32), sp + m * (K / 16));
+  });
+  return r;
+}
+
+struct XRows {  // the tile's rows: row i at q + i*K, d + i*KB, s + i*2*KB
+  const int8_t* q; const float* d; const int32_t* s; int64_t K, KB;
+};
+
+static inline __m512 load(const float* a, int j) { return _mm512_load_ps(a + 16 * j); }
+static inline void store(float* a, int j, __m512 v) { _mm512_store_ps(a + 16 * j, v); }
+static inline __m512 ph16(const uint16_t* p) {  // 16 fp16 -> fp32
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+static inline void nibbles(const uint8_t* p, __m512i& a, __m512i& b) {  // 64 bytes: two groups' 4-bit values
+  const __m512i z = _mm512_loadu_si512(p), m = _mm512_set1_epi8(0x0F);
+  a = _mm512_and_si512(z, m);
+  b = _mm512_and_si512(_mm512_srli_epi16(z, 4), m);
+}
+
+// Each format: SG (k per scale group), a panel view built from the streams, w(kb, gp, j, a, b) the unsigned bytes
+// of groups 2gp and 2gp+1, fold<MR>(kb, h, isum, acc, x) adding scale group h of block kb to the accumulators.
+struct Q8 {
+  static constexpr int SG = 32, OFF = 128;
+  const uint8_t* u; const uint16_t* d;
+  Q8(const std::vector<const uint8_t*>& s, int64_t p, int64_t K)
+      : u(s[0] + p * K * NB), d(reinterpret_cast<const uint16_t*>(s[1]) + p * (K / 32) * NB) {}
+  void w(int64_t kb, int gp, int j, __m512i& a, __m512i& b) const {
+    a = _mm512_loadu_si512(u + ((kb * 8 + 2 * gp) * 4 + j) * 64);
+    b = _mm512_loadu_si512(u + ((kb * 8 + 2 * gp + 1) * 4 + j) * 64);
+  }
+  template <int MR> void fold(int64_t kb, int, __m512i (&is)[MR][4], float (&acc)[MR][64], const XRows& x) const {
+    fold_off<MR>(d + kb * NB, OFF, kb, is, acc, x);
+  }
+  template <int MR>
+  static void fold_off(const uint16_t* db, int off, int64_t kb, __m512i (&is)[MR][4], float (&acc)[MR][64],
+                       const XRows& x) {
+    for (int j = 0; j < 4; ++j) {
+      const __m512 dw = ph16(db + 16 * j);
+      for (int i = 0; i < MR; ++i) {
+        const int32_t sx = x.s[i * 2 * x.KB + 2 * kb] + x.s[i * 2 * x.KB + 2 * kb + 1];
+        const __m512i s = _mm512_sub_epi32(is[i][j], _mm512_set1_epi32(off * sx));
+        const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[i * x.KB + kb]));  // exact: fp16 x fp16
+        store(acc[i], j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, load(acc[i], j)));
+      }
+    }
+  }
+};
+
+struct Q5 {
+  static constexpr int SG = 32;
+  const uint8_t* nib; const uint64_t* hb; const uint16_t* d;
+  Q5(const std::vector<const uint8_t*>& s, int64_t p, int64_t K)
+      : nib(s[0] + p * K * NB / 2), hb(reinterpret_cast<const uint64_t*>(s[1]) + p * K),
+        d(reinterpret_cast<const uint16_t*>(s[2]) + p * (K / 32) * NB) {}
+  void w(int64_t kb, int gp, int j, __m512i& a, __m512i& b) const {
+    nibbles(nib + ((kb * 4 + gp) * 4 + j) * 64, a, b);
+    const uint64_t* h = hb + (kb * 8 + 2 * gp) * 4 + j;
+    a = _mm512_mask_add_epi8(a, _cvtu64_mask64(h[0]), a, _mm512_set1_epi8(16));
+    b = _mm512_mask_add_epi8(b, _cvtu64_mask64(h[4]), b, _mm512_set1_epi8(16));
+  }
+  template <int MR> void fold(int64_t kb, int, __m512i (&is)[MR][4], float (&acc)[MR][64], const XRows& x) const {
+    Q8::fold_off<MR>(d + kb * NB, 16, kb, is, acc, x);
+  }
+};
+
+struct Q4K {
+  static constexpr int SG = 32;
+  const uint8_t* nib; const uint8_t* sc; const uint8_t* m; const uint16_t* dd;
+  Q4K(const std::vector<const uint8_t*>& s, int64_t p, int64_t K)
+      : nib(s[0] + p * K * NB / 2), sc(s[1] + p * (K / 32) * NB), m(s[2] + p * (K / 32) * NB),
+        dd(reinterpret_cast<const uint16_t*>(s[3]) + p * (K / 256) * 2 * NB) {}
+  void w(int64_t kb, int gp, int j, __m512i& a, __m512i& b) const { nibbles(nib + ((kb * 4 + gp) * 4 + j) * 64, a, b); }
+  template <int MR> void fold(int64_t kb, int, __m512i (&is)[MR][4], float (&acc)[MR][64], const XRows& x) const {
+    const uint16_t* dsb = dd + (kb / 8) * 2 * NB;
+    for (int j = 0; j < 4; ++j) {
+      const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + kb * NB + 16 * j));
+      const __m128i m8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m + kb * NB + 16 * j));
+      const __m512 a = _mm512_mul_ps(ph16(dsb + 16 * j), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(s8)));
+      const __m512 b = _mm512_mul_ps(ph16(dsb + NB + 16 * j), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m8)));
+      for (int i = 0; i < MR; ++i) {
+        const int32_t sx = x.s[i * 2 * x.KB + 2 * kb] + x.s[i * 2 * x.KB + 2 * kb + 1];
+        const __m512 dx = _mm512_set1_ps(x.d[i * x.KB + kb]);
+        __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[i][j]), _mm512_mul_ps(a, dx), load(acc[i], j));
+        store(acc[i], j, _mm512_fmadd_ps(_mm512_set1_ps(-(float)sx), _mm512_mul_ps(b, dx), t));
+      }
+    }
+  }
+};
+
+struct Q6K {
+  static constexpr int SG = 16;
+  const uint8_t* nib; const uint8_t* h2; const int8_t* sc; const uint16_t* d;
+  Q6K(const std::vector<const uint8_t*>& s, int64_t p, int64_t K)
+      : nib(s[0] + p * K * NB / 2), h2(s[1] + p * K * NB / 4),
+        sc(reinterpret_cast<const int8_t*>(s[2]) + p * (K / 16) * NB),
+        d(reinterpret_cast<const uint16_t*>(s[3]) + p * (K / 256) * NB) {}
+  void w(int64_t kb, int gp, int j, __m512i& a, __m512i& b) const {
+    const int64_t o = (kb * 4 + gp) * 4 + j;
+    nibbles(nib + o * 64, a, b);
+    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h2 + o * 32));
+    const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(y), _mm256_srli_epi16(y, 2), 1);
+    const __m512i m = _mm512_set1_epi8(0x30);  // a | (t & m): ternary-logic table 0xF8
+    a = _mm512_ternarylogic_epi64(a, _mm512_slli_epi16(z, 4), m, 0xF8);
+    b = _mm512_ternarylogic_epi64(b, z, m, 0xF8);
+  }
+  template <int MR> void fold(int64_t kb, int h, __m512i (&is)[MR][4], float (&acc)[MR][64], const XRows& x) const {
+    const int64_t sg = 2 * kb + h;
+    for (int j = 0; j < 4; ++j) {
+      const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + sg * NB + 16 * j));
+      const __m512 a = _mm512_mul_ps(ph16(d + (kb / 8) * NB + 16 * j), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(s8)));
+      for (int i = 0; i < MR; ++i) {
+        const __m512i s = _mm512_sub_epi32(is[i][j], _mm512_set1_epi32(32 * x.s[i * 2 * x.KB + sg]));
+        store(acc[i], j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(a, _mm512_set1_ps(x.d[i * x.KB + kb])),
+                                         load(acc[i], j)));
+      }
+    }
+  }
+};
+
+template <class F, int MR>
+static void tile(const XRows& x, const F& f, float* y, int64_t ldy, int ncols) {
+  constexpr int H = 32 / F::SG, GH = 8 / H;  // scale groups per block, 4-k groups per scale group
+  alignas(64) float acc[MR][64] = {};  // in L1, not registers: the int32 sums of MR_MAX rows take 24 zmm
+  for (int64_t kb = 0; kb < x.KB; ++kb) {
+    for (int h = 0; h < H; ++h) {
+      __m512i isum[MR][4];
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < 4; ++j) isum[i][j] = _mm512_setzero_si512();
+      for (int gp = h * GH / 2; gp < (h + 1) * GH / 2; ++gp) {  // no software prefetch: it measured slower
+        for (int j = 0; j < 4; ++j) {
+          __m512i wa, wb;
+          f.w(kb, gp, j, wa, wb);
+          for (int i = 0; i < MR; ++i) {
+            int32_t xa, xb;
+            std::memcpy(&xa, x.q + i * x.K + kb * 32 + gp * 8, 4);
+            std::memcpy(&xb, x.q + i * x.K + kb * 32 + gp * 8 + 4, 4);
+            isum[i][j] = _mm512_dpbusd_epi32(isum[i][j], wa, _mm512_set1_epi32(xa));
+            isum[i][j] = _mm512_dpbusd_epi32(isum[i][j], wb, _mm512_set1_epi32(xb));
+          }
+        }
+      }
+      f.template fold<MR>(kb, h, isum, acc, x);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    const int c = ncols - 16 * j;
+    if (c <= 0) break;
+    const __mmask16 m = c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << c) - 1);
+    for (int i = 0; i < MR; ++i) _mm512_mask_storeu_ps(y + i * ldy + 16 * j, m, load(acc[i], j));
+  }
+}
+
+// y's column panel s <- weight panel panel_of(s) for every 48-row block, in register tiles of MR_MAX rows and one
+// tail tile (same per-element arithmetic); threads split (panel, row block) items, never K, so a row's values do
+// not depend on M or the thread count.
+template <class F, typename PanelOf>
+static void run_panels(const QRows& r, int64_t M, int64_t K, const std::vector<const uint8_t*>& streams, float* yp,
+                       int64_t ldy, int64_t S, int64_t N, PanelOf panel_of) {
+  const int64_t MB = (M + MBLK - 1) / MBLK, KB = K / 32;
+  const int8_t* q = r.q.data_ptr<int8_t>();
+  const float* dx = r.d.data_ptr<float>();
+  const int32_t* sx = r.s.data_ptr<int32_t>();
+  at::parallel_for(0, S * MB, 1, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t s = it / MB, mb = it % MB, p = panel_of(s);
+      const int ncols = (int)std::min<int64_t>(NB, N - p * NB);
+      const F f(streams, p, K);
+      for (int64_t m = mb * MBLK; m < std::min(M, mb * MBLK + MBLK); m += MR_MAX) {
+        const int mr = (int)std::min<int64_t>(MR_MAX, M - m);
+        const XRows x{q + m * K, dx + m * KB, sx + m * 2 * KB, K, KB};
+        float* ym = yp + m * ldy + s * NB;
+        switch (mr) {
+          case 6: tile<F, 6>(x, f, ym, ldy, ncols); break;
+          case 5: tile<F, 5>(x, f, ym, ldy, ncols); break;
+          case 4: tile<F, 4>(x, f, ym, ldy, ncols); break;
+          case 3: tile<F, 3>(x, f, ym, ldy, ncols); break;
+          case 2: tile<F, 2>(x, f, ym, ldy, ncols); break;
+          default: tile<F, 1>(x, f, ym, ldy, ncols);
+        }
+      }
+    }
+  });
+}
+
+// The format's streams (contiguous tensors, sizes checked against P panels of K).
+static std::vector<const uint8_t*> streams_of(const std::string& fmt, const std::vector<torch::Tensor>& parts,
+                                              int64_t P, int64_t K) {
+  std::vector<int64_t> bytes;  // per panel
+  if (fmt == "q8_0x8") bytes = {K * NB, K / 32 * NB * 2};
+  else if (fmt == "q5_0x8") bytes = {K * NB / 2, K * NB / 8, K / 32 * NB * 2};
+  else if (fmt == "q4_kx8") bytes = {K * NB / 2, K / 32 * NB, K / 32 * NB, K / 256 * 2 * NB * 2};
+  else if (fmt == "q6_kx8") bytes = {K * NB / 2, K * NB / 4, K / 16 * NB, K / 256 * NB * 2};
+  else TORCH_CHECK(false, "unknown VNNI weight format ", fmt);
+  TORCH_CHECK(K % (fmt[2] == 'k' ? 256 : 32) == 0, fmt, " needs K % ", fmt[2] == 'k' ? 256 : 32, " == 0, got ", K);
+  TORCH_CHECK(parts.size() == bytes.size(), fmt, " takes ", bytes.size(), " tensors, got ", parts.size());
+  std::vector<const uint8_t*> out;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const auto& t = parts[i];
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), fmt, " part ", i, ": contiguous CPU tensor expected");
+    TORCH_CHECK(t.numel() * t.element_size() == P * bytes[i], fmt, " part ", i, ": ", t.numel() * t.element_size(),
+                " bytes, expected ", P * bytes[i], " for ", P, " panels of K=", K);
+    out.push_back(reinterpret_cast<const uint8_t*>(t.data_ptr()));
+  }
+  return out;
+}
+
+template <typename PanelOf>
+static void dispatch(const std::string& fmt, const QRows& r, int64_t M, int64_t K,
+                     const std::vector<const uint8_t*>& st, float* y, int64_t ldy, int64_t S, int64_t N,
+                     PanelOf pof) {
+  if (fmt == "q8_0x8") run_panels<Q8>(r, M, K, st, y, ldy, S, N, pof);
+  else if (fmt == "q5_0x8") run_panels<Q5>(r, M, K, st, y, ldy, S, N, pof);
+  else if (fmt == "q4_kx8") run_panels<Q4K>(r, M, K, st, y, ldy, S, N, pof);
+  else run_panels<Q6K>(r, M, K, st, y, ldy, S, N, pof);
+}
+
+static void check_x(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous fp32 [M,K]");
+  TORCH_CHECK(x.size(1) % 32 == 0, "VNNI GEMM needs K % 32 == 0, got ", x.size(1));
+}
+
+}  // namespace
+
+// x [M, K] fp32; parts: the format's streams for P = ceil(N/64) panels; returns y [M, N] fp32.
+torch::Tensor gemm_vnni(torch::Tensor x, std::string fmt, std::vector<torch::Tensor> parts, int64_t N) {
+  check_x(x);
+  const int64_t M = x.size(0), K = x.size(1), P = (N + NB - 1) / NB;
+  const auto st = streams_of(fmt, parts, P, K);
+  const QRows r = quantize_rows(x);
+  auto y = torch::empty({M, N}, x.options());
+  dispatch(fmt, r, M, K, st, y.data_ptr<float>(), N, P, N, [](int64_t s) { return s; });
+  return y;
+}
+
+// Only the panels listed in `panels` [S] (int64) of a weight with P panels: y [M, S*64] (sparse LM heads); each
+// value bitwise gemm_vnni's.
+torch::Tensor gemm_vnni_panels(torch::Tensor x, std::string fmt, std::vector<torch::Tensor> parts, int64_t P,
+                               torch::Tensor panels) {
+  check_x(x);
+  TORCH_CHECK(panels.scalar_type() == torch::kInt64 && panels.is_contiguous(), "panels: contiguous int64");
+  const int64_t M = x.size(0), K = x.size(1), S = panels.numel();
+  const auto st = streams_of(fmt, parts, P, K);
+  const int64_t* pp = panels.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(pp[s] >= 0 && pp[s] < P, "panel index out of range");
+  const QRows r = quantize_rows(x);
+  auto y = torch::empty({M, S * NB}, x.options());
+  dispatch(fmt, r, M, K, st, y.data_ptr<float>(), S * NB, S, P * NB, [pp](int64_t s) { return pp[s]; });
+  return y;
+}
+
+#else  // built for a CPU without VNNI: Python never routes these GEMMs here (tandem.kernels._ext.has_vnni)
+torch::Tensor gemm_vnni(torch::Tensor, std::string, std::vector<torch::Tensor>, int64_t) {
+  TORCH_CHECK(false, "VNNI GEMM needs AVX-512 VNNI");
+}
+torch::Tensor gemm_vnni_panels(torch::Tensor, std::string, std::vector<torch::Tensor>, int64_t, torch::Tensor) {
+  TORCH_CHECK(false, "VNNI GEMM needs AVX-512 VNNI");
+}
+#endif
+
+// Rows `rows` [R] (int64) of a q8_0x8 weight, dequantised to fp32 [R, K] (tied embedding lookup).
+torch::Tensor rows_q8_0x8(torch::Tensor w, torch::Tensor d, torch::Tensor rows, int64_t K) {
+  constexpr int64_t NB = 64;
+  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.is_contiguous(), "rows: contiguous int64");
+  TORCH_CHECK(w.numel() == w.size(0) * K * NB && d.numel() == w.size(0) * (K / 32) * NB, "q8_0x8 weight size");
+  const int64_t R = rows.numel(), n_rows = w.size(0) * NB;
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(rp[r] >= 0 && rp[r] < n_rows, "row index ", rp[r], " out of range [0, ", n_rows, ")");
+  auto out = torch::empty({R, K}, torch::TensorOptions().dtype(torch::kFloat32));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = rp[r], p = n / NB, c = n % NB;
+    const uint8_t* wpan = wp + p * K * NB;
+    const uint16_t* dpan = dp + p * (K / 32) * NB;
+    for (int64_t k = 0; k < K; ++k)
+      op[r * K + k] = (float)(wpan[(k / 4) * 4 * NB + c * 4 + k % 4] - 128) * _cvtsh_ss(dpan[(k / 32) * NB + c]);
+  }
+  return out;
+}
