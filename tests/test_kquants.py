@@ -122,3 +122,18 @@ def test_prepare_native_packs_the_gguf_linears_and_stays_row_invariant():
     assert {"q5_0x8", "q6_kx8"} <= set(formats_of(model)) and model.kernel_format == "native"
     assert not hasattr(model, "gguf_blocks")  # released once packed
     assert_rows_invariant(model, name="gemma3 native")
+
+
+@needs_vnni
+def test_linears_in_one_call_equal_each_forward():
+    """kernels.linear.linears (q/k/v, gate/up in one kernel call) == each linear's own forward, bitwise, for mixed
+    formats and a bias; non-VNNI linears take their own forwards."""
+    from tandem.kernels.linear import linears
+    K = 1024
+    lins = [PackedLinear.from_gguf(q, random_blocks(q, n, K, seed=n), K) for q, n in
+            (("Q5_0", 200), ("Q4_K", 130), ("Q6_K", 70))]
+    lins.append(PackedLinear.from_weight(torch.randn(64, K) * 0.05, "q8_0x8", bias=torch.randn(64)))
+    x = torch.randn(2, 5, K)
+    for group in (lins, lins[1:3], [lins[0], PackedLinear.from_weight(torch.randn(40, K), "bf16")]):
+        got = linears(x, *group)
+        assert all(torch.equal(g, lin(x)) for g, lin in zip(got, group))

@@ -189,9 +189,17 @@ class PackedLinear(nn.Module):
         return cls(K, f["u"].shape[0], fmt, {f"vnni{i}": t for i, t in enumerate(kquants.pack(fmt, f))}, bias)
 
     def _streams(self) -> list[torch.Tensor]:
-        if self.fmt == "q8_0x8":
-            return [self.q8x8, self.d16]
-        return [v for k, v in self._buffers.items() if k.startswith("vnni")]  # registration order
+        """The VNNI kernel's operands, cached (a per-call attribute walk costs ~4 us; _apply drops the cache)."""
+        st = self.__dict__.get("_st")
+        if st is None:
+            st = [self.q8x8, self.d16] if self.fmt == "q8_0x8" else \
+                [v for k, v in self._buffers.items() if k.startswith("vnni")]  # registration order
+            self.__dict__["_st"] = st
+        return st
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_st", None)
+        return super()._apply(fn, *args, **kwargs)
 
     def _fields(self) -> dict[str, torch.Tensor]:
         """Per-row integers and scales of a VNNI-format linear (tandem.kernels.kquants)."""
@@ -291,6 +299,12 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if self.fmt in VNNI_FORMATS and x2.dtype == torch.float32 and x2.device.type == "cpu" and has_vnni():
+            m = ext()  # the decode hot path first: every check below costs microseconds per call
+            if m is not None:
+                y = m.gemm_vnni(x2 if x2.is_contiguous() else x2.contiguous(), self.fmt, self._streams(),
+                                self.out_features)
+                return (y if self.bias is None else y + self.bias).view(*lead, self.out_features)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
         m = ext() if x2.device.type == "cpu" else None
@@ -329,6 +343,26 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+def linears(x: torch.Tensor, *lins: nn.Module) -> list[torch.Tensor]:
+    """[lin(x) for lin in lins] (the same input: q/k/v, gate/up), in one kernel call when every lin is a VNNI-format
+    PackedLinear on CPU: one row quantization and one parallel loop, each output bitwise its own forward's."""
+    m = ext() if x.device.type == "cpu" and len(lins) > 1 else None
+    if m is None or not has_vnni() or not all(isinstance(lin, PackedLinear) and lin.fmt in VNNI_FORMATS
+                                              for lin in lins):
+        return [lin(x) for lin in lins]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    ys = m.gemm_vnni_multi(x2, [lin.fmt for lin in lins], [lin._streams() for lin in lins],
+                           [lin.out_features for lin in lins])
+    out = []
+    for lin, y in zip(lins, ys):
+        y = (y if lin.bias is None else y + lin.bias).reshape(*lead, lin.out_features)
+        out.append(y if x.dtype == torch.float32 else y.to(x.dtype))
+    return out
 
 
 class PackedEmbedding(nn.Module):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from tandem.errors import ConfigError
 from tandem.kernels._ext import ext
+from tandem.kernels.linear import linears
 from tandem.kvcache import KVCache
 from tandem.models.base import gelu_tanh
 from tandem.models.rope import apply_rope
@@ -46,9 +47,11 @@ def rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torc
 def glue(*ts: torch.Tensor | None):
     """The C++ glue kernels (csrc/glue.cpp) when every tensor given is fp32 on CPU and no gradient is wanted, else
     None. Never decided by shape: a row takes the same path alone or among others."""
-    if torch.is_grad_enabled() or any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32)
-                                      for t in ts):
+    if torch.is_grad_enabled():
         return None
+    for t in ts:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            return None
     return ext()
 
 
@@ -71,16 +74,16 @@ class RMSNorm(nn.Module):
         self.fused = False  # the C++ glue kernel (after kernels.prepare); unprepared stays op for op HF's
 
     def pack_weights(self, fmt: str) -> None:
-        """kernels.prepare's hook: run the fused row-invariant C++ norm from now on (CPU fp32, no grad)."""
-        self.fused = True
+        """kernels.prepare's hook: run the fused row-invariant C++ norm from now on (CPU fp32 x, no grad)."""
+        w = self.weight
+        self.fused = w is None or (w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous())
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """norm(x) [.., D], or residual + norm(x) (one pass: the sandwich norms' residual add)."""
-        m = glue(x, self.weight, residual) if self.fused else None
+        m = glue(x, residual) if self.fused else None  # the weight was checked when packed (the hot path)
         if m is not None:
             res = None if residual is None else residual.contiguous()
-            w = None if self.weight is None else self.weight.contiguous()
-            return m.rms_norm(x.contiguous(), w, float(self.unit_offset), self.eps, res)
+            return m.rms_norm(x.contiguous(), self.weight, float(self.unit_offset), self.eps, res)
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
@@ -113,33 +116,37 @@ class Attention(nn.Module):
         self.fused = False  # q/k norm + RoPE in one C++ call per tensor (after kernels.prepare)
 
     def pack_weights(self, fmt: str) -> None:
-        """kernels.prepare's hook: fuse q/k norm + RoPE from now on (CPU fp32, full rotary, no grad)."""
-        self.fused = True
+        """kernels.prepare's hook: fuse q/k norm + RoPE from now on (CPU fp32, full rotary, no grad): per tensor
+        the norm's (weight, offset, eps, normed) as the C++ call takes them, fixed once here."""
+        norms = [n for n in (self.q_norm, self.k_norm) if n is not None]
+        ok = all(n.weight is None or (n.weight.dtype == torch.float32 and n.weight.device.type == "cpu")
+                 for n in norms)
+        self.fused = ok
+        self._nr = [(None if n is None or n.weight is None else n.weight.contiguous(),
+                     float(n is not None and n.unit_offset), n.eps if n is not None else 0.0, n is not None)
+                    for n in (self.q_norm, self.k_norm)] if ok else None
 
     def _norm_rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q [B, T, Hq, D], k [B, T, Hkv, D] -> q/k-normed (if any) and rotated."""
-        norms = [n for n in (self.q_norm, self.k_norm) if n is not None]
-        m = glue(q, k, cos, *(n.weight for n in norms)) if self.fused and cos.shape[-1] == self.head_dim else None
-        if m is None or not all(n.fused for n in norms):
+        m = glue(q, k, cos) if self.fused and cos.shape[-1] == self.head_dim else None
+        if m is None:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         B, T = q.shape[:2]
         cos, sin = cos.reshape(B * T, -1).contiguous(), sin.reshape(B * T, -1).contiguous()
         q, k = q.contiguous(), k.contiguous()
-        for x, n in ((q, self.q_norm), (k, self.k_norm)):
-            w = None if n is None or n.weight is None else n.weight.contiguous()
-            m.norm_rope_(x.view(B * T, -1, self.head_dim), w, float(n is not None and n.unit_offset),
-                         n.eps if n is not None else 0.0, n is not None, cos, sin)
+        for x, (w, off, eps, normed) in zip((q, k), self._nr):
+            m.norm_rope_(x.view(B * T, -1, self.head_dim), w, off, eps, normed, cos, sin)
         return q, k
 
     def forward(self, x: torch.Tensor, cos_sin, positions: torch.Tensor, cache: KVCache,
                 slots: torch.Tensor) -> torch.Tensor:
         """x [B, T, D], positions [B, T] (-1 = padding), slots [B] -> [B, T, D]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        q, k, v = linears(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k, v = k.view(B, T, self.n_kv, self.head_dim), v.view(B, T, self.n_kv, self.head_dim)
         q, k = self._norm_rope(q, k, *cos_sin)
         cache.write(self.layer_idx, slots, positions, k, v)
         out = cache.attend(self.layer_idx, q, slots, positions, self.window, self.scale, self.softcap)
@@ -157,7 +164,8 @@ class GLUMLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linears(x, self.gate_proj, self.up_proj)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):

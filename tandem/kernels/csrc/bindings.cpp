@@ -9,6 +9,8 @@ torch::Tensor rows_bf16(torch::Tensor w, torch::Tensor rows, int64_t K);
 torch::Tensor gemm_vnni(torch::Tensor x, std::string fmt, std::vector<torch::Tensor> parts, int64_t N);
 torch::Tensor gemm_vnni_panels(torch::Tensor x, std::string fmt, std::vector<torch::Tensor> parts, int64_t P,
                                torch::Tensor panels);
+std::vector<torch::Tensor> gemm_vnni_multi(torch::Tensor x, std::vector<std::string> fmts,
+                                           std::vector<std::vector<torch::Tensor>> parts, std::vector<int64_t> Ns);
 torch::Tensor rows_q8_0x8(torch::Tensor w, torch::Tensor d, torch::Tensor rows, int64_t K);
 torch::Tensor attend_fast(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf, torch::Tensor slots,
                           torch::Tensor q_pos, int64_t window, double scale, double softcap);
@@ -36,6 +38,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_bf16", &rows_bf16, nogil);
   m.def("gemm_vnni", &gemm_vnni, nogil);
   m.def("gemm_vnni_panels", &gemm_vnni_panels, nogil);
+  m.def("gemm_vnni_multi", &gemm_vnni_multi, nogil);
   m.def("rows_q8_0x8", &rows_q8_0x8, nogil);
   m.def("attend_fast", &attend_fast, nogil);
   m.def("attend_quant", &attend_quant, nogil);

@@ -225,68 +225,81 @@ static void tile(const XRows& x, const F& f, float* y, int64_t ldy, int ncols) {
   }
 }
 
-// y's column panel s <- weight panel panel_of(s) for every 48-row block, in register tiles of MR_MAX rows and one
-// tail tile (same per-element arithmetic); threads split (panel, row block) items, never K, so a row's values do
-// not depend on M or the thread count.
-template <class F, typename PanelOf>
-static void run_panels(const QRows& r, int64_t M, int64_t K, const std::vector<const uint8_t*>& streams, float* yp,
-                       int64_t ldy, int64_t S, int64_t N, PanelOf panel_of) {
-  const int64_t MB = (M + MBLK - 1) / MBLK, KB = K / 32;
+// One GEMM of a multi-GEMM call: the same activation rows against one weight, into its own y.
+struct Seg {
+  int fmt;                              // 0..3: q8_0x8, q5_0x8, q4_kx8, q6_kx8
+  std::vector<const uint8_t*> st;       // the format's streams
+  float* y; int64_t ldy, S, N;          // y's column panel s <- weight panel panel_of(s), s < S; N weight rows
+  const int64_t* panels;                // panel_of(s) = panels[s], or s when null
+};
+
+// Rows [m0, m1) against one panel, in register tiles of MR_MAX rows and one tail tile (same per-element arithmetic).
+template <class F>
+static void panel_rows(const QRows& r, int64_t m0, int64_t m1, int64_t K, const Seg& g, int64_t s) {
+  const int64_t KB = K / 32, p = g.panels ? g.panels[s] : s;
+  const int ncols = (int)std::min<int64_t>(NB, g.N - p * NB);
+  const F f(g.st, p, K);
   const int8_t* q = r.q.data_ptr<int8_t>();
   const float* dx = r.d.data_ptr<float>();
   const int32_t* sx = r.s.data_ptr<int32_t>();
-  at::parallel_for(0, S * MB, 1, [&](int64_t b, int64_t e) {
+  for (int64_t m = m0; m < m1; m += MR_MAX) {
+    const int mr = (int)std::min<int64_t>(MR_MAX, m1 - m);
+    const XRows x{q + m * K, dx + m * KB, sx + m * 2 * KB, K, KB};
+    float* ym = g.y + m * g.ldy + s * NB;
+    switch (mr) {
+      case 6: tile<F, 6>(x, f, ym, g.ldy, ncols); break;
+      case 5: tile<F, 5>(x, f, ym, g.ldy, ncols); break;
+      case 4: tile<F, 4>(x, f, ym, g.ldy, ncols); break;
+      case 3: tile<F, 3>(x, f, ym, g.ldy, ncols); break;
+      case 2: tile<F, 2>(x, f, ym, g.ldy, ncols); break;
+      default: tile<F, 1>(x, f, ym, g.ldy, ncols);
+    }
+  }
+}
+
+// Every (segment, panel, 48-row block) item over the threads; threads split whole items, never K, so a row's
+// values do not depend on M, the thread count or the other segments.
+static void run(const QRows& r, int64_t M, int64_t K, const std::vector<Seg>& segs) {
+  const int64_t MB = (M + MBLK - 1) / MBLK;
+  std::vector<int64_t> start{0};
+  for (const auto& g : segs) start.push_back(start.back() + g.S * MB);
+  at::parallel_for(0, start.back(), 1, [&](int64_t b, int64_t e) {
     for (int64_t it = b; it < e; ++it) {
-      const int64_t s = it / MB, mb = it % MB, p = panel_of(s);
-      const int ncols = (int)std::min<int64_t>(NB, N - p * NB);
-      const F f(streams, p, K);
-      for (int64_t m = mb * MBLK; m < std::min(M, mb * MBLK + MBLK); m += MR_MAX) {
-        const int mr = (int)std::min<int64_t>(MR_MAX, M - m);
-        const XRows x{q + m * K, dx + m * KB, sx + m * 2 * KB, K, KB};
-        float* ym = yp + m * ldy + s * NB;
-        switch (mr) {
-          case 6: tile<F, 6>(x, f, ym, ldy, ncols); break;
-          case 5: tile<F, 5>(x, f, ym, ldy, ncols); break;
-          case 4: tile<F, 4>(x, f, ym, ldy, ncols); break;
-          case 3: tile<F, 3>(x, f, ym, ldy, ncols); break;
-          case 2: tile<F, 2>(x, f, ym, ldy, ncols); break;
-          default: tile<F, 1>(x, f, ym, ldy, ncols);
-        }
+      size_t i = 0;
+      while (it >= start[i + 1]) ++i;
+      const Seg& g = segs[i];
+      const int64_t s = (it - start[i]) / MB, mb = (it - start[i]) % MB;
+      const int64_t m0 = mb * MBLK, m1 = std::min(M, m0 + MBLK);
+      switch (g.fmt) {
+        case 0: panel_rows<Q8>(r, m0, m1, K, g, s); break;
+        case 1: panel_rows<Q5>(r, m0, m1, K, g, s); break;
+        case 2: panel_rows<Q4K>(r, m0, m1, K, g, s); break;
+        default: panel_rows<Q6K>(r, m0, m1, K, g, s);
       }
     }
   });
 }
 
-// The format's streams (contiguous tensors, sizes checked against P panels of K).
-static std::vector<const uint8_t*> streams_of(const std::string& fmt, const std::vector<torch::Tensor>& parts,
-                                              int64_t P, int64_t K) {
+// The format's index and streams (contiguous tensors, sizes checked against P panels of K).
+static Seg segment(const std::string& fmt, const std::vector<torch::Tensor>& parts, int64_t P, int64_t K) {
   std::vector<int64_t> bytes;  // per panel
+  int id = 0;
   if (fmt == "q8_0x8") bytes = {K * NB, K / 32 * NB * 2};
-  else if (fmt == "q5_0x8") bytes = {K * NB / 2, K * NB / 8, K / 32 * NB * 2};
-  else if (fmt == "q4_kx8") bytes = {K * NB / 2, K / 32 * NB, K / 32 * NB, K / 256 * 2 * NB * 2};
-  else if (fmt == "q6_kx8") bytes = {K * NB / 2, K * NB / 4, K / 16 * NB, K / 256 * NB * 2};
+  else if (fmt == "q5_0x8") id = 1, bytes = {K * NB / 2, K * NB / 8, K / 32 * NB * 2};
+  else if (fmt == "q4_kx8") id = 2, bytes = {K * NB / 2, K / 32 * NB, K / 32 * NB, K / 256 * 2 * NB * 2};
+  else if (fmt == "q6_kx8") id = 3, bytes = {K * NB / 2, K * NB / 4, K / 16 * NB, K / 256 * NB * 2};
   else TORCH_CHECK(false, "unknown VNNI weight format ", fmt);
-  TORCH_CHECK(K % (fmt[2] == 'k' ? 256 : 32) == 0, fmt, " needs K % ", fmt[2] == 'k' ? 256 : 32, " == 0, got ", K);
+  TORCH_CHECK(K % (id >= 2 ? 256 : 32) == 0, fmt, " needs K % ", id >= 2 ? 256 : 32, " == 0, got ", K);
   TORCH_CHECK(parts.size() == bytes.size(), fmt, " takes ", bytes.size(), " tensors, got ", parts.size());
-  std::vector<const uint8_t*> out;
+  Seg g{id, {}, nullptr, 0, P, P * NB, nullptr};
   for (size_t i = 0; i < parts.size(); ++i) {
     const auto& t = parts[i];
     TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), fmt, " part ", i, ": contiguous CPU tensor expected");
     TORCH_CHECK(t.numel() * t.element_size() == P * bytes[i], fmt, " part ", i, ": ", t.numel() * t.element_size(),
                 " bytes, expected ", P * bytes[i], " for ", P, " panels of K=", K);
-    out.push_back(reinterpret_cast<const uint8_t*>(t.data_ptr()));
+    g.st.push_back(reinterpret_cast<const uint8_t*>(t.data_ptr()));
   }
-  return out;
-}
-
-template <typename PanelOf>
-static void dispatch(const std::string& fmt, const QRows& r, int64_t M, int64_t K,
-                     const std::vector<const uint8_t*>& st, float* y, int64_t ldy, int64_t S, int64_t N,
-                     PanelOf pof) {
-  if (fmt == "q8_0x8") run_panels<Q8>(r, M, K, st, y, ldy, S, N, pof);
-  else if (fmt == "q5_0x8") run_panels<Q5>(r, M, K, st, y, ldy, S, N, pof);
-  else if (fmt == "q4_kx8") run_panels<Q4K>(r, M, K, st, y, ldy, S, N, pof);
-  else run_panels<Q6K>(r, M, K, st, y, ldy, S, N, pof);
+  return g;
 }
 
 static void check_x(const torch::Tensor& x) {
@@ -296,15 +309,29 @@ static void check_x(const torch::Tensor& x) {
 
 }  // namespace
 
+// x [M, K] fp32 against several weights at once (one row quantization, one parallel loop): weight i in format
+// fmts[i] with streams parts[i] and Ns[i] rows -> y_i [M, Ns[i]], each bitwise gemm_vnni's.
+std::vector<torch::Tensor> gemm_vnni_multi(torch::Tensor x, std::vector<std::string> fmts,
+                                           std::vector<std::vector<torch::Tensor>> parts, std::vector<int64_t> Ns) {
+  check_x(x);
+  TORCH_CHECK(fmts.size() == parts.size() && fmts.size() == Ns.size(), "gemm_vnni_multi: one format, parts, N each");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<Seg> segs;
+  std::vector<torch::Tensor> ys;
+  for (size_t i = 0; i < fmts.size(); ++i) {
+    const int64_t P = (Ns[i] + NB - 1) / NB;
+    Seg g = segment(fmts[i], parts[i], P, K);
+    ys.push_back(torch::empty({M, Ns[i]}, x.options()));
+    g.y = ys.back().data_ptr<float>(), g.ldy = Ns[i], g.N = Ns[i];
+    segs.push_back(std::move(g));
+  }
+  run(quantize_rows(x), M, K, segs);
+  return ys;
+}
+
 // x [M, K] fp32; parts: the format's streams for P = ceil(N/64) panels; returns y [M, N] fp32.
 torch::Tensor gemm_vnni(torch::Tensor x, std::string fmt, std::vector<torch::Tensor> parts, int64_t N) {
-  check_x(x);
-  const int64_t M = x.size(0), K = x.size(1), P = (N + NB - 1) / NB;
-  const auto st = streams_of(fmt, parts, P, K);
-  const QRows r = quantize_rows(x);
-  auto y = torch::empty({M, N}, x.options());
-  dispatch(fmt, r, M, K, st, y.data_ptr<float>(), N, P, N, [](int64_t s) { return s; });
-  return y;
+  return gemm_vnni_multi(x, {fmt}, {parts}, {N})[0];
 }
 
 // Only the panels listed in `panels` [S] (int64) of a weight with P panels: y [M, S*64] (sparse LM heads); each
@@ -314,12 +341,12 @@ torch::Tensor gemm_vnni_panels(torch::Tensor x, std::string fmt, std::vector<tor
   check_x(x);
   TORCH_CHECK(panels.scalar_type() == torch::kInt64 && panels.is_contiguous(), "panels: contiguous int64");
   const int64_t M = x.size(0), K = x.size(1), S = panels.numel();
-  const auto st = streams_of(fmt, parts, P, K);
+  Seg g = segment(fmt, parts, P, K);
   const int64_t* pp = panels.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s) TORCH_CHECK(pp[s] >= 0 && pp[s] < P, "panel index out of range");
-  const QRows r = quantize_rows(x);
   auto y = torch::empty({M, S * NB}, x.options());
-  dispatch(fmt, r, M, K, st, y.data_ptr<float>(), S * NB, S, P * NB, [pp](int64_t s) { return pp[s]; });
+  g.y = y.data_ptr<float>(), g.ldy = S * NB, g.S = S, g.panels = pp;
+  run(quantize_rows(x), M, K, {g});
   return y;
 }
 
@@ -328,6 +355,10 @@ torch::Tensor gemm_vnni(torch::Tensor, std::string, std::vector<torch::Tensor>, 
   TORCH_CHECK(false, "VNNI GEMM needs AVX-512 VNNI");
 }
 torch::Tensor gemm_vnni_panels(torch::Tensor, std::string, std::vector<torch::Tensor>, int64_t, torch::Tensor) {
+  TORCH_CHECK(false, "VNNI GEMM needs AVX-512 VNNI");
+}
+std::vector<torch::Tensor> gemm_vnni_multi(torch::Tensor, std::vector<std::string>,
+                                           std::vector<std::vector<torch::Tensor>>, std::vector<int64_t>) {
   TORCH_CHECK(false, "VNNI GEMM needs AVX-512 VNNI");
 }
 #endif
