@@ -137,3 +137,17 @@ def test_linears_in_one_call_equal_each_forward():
     for group in (lins, lins[1:3], [lins[0], PackedLinear.from_weight(torch.randn(40, K), "bf16")]):
         got = linears(x, *group)
         assert all(torch.equal(g, lin(x)) for g, lin in zip(got, group))
+
+
+@pytest.mark.skipif(ext() is None, reason="fast CPU kernels unavailable on this machine")
+def test_argmax_is_torch_argmax():
+    """kernels.argmax: torch.argmax's answer (the first maximum, ties across the thread chunks, NaN rows)."""
+    from tandem import kernels
+    x = torch.randn(5, 262147)
+    x[1, 7] = x[1, 200000] = 100.0  # a tie across chunks: the first wins
+    x[2, 131073] = x[2, 131074] = 50.0
+    x[3, :] = -torch.inf
+    x[4, 9] = torch.nan
+    assert torch.equal(kernels.argmax(x), x.argmax(-1))
+    assert torch.equal(kernels.argmax(x[:4].view(2, 2, -1)), x[:4].argmax(-1).view(2, 2))
+    assert torch.equal(kernels.argmax(torch.tensor([[3.0]])), torch.tensor([0]))

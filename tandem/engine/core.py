@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from tandem import kernels
 from tandem.config import SamplingParams, SpecConfig
 from tandem.engine.events import Finished, GenStats, Token
 from tandem.engine.stops import StopMatcher
@@ -28,7 +29,7 @@ log = logging.getLogger("tandem.engine")
 def sample_token(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator) -> int:
     """One token from logits [1, V] (plain decoding; the batch scheduler uses the same function per slot)."""
     if sampling.greedy:  # = argmax of process_logits' one-hot, without its copies of the vocabulary
-        return int(logits[0].argmax())
+        return int(kernels.argmax(logits[0]))
     return int(sample(process_logits(logits, sampling), gen)[0])
 
 
@@ -131,7 +132,6 @@ class Engine:
     def exact(self) -> tuple[bool, str]:
         """(exact, reason): True when every target row is row-invariant here (speculative output == plain
         decoding bitwise at T=0); False: speculation keeps the target's distribution only."""
-        from tandem import kernels
         return kernels.exactness(self.model, self.device)
 
     def check_ids(self, ids: list[int]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tandem.kernels._ext import has_vnni, unavailable_reason
+from tandem.kernels._ext import ext, has_vnni, unavailable_reason
 from tandem.kernels.attention import attend_cpu
 from tandem.kernels.linear import FORMATS, PackedEmbedding, PackedLinear, base_format, check_format
 from tandem.kernels.quant_attention import attend_quant
@@ -84,6 +84,16 @@ def formats_of(model: nn.Module) -> dict[str, int]:
     return out
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) (the first index of the maximum) for x [..., V]: the C++ row kernel for CPU fp32 (each row split
+    over the threads), torch's elsewhere and for rows holding a NaN."""
+    m = ext() if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() else None
+    if m is None:
+        return x.argmax(-1)
+    idx = m.argmax_rows(x.reshape(-1, x.shape[-1]).contiguous())
+    return x.argmax(-1) if int(idx.min()) < 0 else idx.view(x.shape[:-1])
+
+
 def exactness(model: nn.Module, device: torch.device | str) -> tuple[bool, str]:
     """(exact, why): whether every row of `model` is computed independently of the other rows on `device`, so
     speculative output equals plain decoding bitwise at T=0 (else the target's distribution only)."""
@@ -100,4 +110,4 @@ def exactness(model: nn.Module, device: torch.device | str) -> tuple[bool, str]:
     return True, f"row-invariant: {path}"
 
 
-__all__ = ["attend", "attend_quant", "attend_reference", "exactness", "prepare", "PackedLinear", "PackedEmbedding", "FORMATS"]
+__all__ = ["argmax", "attend", "attend_quant", "attend_reference", "exactness", "prepare", "PackedLinear", "PackedEmbedding", "FORMATS"]

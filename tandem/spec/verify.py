@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.config import SamplingParams
+from tandem import kernels
 from tandem.sampling import process_logits
 
 
@@ -61,7 +62,7 @@ def verify(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, target_
     n_acc = torch.zeros(B, dtype=torch.long, device=device)
 
     if sampling.greedy:
-        target = target_logits.float().argmax(-1)  # [B, k+1]
+        target = kernels.argmax(target_logits.float())  # [B, k+1]
         match = (draft_tokens == target[:, :k]).long()  # [B, k]
         n_acc = match.cumprod(-1).sum(-1) if k else n_acc  # length of the all-equal prefix
         keep = torch.arange(k, device=device)[None] < n_acc[:, None]

@@ -26,6 +26,7 @@ torch::Tensor rms_norm(torch::Tensor x, std::optional<torch::Tensor> w, double o
 void norm_rope_(torch::Tensor x, std::optional<torch::Tensor> w, double offset, double eps, bool norm,
                 torch::Tensor cos, torch::Tensor sin);
 void kv_write(torch::Tensor buf, torch::Tensor x, torch::Tensor slots, torch::Tensor positions);
+torch::Tensor argmax_rows(torch::Tensor x);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // compute without the GIL: other Python threads (the server's event loop) keep running during a long kernel
@@ -47,4 +48,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, nogil);
   m.def("norm_rope_", &norm_rope_, nogil);
   m.def("kv_write", &kv_write, nogil);
+  m.def("argmax_rows", &argmax_rows, nogil);
 }

@@ -6,10 +6,13 @@
 // fp32 only (the callers fall back to torch otherwise).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <vector>
 
 namespace {
 
@@ -121,4 +124,50 @@ void kv_write(torch::Tensor buf, torch::Tensor x, torch::Tensor slots, torch::Te
         std::memcpy(dst + ((s[b] * H + h) * Tmax + q) * D * es, src + ((b * T + t) * H + h) * D * es, D * es);
     }
   }
+}
+
+// Row argmax of x [N, V] fp32 -> int64 [N], as torch.argmax: the first index of the maximum. Each row is split
+// into 2 chunks over the threads (max, then its first index); -1 for a row holding a NaN (the caller falls back).
+torch::Tensor argmax_rows(torch::Tensor x) {
+  check_f32(x, "argmax_rows: x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "argmax_rows: x [N, V] expected");
+  const int64_t N = x.size(0), V = x.size(1), C = 2, len = (V + C - 1) / C;
+  std::vector<float> cmax(N * C);
+  std::vector<int64_t> cidx(N * C);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const float* r = xp + (it / C) * V;
+      const int64_t lo = (it % C) * len, hi = std::min(V, lo + len);
+      if (lo >= hi) { cmax[it] = -INFINITY; cidx[it] = V; continue; }
+      __m512 m = _mm512_set1_ps(-INFINITY);
+      __mmask16 nan = 0;
+      int64_t i = lo;
+      for (; i + 16 <= hi; i += 16) {
+        const __m512 v = _mm512_loadu_ps(r + i);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        m = _mm512_max_ps(m, v);
+      }
+      float best = _mm512_reduce_max_ps(m);
+      for (int64_t j = i; j < hi; ++j) {
+        if (r[j] != r[j]) nan = 1;
+        best = std::max(best, r[j]);
+      }
+      int64_t at = lo;
+      while (at < hi && r[at] != best) ++at;
+      cmax[it] = best, cidx[it] = nan ? -1 : at;
+    }
+  });
+  auto out = torch::empty({N}, torch::kInt64);
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    int64_t c0 = n * C;
+    bool nan = false;
+    for (int64_t c = n * C; c < n * C + C; ++c) {
+      nan |= cidx[c] < 0;
+      if (cmax[c] > cmax[c0]) c0 = c;  // strictly greater: an earlier chunk keeps a tie
+    }
+    op[n] = nan ? -1 : cidx[c0];
+  }
+  return out;
 }
