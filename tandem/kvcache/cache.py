@@ -19,6 +19,7 @@ import torch
 from tandem import kernels
 from tandem.kernels import quant_attention as qa
 from tandem.kernels._ext import ext
+from tandem.kernels.attention import fast_attend_supported
 
 
 class SlotLengths:
@@ -121,6 +122,19 @@ class KVCache(SlotLengths):
             idx = (slots[:, None], slice(None), positions)
         for buf, x in todo:
             self._store(buf, idx, x)
+
+    def write_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                     positions: torch.Tensor, window: int | None, scale: float,
+                     softcap: float | None = None) -> torch.Tensor:
+        """write(layer, slots, positions, k, v), then attend(layer, q, slots, positions, ...): one C++ call for
+        plain float caches on CPU (the decode hot path), else the two."""
+        kb, vb = self.k[layer], self.v[layer]
+        m = ext() if self.dtype is not None and self.device.type == "cpu" and q.dtype == torch.float32 else None
+        if m is not None and fast_attend_supported(q, kb, vb):
+            return m.write_attend(q, k, v, kb, vb, slots, positions, int(window) if window is not None else 0,
+                                  float(scale), float(softcap) if softcap is not None else 0.0)
+        self.write(layer, slots, positions, k, v)
+        return self.attend(layer, q, slots, positions, window, scale, softcap)
 
     def attend(self, layer: int, q: torch.Tensor, slots: torch.Tensor, q_pos: torch.Tensor,
                window: int | None, scale: float, softcap: float | None = None) -> torch.Tensor:

@@ -160,3 +160,16 @@ torch::Tensor attend_fast(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_
   });
   return out;
 }
+
+void kv_write(torch::Tensor buf, torch::Tensor x, torch::Tensor slots, torch::Tensor positions);  // glue.cpp
+
+// One layer's cache step in one call: k, v [B, T, Hkv, D] (any float dtype) stored at (slots, positions), then
+// attend_fast of q at those positions; bitwise kv_write twice + attend_fast.
+torch::Tensor write_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_buf, torch::Tensor v_buf,
+                           torch::Tensor slots, torch::Tensor positions, int64_t window, double scale,
+                           double softcap) {
+  const auto sl = slots.to(torch::kInt64), pos = positions.to(torch::kInt64);
+  kv_write(k_buf, k.to(k_buf.scalar_type()).contiguous(), sl, pos);
+  kv_write(v_buf, v.to(v_buf.scalar_type()).contiguous(), sl, pos);
+  return attend_fast(q.contiguous(), k_buf, v_buf, sl, pos, window, scale, softcap);
+}

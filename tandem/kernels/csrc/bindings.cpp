@@ -27,6 +27,9 @@ void norm_rope_(torch::Tensor x, std::optional<torch::Tensor> w, double offset, 
                 torch::Tensor cos, torch::Tensor sin);
 void kv_write(torch::Tensor buf, torch::Tensor x, torch::Tensor slots, torch::Tensor positions);
 torch::Tensor argmax_rows(torch::Tensor x);
+torch::Tensor write_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_buf, torch::Tensor v_buf,
+                           torch::Tensor slots, torch::Tensor positions, int64_t window, double scale,
+                           double softcap);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // compute without the GIL: other Python threads (the server's event loop) keep running during a long kernel
@@ -49,4 +52,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_rope_", &norm_rope_, nogil);
   m.def("kv_write", &kv_write, nogil);
   m.def("argmax_rows", &argmax_rows, nogil);
+  m.def("write_attend", &write_attend, nogil);
 }
