@@ -108,7 +108,7 @@ def linear_gbps(fmt: str, reps: int = 20):
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tandem.bench.kernels", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--formats", nargs="+", default=["fp32", "bf16", "q8_0", "q8_0x8"])
+    ap.add_argument("--formats", nargs="+", default=["fp32", "bf16", "q8_0", "q8_0x8", "native"])
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--linears", action="store_true", help="also per-linear GB/s")

@@ -105,9 +105,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-p-min", type=float, default=d.spec.p_min,
                    help="stop drafting when top-1 prob < p_min (default: the drafter's recommended p_min, else 0)")
     p.add_argument("--weight-format", default=d.weight_format,
-                   help="q8_0x8 (GGUF Q8_0 blocks, int8 activations: VNNI dot products; the default on a CPU with "
-                        "AVX-512 VNNI), q8_0 (the same blocks, fp32 activations; the default elsewhere), bf16, "
-                        "fp32 (exact reference)")
+                   help="native (a GGUF's Q8_0/Q5_0/Q4_K/Q6_K tensors kept as stored, every other weight q8_0x8; "
+                        "the default on a CPU with AVX-512 VNNI), q8_0x8 (Q8_0 blocks, int8 activations: VNNI dot "
+                        "products), q8_0 (the same blocks, fp32 activations; the default elsewhere), bf16, fp32 "
+                        "(exact reference)")
     p.add_argument("--mtp-weight-format", default=None,
                    help="weight format of the target's own MTP (nextn) drafter layers (default: --weight-format); "
                         "acceptance is sensitive to quantizing them")
