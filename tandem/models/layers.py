@@ -148,7 +148,12 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim)
         k, v = k.view(B, T, self.n_kv, self.head_dim), v.view(B, T, self.n_kv, self.head_dim)
         q, k = self._norm_rope(q, k, *cos_sin)
-        out = cache.write_attend(self.layer_idx, q, k, v, slots, positions, self.window, self.scale, self.softcap)
+        if hasattr(cache, "write_attend"):  # KVCache: one C++ call on the hot path
+            out = cache.write_attend(self.layer_idx, q, k, v, slots, positions, self.window, self.scale,
+                                     self.softcap)
+        else:  # the trainers' caches only write and attend
+            cache.write(self.layer_idx, slots, positions, k, v)
+            out = cache.attend(self.layer_idx, q, slots, positions, self.window, self.scale, self.softcap)
         return self.o_proj(out.reshape(B, T, -1))
 
 
