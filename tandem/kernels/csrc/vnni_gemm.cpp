@@ -31,7 +31,8 @@
 namespace {
 
 constexpr int NB = 64;      // columns per panel = 4 zmm of int32 lanes
-constexpr int MR_MAX = 6;   // rows per register tile: 6 x 4 int32 accumulators (fp32 ones stay in L1)
+constexpr int MR_MAX = 4;   // rows per register tile: 4 x 4 int32 accumulators (fp32 ones stay in L1); 5-6 rows
+                            // spilled: the head's 5-row GEMM cost 2x its 1-row one (measured), 4 rows 0.8-1x
 constexpr int MBLK = 48;    // rows per parallel work item (multiple of MR_MAX)
 
 struct QRows {  // activation rows quantized per 32-block
@@ -195,7 +196,7 @@ struct Q6K {
 template <class F, int MR>
 static void tile(const XRows& x, const F& f, float* y, int64_t ldy, int ncols) {
   constexpr int H = 32 / F::SG, GH = 8 / H;  // scale groups per block, 4-k groups per scale group
-  alignas(64) float acc[MR][64] = {};  // in L1, not registers: the int32 sums of MR_MAX rows take 24 zmm
+  alignas(64) float acc[MR][64] = {};  // in L1, not registers: the int32 sums and the decoded weights take them
   for (int64_t kb = 0; kb < x.KB; ++kb) {
     for (int h = 0; h < H; ++h) {
       __m512i isum[MR][4];
@@ -247,8 +248,6 @@ static void panel_rows(const QRows& r, int64_t m0, int64_t m1, int64_t K, const 
     const XRows x{q + m * K, dx + m * KB, sx + m * 2 * KB, K, KB};
     float* ym = g.y + m * g.ldy + s * NB;
     switch (mr) {
-      case 6: tile<F, 6>(x, f, ym, g.ldy, ncols); break;
-      case 5: tile<F, 5>(x, f, ym, g.ldy, ncols); break;
       case 4: tile<F, 4>(x, f, ym, g.ldy, ncols); break;
       case 3: tile<F, 3>(x, f, ym, g.ldy, ncols); break;
       case 2: tile<F, 2>(x, f, ym, g.ldy, ncols); break;
