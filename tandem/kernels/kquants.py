@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-NB = 64
+NB = 64  # columns per panel (must match csrc/small_gemm.cpp, csrc/vnni_gemm.cpp)
 GGUF_TYPES = {"Q8_0": "q8_0x8", "Q5_0": "q5_0x8", "Q4_K": "q4_kx8", "Q6_K": "q6_kx8"}
 OFFSET = {"q8_0x8": 128, "q5_0x8": 16, "q4_kx8": 0, "q6_kx8": 32}
 SCALE_GROUP = {"q8_0x8": 32, "q5_0x8": 32, "q4_kx8": 32, "q6_kx8": 16}
@@ -81,24 +81,29 @@ def dequantize(fmt: str, f: dict[str, torch.Tensor]) -> torch.Tensor:
 
 # -- panel layouts -------------------------------------------------------------------------------------------------
 
-def _panelize(t: torch.Tensor) -> torch.Tensor:
-    """[N, C] -> [P, C, 64] contiguous, rows zero-padded to a multiple of 64."""
-    N, C = t.shape
+def panelize(w: torch.Tensor) -> torch.Tensor:
+    """[N, C] -> [ceil(N/64), C, 64] contiguous, zero-padded rows (panel-major layout of the kernels)."""
+    N, C = w.shape
     P = (N + NB - 1) // NB
-    out = torch.zeros(P * NB, C, dtype=t.dtype)
-    out[:N] = t
-    return out.view(P, NB, C).transpose(1, 2).contiguous()
+    out = torch.zeros(P, C, NB, dtype=w.dtype)
+    for p0 in range(0, P, 256):
+        p1 = min(P, p0 + 256)
+        blk = w[p0 * NB:p1 * NB]
+        if blk.shape[0] < (p1 - p0) * NB:
+            blk = torch.cat([blk, blk.new_zeros((p1 - p0) * NB - blk.shape[0], C)])
+        out[p0:p1] = blk.reshape(p1 - p0, NB, C).transpose(1, 2)
+    return out
 
 
-def _unpanelize(t: torch.Tensor, N: int) -> torch.Tensor:
-    P, C, _ = t.shape
-    return t.transpose(1, 2).reshape(P * NB, C)[:N]
+def unpanelize(wp: torch.Tensor, N: int) -> torch.Tensor:
+    P, C, _ = wp.shape
+    return wp.transpose(1, 2).reshape(P * NB, C)[:N]
 
 
 def _groups(u: torch.Tensor) -> torch.Tensor:
     """u uint8 [N, K] -> [P, KB, 8, 4, 64]: per (32-block, 4 k, 16 columns) the 64 values as byte 4c + k."""
     N, K = u.shape
-    p = _panelize(u)  # [P, K, 64]
+    p = panelize(u)  # [P, K, 64]
     P = p.shape[0]
     return p.view(P, K // 32, 8, 4, 4, 16).permute(0, 1, 2, 4, 5, 3).reshape(P, K // 32, 8, 4, 64)
 
@@ -106,7 +111,7 @@ def _groups(u: torch.Tensor) -> torch.Tensor:
 def _ungroup(v: torch.Tensor, N: int) -> torch.Tensor:
     P, KB = v.shape[:2]
     p = v.view(P, KB, 8, 4, 16, 4).permute(0, 1, 2, 5, 3, 4).reshape(P, KB * 32, NB)
-    return _unpanelize(p, N)
+    return unpanelize(p, N)
 
 
 def pack(fmt: str, f: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -116,35 +121,35 @@ def pack(fmt: str, f: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         raise ValueError(f"{fmt} needs in_features % {K_MULTIPLE[fmt]} == 0, got {K}")
     v = _groups(f["u"])
     if fmt == "q8_0x8":
-        return [v.contiguous(), _panelize(f["d"])]
+        return [v.contiguous(), panelize(f["d"])]
     vp = v.view(*v.shape[:2], 4, 2, 4, 64)  # groups in pairs (2gp, 2gp+1): one byte holds one value of each
     nib = (vp[:, :, :, 0] & 0x0F) | ((vp[:, :, :, 1] & 0x0F) << 4)
     if fmt == "q5_0x8":  # bit i of the u64 (little-endian bytes) is v[i] >> 4
         hb = ((v >> 4).view(*v.shape[:-1], 8, 8).to(torch.int32) << torch.arange(8, dtype=torch.int32)).sum(-1)
-        return [nib, hb.to(torch.uint8), _panelize(f["d"])]
+        return [nib, hb.to(torch.uint8), panelize(f["d"])]
     if fmt == "q4_kx8":
-        return [nib, _panelize(f["sc"]), _panelize(f["m"]), torch.stack([_panelize(f["d"]), _panelize(f["dmin"])], 2)]
+        return [nib, panelize(f["sc"]), panelize(f["m"]), torch.stack([panelize(f["d"]), panelize(f["dmin"])], 2)]
     ha, hb = vp[:, :, :, 0] >> 4, vp[:, :, :, 1] >> 4
     h2 = ha[..., :32] | (ha[..., 32:] << 2) | (hb[..., :32] << 4) | (hb[..., 32:] << 6)
-    return [nib, h2, _panelize(f["sc"]), _panelize(f["d"])]
+    return [nib, h2, panelize(f["sc"]), panelize(f["d"])]
 
 
 def unpack(fmt: str, st: list[torch.Tensor], N: int) -> dict[str, torch.Tensor]:
     """The kernel's streams -> fields (rows, reordering, the reference)."""
     if fmt == "q8_0x8":
-        return {"u": _ungroup(st[0], N), "d": _unpanelize(st[1], N)}
+        return {"u": _ungroup(st[0], N), "d": unpanelize(st[1], N)}
     P, KB = st[0].shape[:2]
     v = torch.stack([st[0] & 0x0F, st[0] >> 4], 3).view(P, KB, 8, 4, 64)
     if fmt == "q5_0x8":
         hb = (st[1][..., None].to(torch.int32) >> torch.arange(8, dtype=torch.int32)) & 1
-        return {"u": _ungroup(v | (hb.reshape(v.shape) << 4).to(torch.uint8), N), "d": _unpanelize(st[2], N)}
+        return {"u": _ungroup(v | (hb.reshape(v.shape) << 4).to(torch.uint8), N), "d": unpanelize(st[2], N)}
     if fmt == "q4_kx8":
-        return {"u": _ungroup(v, N), "sc": _unpanelize(st[1], N), "m": _unpanelize(st[2], N),
-                "d": _unpanelize(st[3][:, :, 0], N), "dmin": _unpanelize(st[3][:, :, 1], N)}
+        return {"u": _ungroup(v, N), "sc": unpanelize(st[1], N), "m": unpanelize(st[2], N),
+                "d": unpanelize(st[3][:, :, 0], N), "dmin": unpanelize(st[3][:, :, 1], N)}
     h = st[1]
     hi = torch.stack([torch.cat([h & 3, (h >> 2) & 3], -1), torch.cat([(h >> 4) & 3, h >> 6], -1)], 3)
-    return {"u": _ungroup(v | (hi.view(v.shape) << 4), N), "sc": _unpanelize(st[2], N),
-            "d": _unpanelize(st[3], N)}
+    return {"u": _ungroup(v | (hi.view(v.shape) << 4), N), "sc": unpanelize(st[2], N),
+            "d": unpanelize(st[3], N)}
 
 
 def reference(fmt: str, f: dict[str, torch.Tensor], xq: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:

@@ -28,13 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tandem.kernels import kquants
+from tandem.kernels.kquants import NB, panelize as _panelize, unpanelize as _unpanelize
 from tandem.kernels._ext import ext, has_vnni
 
 FORMATS = ("fp32", "bf16", "q8_0", "q8_0x8", "native")  # what prepare() and the CLI take
 KQUANT_FORMATS = ("q5_0x8", "q4_kx8", "q6_kx8")
 VNNI_FORMATS = ("q8_0x8",) + KQUANT_FORMATS
 LINEAR_FORMATS = ("fp32", "bf16", "q8_0") + VNNI_FORMATS  # what a PackedLinear holds
-NB = 64       # columns per panel (must match csrc/small_gemm.cpp)
 QBLOCK = 32   # Q8_0 block along K
 ROW_BLOCK = 8  # rows per torch call on the reference path (fixed_rows): decode pays ~3x a GEMV, not ~10x
 
@@ -110,25 +110,6 @@ def _unpack_q8x8(w8: torch.Tensor, N: int) -> torch.Tensor:
     return (w8 ^ 0x80).view(torch.int8).permute(0, 2, 1, 3).reshape(P * NB, K4 * 4)[:N]
 
 
-def _panelize(w: torch.Tensor) -> torch.Tensor:
-    """[N, C] -> [ceil(N/64), C, 64] contiguous, zero-padded rows (panel-major layout of the kernels)."""
-    N, C = w.shape
-    P = (N + NB - 1) // NB
-    out = torch.zeros(P, C, NB, dtype=w.dtype)
-    for p0 in range(0, P, 256):
-        p1 = min(P, p0 + 256)
-        blk = w[p0 * NB:p1 * NB]
-        if blk.shape[0] < (p1 - p0) * NB:
-            blk = torch.cat([blk, blk.new_zeros((p1 - p0) * NB - blk.shape[0], C)])
-        out[p0:p1] = blk.reshape(p1 - p0, NB, C).transpose(1, 2)
-    return out
-
-
-def _unpanelize(wp: torch.Tensor, N: int) -> torch.Tensor:
-    P, C, _ = wp.shape
-    return wp.transpose(1, 2).reshape(P * NB, C)[:N]
-
-
 class PackedLinear(nn.Module):
     """Drop-in for a bias-free or biased nn.Linear with weights held in a packed format (see module doc)."""
 
@@ -178,12 +159,12 @@ class PackedLinear(nn.Module):
         """A GGUF tensor's raw rows (uint8 [N, row bytes]) of type `qtype` (kquants.GGUF_TYPES) kept as stored;
         None when `expect` (the loaded fp32 weight) differs from the blocks' values (a fix-up changed them)."""
         fmt = kquants.GGUF_TYPES[qtype]
+        f = kquants.parse_gguf(qtype, raw, K)
         for n0 in range(0, raw.shape[0], 16384):  # in row chunks: no full fp32 copy of a large table
-            f = kquants.parse_gguf(qtype, raw[n0:n0 + 16384], K)
-            if expect is not None and not torch.equal(kquants.dequantize(fmt, f),
+            chunk = {k: v[n0:n0 + 16384] for k, v in f.items()}
+            if expect is not None and not torch.equal(kquants.dequantize(fmt, chunk),
                                                       expect[n0:n0 + 16384].detach().float().cpu()):
                 return None
-        f = kquants.parse_gguf(qtype, raw, K)
         if fmt == "q8_0x8":
             return cls.from_q8_0((f["u"] ^ 0x80).view(torch.int8), f["d"], bias, fmt)
         return cls(K, f["u"].shape[0], fmt, {f"vnni{i}": t for i, t in enumerate(kquants.pack(fmt, f))}, bias)
@@ -205,7 +186,7 @@ class PackedLinear(nn.Module):
         """Per-row integers and scales of a VNNI-format linear (tandem.kernels.kquants)."""
         if self.fmt == "q8_0x8":
             q, d = self._q8_values()
-            return {"u": (q.to(torch.int16) + 128).to(torch.uint8), "d": d}
+            return {"u": q.view(torch.uint8) ^ 0x80, "d": d}  # q + 128
         return kquants.unpack(self.fmt, self._streams(), self.out_features)
 
     @staticmethod
@@ -299,23 +280,17 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.fmt in VNNI_FORMATS and x2.dtype == torch.float32 and x2.device.type == "cpu" and has_vnni():
-            m = ext()  # the decode hot path first: every check below costs microseconds per call
-            if m is not None:
-                y = m.gemm_vnni(x2 if x2.is_contiguous() else x2.contiguous(), self.fmt, self._streams(),
-                                self.out_features)
-                return (y if self.bias is None else y + self.bias).view(*lead, self.out_features)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
         m = ext() if x2.device.type == "cpu" else None
-        if self.fmt == "fp32":
+        if m is not None and self.fmt in VNNI_FORMATS and has_vnni():  # the decode hot path, tested first
+            y = m.gemm_vnni(x2, self.fmt, self._streams(), self.out_features)
+        elif self.fmt == "fp32":
             y = fixed_rows(x2, self.weight.float())
         elif m is not None and self.fmt == "bf16":
             y = m.gemm_bf16(x2, self.w_bf16, self.out_features)
         elif m is not None and self.fmt == "q8_0":
             y = m.gemm_q8_0(x2, self.q8, self.d16, self.out_features)
-        elif m is not None and has_vnni() and self.fmt in VNNI_FORMATS:
-            y = m.gemm_vnni(x2, self.fmt, self._streams(), self.out_features)
         elif self.fmt in VNNI_FORMATS:
             y = self._reference_vnni(x2)
         else:

@@ -223,7 +223,7 @@ torch::Tensor gemm_bf16_panels(torch::Tensor x, torch::Tensor w, torch::Tensor p
 
 // A token id outside the packed table would read past it: refuse it (the engine checks ids first; this is the
 // last line, so a bad id never becomes an out-of-bounds read).
-static void check_rows(const torch::Tensor& rows, int64_t n_rows) {
+void check_rows(const torch::Tensor& rows, int64_t n_rows) {  // also vnni_gemm.cpp's rows_q8_0x8
   TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.is_contiguous(), "rows: contiguous int64");
   const int64_t* rp = rows.data_ptr<int64_t>();
   for (int64_t r = 0; r < rows.numel(); ++r)

@@ -362,15 +362,15 @@ std::vector<torch::Tensor> gemm_vnni_multi(torch::Tensor, std::vector<std::strin
 }
 #endif
 
+void check_rows(const torch::Tensor& rows, int64_t n_rows);  // small_gemm.cpp
+
 // Rows `rows` [R] (int64) of a q8_0x8 weight, dequantised to fp32 [R, K] (tied embedding lookup).
 torch::Tensor rows_q8_0x8(torch::Tensor w, torch::Tensor d, torch::Tensor rows, int64_t K) {
   constexpr int64_t NB = 64;
-  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.is_contiguous(), "rows: contiguous int64");
   TORCH_CHECK(w.numel() == w.size(0) * K * NB && d.numel() == w.size(0) * (K / 32) * NB, "q8_0x8 weight size");
-  const int64_t R = rows.numel(), n_rows = w.size(0) * NB;
+  check_rows(rows, w.size(0) * NB);
+  const int64_t R = rows.numel();
   const int64_t* rp = rows.data_ptr<int64_t>();
-  for (int64_t r = 0; r < R; ++r)
-    TORCH_CHECK(rp[r] >= 0 && rp[r] < n_rows, "row index ", rp[r], " out of range [0, ", n_rows, ")");
   auto out = torch::empty({R, K}, torch::TensorOptions().dtype(torch::kFloat32));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
