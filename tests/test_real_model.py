@@ -1,4 +1,4 @@
-"""The default model loaded by us matches transformers loading the same GGUF: weights and greedy tokens."""
+"""The embedded gemma-3-270m loaded by us matches transformers loading the same GGUF: weights and greedy tokens."""
 
 import pytest
 import torch
@@ -20,7 +20,7 @@ N_NEW = 64
 @pytest.fixture(scope="module")
 def ours():
     from tandem.loading import load
-    return load(None)
+    return load("gemma-3-270m")
 
 
 @pytest.fixture(scope="module")

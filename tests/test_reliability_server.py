@@ -2,7 +2,7 @@
 lost, bad input is a 4xx with a valid JSON body, the event loop stays free, /metrics stays bounded, the API key and
 Host check cover every route, special-token strings in chat content are text.
 
-One module-scoped server on the embedded default model (gemma-3-270m); speculation through test_batch.SelfDrafter
+One module-scoped server on the embedded gemma-3-270m; speculation through test_batch.SelfDrafter
 with a poison switch (a request with seed POISON makes propose() raise).
 """
 

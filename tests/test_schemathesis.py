@@ -1,7 +1,7 @@
 """Schemathesis against the running server: >= 1000 generated requests (valid and invalid, every operation of the
 OpenAPI schema), not one answered 5xx, and the server still healthy and idle afterwards.
 
-The target is a tiny random Gemma 3 with the default model's real tokenizer (text prompts and chat templates go
+The target is a tiny random Gemma 3 with gemma-3-270m's real tokenizer (text prompts and chat templates go
 through the real path); max_tokens is capped at 4 by the server so a case costs milliseconds.
 """
 
@@ -30,7 +30,7 @@ def server():
     from tandem.loading import load
     from tandem.server.app import create_app
 
-    loaded = load(None)
+    loaded = load("gemma-3-270m")
     tok = loaded.tokenizer
     eng = Engine(tiny_model(vocab=tok.vocab_size), tok, max_len=256, n_slots=4)
     app = create_app(eng, loaded=loaded, api_key=KEY, max_tokens_limit=4, max_body_bytes=256 * 1024)

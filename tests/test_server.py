@@ -1,8 +1,8 @@
-"""The OpenAI-compatible server on the embedded default model (gemma-3-270m), started for real on 127.0.0.1.
+"""The OpenAI-compatible server on the embedded gemma-3-270m, started for real on 127.0.0.1.
 
 Talks to it with the official `openai` client (sync, streaming, chat, completions) and plain HTTP (timings,
 /metrics, error bodies). One module-scoped server; short max_tokens keep the whole file to about a minute.
-The default model has no trained drafter, so speculation uses test_batch.SelfDrafter (the target drafting for
+The server tests do not use its shipped drafter, so speculation uses test_batch.SelfDrafter (the target drafting for
 itself, greedy, every third round spoiled): rounds accept several tokens, and some reject.
 """
 
@@ -57,7 +57,7 @@ def default_engine(n_slots: int, max_len: int):
     from tandem.config import SpecConfig
     from tandem.engine.factory import load_engine
 
-    return load_engine(None, weight_format="bf16", max_len=max_len, n_slots=n_slots, spec=SpecConfig(enabled=False))
+    return load_engine("gemma-3-270m", weight_format="bf16", max_len=max_len, n_slots=n_slots, spec=SpecConfig(enabled=False))
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,8 @@ def test_models_and_health(server, client):
     assert client.models.retrieve(server.model).id == server.model
     h = httpx.get(server.url + "/health").json()
     assert h["status"] == "ok" and h["slots_idle"] + h["slots_processing"] == N_SLOTS
+    card = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]
+    assert h["drafter"] == card["meta"]["drafter"] == server.engine.describe_drafter()
 
 
 def test_chat_sync_and_stream_agree(server, client):

@@ -1,4 +1,4 @@
-"""The drafter we ship for the embedded default: found by the target's sha256 and on by default, lossless on the real
+"""The drafter we ship for the embedded gemma-3-270m: found by the target's sha256 and on by default, lossless on the real
 model, and accepting far more than chance (an untrained drafter accepts ~0 of 262k-way guesses)."""
 
 import pytest
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def eng():
     from tandem.engine.factory import load_engine
-    return load_engine(None, max_len=512, spec=SpecConfig(n_max=3))
+    return load_engine("gemma-3-270m", max_len=512, spec=SpecConfig(n_max=3))
 
 
 def test_default_model_speculates_by_default(eng):

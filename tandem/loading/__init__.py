@@ -42,7 +42,8 @@ def detect_kind(path: str) -> str:
                 return "gguf"
         return "hf"
     if not p.exists():
-        raise ModelLoadError(f"{path}: no such file or directory")
+        from tandem.loading.default import EMBEDDED
+        raise ModelLoadError(f"{path}: no such file or directory (nor an embedded model name: {', '.join(EMBEDDED)})")
     if p.name == "config.json":
         return "hf"
     with open(p, "rb") as fh:
@@ -151,12 +152,13 @@ def _gguf_tokenizer(f, cache: bool):
 
 def load(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32, tokenizer: bool = True, tokenizer_cache: bool = True) -> Loaded:
-    """Load a model; `path=None` is the embedded default model (assembled into the cache on first use)."""
+    """Load a model: a GGUF file, an HF directory, or an embedded model's name (None: the default), assembled into the
+    cache on first use (tandem.loading.default)."""
+    from tandem.loading.default import EMBEDDED, model_path
     from tandem.models import build
 
-    if path is None:
-        from tandem.loading.default import default_model_path
-        path = default_model_path()
+    if path is None or (str(path) in EMBEDDED and not Path(path).exists()):
+        path = model_path(path)
     path = str(path)
     kind = detect_kind(path)
     if kind == "gguf" and Path(path).is_dir():  # a directory holding one .gguf and no config.json

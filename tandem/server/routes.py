@@ -19,7 +19,8 @@ def model_card(state: ServerState) -> dict:
     sched = state.scheduler
     return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "tandem",
             "meta": {"n_ctx": state.n_ctx, "n_vocab": state.vocab_size, "n_slots": sched.n_slots,
-                     "speculative_available": state.spec_available, "speculative": spec_echo(state.spec_default)}}
+                     "speculative_available": state.spec_available, "speculative": spec_echo(state.spec_default),
+                     "drafter": state.engine.describe_drafter()}}
 
 
 @router.get("/health")
@@ -27,7 +28,8 @@ async def health(state: ServerState = Depends(state_of)):
     sched = state.scheduler
     exact, why = state.engine.exact
     return {"status": "ok", "slots_idle": sched.n_slots - sched.n_active, "slots_processing": sched.n_active,
-            "requests_waiting": sched.n_waiting, "exact": exact, "exact_reason": why}
+            "requests_waiting": sched.n_waiting, "drafter": state.engine.describe_drafter(), "exact": exact,
+            "exact_reason": why}
 
 
 @router.get("/v1/models")

@@ -51,6 +51,9 @@ def serve(a: argparse.Namespace) -> int:
 
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     eng = build_engine(EngineOptions.from_args(a), n_slots=a.parallel)
+    exact, why = eng.exact
+    logging.getLogger("tandem.serve").info("model %s; drafter: %s; exact: %s (%s)", eng.loaded.path,
+                                           eng.describe_drafter(), "yes" if exact else "no, distribution only", why)
     app = create_app(eng, alias=a.alias, api_key=a.api_key or os.environ.get("TANDEM_API_KEY"),
                      max_tokens_limit=a.max_tokens, allowed_hosts=hosts, max_body_bytes=a.max_body_bytes,
                      special_in_content=a.special_in_content)

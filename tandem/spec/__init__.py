@@ -53,7 +53,7 @@ def load_drafter(drafter: str | None, *, target: Any, target_loaded: Any = None,
     """Load a drafter from a path for `target`; its kind comes from what the path holds (an assistant, or any
     full model with the target's vocabulary: a draft model). drafter=None: the shipped drafter known for this
     target, else the one its checkpoint carries (an in-target kind, e.g. nextn MTP heads, in mtp_weight_format,
-    default the target's format), else None (logged: the target runs plain). A drafter directory's config.json
+    default the target's format), else None (the default chain is then n-gram alone). A drafter directory's config.json
     may carry `recommended` n_max / p_min (tandem.spec.policy.read_recommended): drafter.recommended."""
     if drafter is None:
         from tandem.drafters import known_drafter
@@ -92,8 +92,8 @@ def _load_path(drafter: str, target: Any, target_loaded: Any, device: str, weigh
 def _in_target_drafter(target: Any, target_name: str, weight_format: str | None) -> Drafter | None:
     kind = in_target_kind(target)
     if kind is None:
-        log.warning("%s: no drafter given, none shipped for it, and its checkpoint carries none (no MTP layers); "
-                    "running plain", target_name)
+        log.info("%s: no model drafter (none given, none shipped for it, no MTP layers in its checkpoint)",
+                 target_name)
         return None
     return kind.build(None, target, target_name=target_name, name=target_name, weight_format=weight_format)
 

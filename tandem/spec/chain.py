@@ -163,13 +163,13 @@ def build_drafters(names: tuple[str, ...], load_model_drafter: Callable[[], Draf
     """The engine's drafter for `--spec-chain` names: the ngram drafter and/or the one model drafter
     (load_model_drafter: --drafter, the known one, or the target's own heads); a chain when there are several.
     No names: the chain ngram -> model drafter (copying where the text repeats costs nothing and, with each
-    member's own adaptive length, measured never slower than the model drafter alone), or None without one."""
+    member's own adaptive length, measured never slower than the model drafter alone), or n-gram alone for a
+    target without a model drafter (adaptive: where nothing repeats it drafts nothing, a plain step)."""
     from tandem.spec.ngram import NgramDrafter
 
     if not names:
-        model = load_model_drafter()
-        return None if model is None else ChainDrafter({"ngram": NgramDrafter.build(**(ngram or {})),
-                                                        model.kind: model})
+        model, ngram_d = load_model_drafter(), NgramDrafter.build(**(ngram or {}))
+        return ngram_d if model is None else ChainDrafter({"ngram": ngram_d, model.kind: model})
     kinds = [chain_kind(n) for n in names]
     if len(set(kinds)) != len(kinds) or len([k for k in kinds if k != "ngram"]) > 1:
         raise ConfigError(f"--spec-chain {','.join(names)}: each drafter once; ngram and at most one model drafter")
