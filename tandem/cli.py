@@ -16,29 +16,38 @@ from tandem.train import (add_export_args, add_train_args, cmd_export, cmd_train
 
 
 def cmd_generate(a) -> int:
+    import time
+
     from tandem.config import SamplingParams
     from tandem.engine import Finished, Token
     from tandem.engine.factory import build_engine
 
     if a.trace:
         os.environ["TANDEM_TRACE"] = a.trace
+    t0 = time.perf_counter()
     eng = build_engine(EngineOptions.from_args(a))
+    load_s = time.perf_counter() - t0
     sp = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, seed=a.seed,
                         max_tokens=a.max_tokens, stop=tuple(a.stop or ()), ignore_eos=a.ignore_eos)
     prompt = a.prompt if a.prompt is not None else sys.stdin.read()
-    if a.chat:
-        from tandem.chat import template_for
-        prompt = template_for(eng.loaded, eng.tokenizer).render([{"role": "user", "content": prompt}])
-    fin = None
-    for ev in eng.generate(prompt, sp, add_special_tokens=not a.chat):
+    chat = a.chat or (not a.raw and bool(eng.loaded.chat_template))  # an instruct model: its own template
+    if chat:
+        from tandem.chat import ChatEncoder, template_for
+        prompt = ChatEncoder(template_for(eng.loaded, eng.tokenizer), eng.tokenizer).encode(
+            [{"role": "user", "content": prompt}])
+    fin, t1, first_s = None, time.perf_counter(), None
+    for ev in eng.generate(prompt, sp):
         if isinstance(ev, Token):
+            first_s = first_s if first_s is not None else time.perf_counter() - t1
             sys.stdout.write(ev.text)
             sys.stdout.flush()
         elif isinstance(ev, Finished):
             fin = ev
     sys.stdout.write("\n")
     st = fin.stats
-    print(f"[{fin.reason}] {st.timing_line()}", file=sys.stderr)
+    ttft = f"{1000 * first_s:.0f} ms" if first_s is not None else "none"
+    print(f"[{fin.reason}] {st.timing_line()} | load {load_s:.1f} s, first token {ttft} "
+          f"({'chat template' if chat else 'raw prompt'})", file=sys.stderr)
     spec_line = f" | {st.spec.line()}" if st.spec is not None else ""
     print(f"drafter: {eng.describe_drafter()}{spec_line}", file=sys.stderr)
     exact, why = eng.exact
@@ -53,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="stream a completion")
     add_engine_args(g)
     g.add_argument("--prompt", "-p", default=None, help="prompt text (default: stdin)")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    fmt = g.add_mutually_exclusive_group()
+    fmt.add_argument("--raw", action="store_true",
+                     help="plain completion of the prompt (default: a model whose file carries a chat template gets "
+                          "the prompt as a user message through it)")
+    fmt.add_argument("--chat", action="store_true",
+                     help="use the chat template even when the model file has none (Gemma's built-in one)")
     g.add_argument("--max-tokens", "-n", type=int, default=128)
     g.add_argument("--temperature", "--temp", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)

@@ -1,6 +1,7 @@
-"""`tandem bench --spec` inputs: --prompts files (JSON list of strings, JSONL / JSON objects with "prompt" and an
-optional "category", bad files refused with the file and the place named) and --method passed through to the
-request's SpecConfig (any registered name; an unknown one refused before a model loads)."""
+"""`tandem bench --spec`: --prompts files (JSON list of strings, JSONL / JSON objects with "prompt" or chat "messages"
+and an optional "category", bad files refused with the file and the place named), --method passed through to the
+request's SpecConfig (any registered name; an unknown one refused before a model loads), and the arms run side by
+side on a real instruct model through its chat template, stopping at EOS."""
 
 import argparse
 import json
@@ -43,6 +44,17 @@ def test_prompts_bad_file(tmp_path, text, where):
     f.write_text(text)
     with pytest.raises(ConfigError, match=f"--prompts {f}.*{where}"):
         load_prompts(str(f))
+
+
+def test_prompts_chat_messages(tmp_path):
+    f = tmp_path / "chat.jsonl"
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    f.write_text(json.dumps({"messages": msgs, "category": "c", "id": 1}) + "\n" + json.dumps({"prompt": "x"}) + "\n")
+    assert load_prompts(str(f)) == {"c": [msgs], "chat": ["x"]}
+    for bad in ([], [{"role": "user"}], [{"role": "user", "content": 3}], "hi"):
+        f.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"messages": bad}) + "\n")
+        with pytest.raises(ConfigError, match=f"--prompts {f} line 2: \"messages\" must be a non-empty list"):
+            load_prompts(str(f))
 
 
 def test_prompts_missing_file(tmp_path):
@@ -104,9 +116,9 @@ def test_spec_bench_runs_prompt_file_with_method_and_fixed(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_llama_greedy_reads_real_logits():
-    """The llama.cpp loop of --spec --compare argmaxes the real logits (llm.scores stays zero without logits_all):
-    on SmolLM2 its greedy start equals Tandem's plain decoding of the same token ids."""
-    from tandem.bench.e2e import LlamaGreedy, _common_prefix
+    """The llama.cpp arm argmaxes the real logits (llm.scores stays zero without logits_all): on SmolLM2 its greedy
+    start equals Tandem's plain decoding of the same token ids; it stops at EOS, counted but not returned."""
+    from tandem.bench.e2e import LlamaGreedy, common_prefix
     from tandem.config import SamplingParams
     from tandem.engine.factory import build_engine
 
@@ -115,25 +127,33 @@ def test_llama_greedy_reads_real_logits():
     eng = build_engine(EngineOptions(model=path, threads=1).plain())
     ids = eng.encode("The capital of France is")
     ours, _ = eng.complete(ids, SamplingParams(max_tokens=6, ignore_eos=True))
-    theirs, seconds = LlamaGreedy(path, 1, 128).generate(ids, 6)
-    assert len(theirs) == 6 and seconds > 0
-    assert _common_prefix(ours, theirs) >= 4 and _common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    llama = LlamaGreedy(path, 1, 128)
+    theirs, n, seconds = llama.generate(ids, 6, set())
+    assert len(theirs) == n == 6 and seconds > 0
+    assert common_prefix(ours, theirs) >= 4 and common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    stopped, n, _ = llama.generate(ids, 6, {theirs[2]})  # its third token taken as EOS: two tokens, three counted
+    assert stopped == theirs[:2] and n == 3
 
 
 @pytest.mark.slow
-def test_spec_bench_compare_members(tmp_path, capsys):
-    """--compare-members runs each member of the chain alone beside the chain, same prompts, identical outputs;
-    every arm of a prompt starts from the same suffix cache, so the arms after the first do not copy its run."""
+def test_spec_bench_chat_arms_side_by_side(tmp_path, capsys):
+    """On an instruct model the prompts (text or chat messages) go through its chat template and stop at EOS; one
+    run has every arm (default chain with an empty and a warm suffix cache, each member alone, plain, llama.cpp), each
+    prompt's outputs identical across Tandem's arms, acceptance per position per arm. --raw refuses chat messages."""
+    pytest.importorskip("llama_cpp")
     f = tmp_path / "p.jsonl"
-    f.write_text('{"prompt": "1, 2, 3, 4, 5,", "category": "copy"}\n{"prompt": "The sky is", "category": "prose"}\n')
-    assert main(["bench", "--spec", "--model", _smol(), "--drafter", _smol(), "--spec-chain", "ngram,draft",
-                 "--compare-members", "--prompts", str(f), "--max-tokens", "12", "--spec-n-max", "3",
-                 "--threads", "1"]) == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["identical_outputs"] == "2/2"
-    for c in res["per_category"].values():
-        assert {"ngram_speedup", "draft-model_speedup", "ngram_tok_s", "draft-model_accept_rate"} <= set(c)
-        assert c["draft-model_accept_rate"] == 1.0  # the target drafting for itself alone
-    assert main(["bench", "--spec", "--model", _smol(), "--drafter", _smol(), "--spec-chain", "draft",
-                 "--compare-members", "--prompts", str(f), "--max-tokens", "4", "--threads", "1"]) == 2
-    assert "needs a chain" in capsys.readouterr().err
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "Count from 1 to 5."}], "category": "chat"})
+                 + '\n{"prompt": "Say hello.", "category": "text"}\n')
+    args = ["bench", "--spec", "--model", _smol(), "--drafter", _smol(), "--prompts", str(f), "--max-tokens", "48",
+            "--spec-n-max", "3", "--threads", "1"]
+    assert main(args + ["--compare", "llama.cpp"]) == 0
+    out = capsys.readouterr()
+    res = json.loads(out.out.strip().splitlines()[-1])
+    assert res["regime"] == "chat template, stop at EOS" and res["identical_outputs"] == "2/2"
+    assert set(res["arms"]) == {"plain", "spec", "spec_warm", "ngram", "draft-model", "llama_cpp"}
+    assert res["arms"]["draft-model"]["accept_rate"] == 1.0  # the target drafting for itself
+    assert res["arms"]["spec"]["acceptance_per_position"] and "vs_llama_cpp" in res["arms"]["spec"]
+    assert all(r["tokens"] < 48 for r in res["per_prompt"])  # both answers end at EOS, before the budget
+    assert "spec_warm" in out.err and "x llama" in out.err
+    assert main(args + ["--raw"]) == 2
+    assert "chat[0] is chat messages" in capsys.readouterr().err

@@ -8,10 +8,14 @@ import sys
 
 
 def add_bench_args(p) -> None:
-    p.add_argument("--spec", action="store_true", help="speculative form: prompts per category, with/without drafter")
+    p.add_argument("--spec", action="store_true",
+                   help="speculative form: every prompt through each arm (default chain with an empty / a warm n-gram "
+                        "suffix cache, each chain member alone, plain; chat template and EOS on an instruct model)")
+    p.add_argument("--raw", action="store_true", help="(spec form) plain completion of the prompts, EOS ignored")
+    p.add_argument("--ignore-eos", action="store_true", help="(spec form) decode --max-tokens tokens past EOS")
     p.add_argument("--compare", default=None, choices=["llama.cpp"],
-                   help="also run llama-cpp-python on the GGUF (with --spec: end to end per prompt, Tandem "
-                        "speculative and plain through Engine.generate vs llama.cpp's greedy eval loop)")
+                   help="also run llama-cpp-python on the GGUF (with --spec: one more arm, its greedy eval loop on the "
+                        "same prompt token ids, threads and stop rule)")
     p.add_argument("--context", type=int, default=256, help="context length for decode and the k-cost table")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--ks", default="1,2,4,8", help="k values for the k-forward cost table")
@@ -20,13 +24,12 @@ def add_bench_args(p) -> None:
     p.add_argument("--categories", default=None, help="(spec form) comma-separated subset")
     p.add_argument("--prompts", default=None,
                    help="(spec form) prompt file instead of the categories: a JSON list of strings, or JSONL / a JSON "
-                        "list of objects with a \"prompt\" (and optional \"category\") field")
+                        "list of objects with a \"prompt\" string or chat \"messages\" (and an optional \"category\"); "
+                        "scripts/make_chat_eval.py writes ShareGPT's evaluation split")
     p.add_argument("--method", default=None,
                    help="(spec form) drafting method name (tandem.spec METHODS, e.g. mtp, draft, nextn; default auto)")
     p.add_argument("--compare-fixed", action="store_true",
                    help="(spec form) also run every prompt at the fixed length --spec-n-max (adaptive vs fixed)")
-    p.add_argument("--compare-members", action="store_true",
-                   help="(spec form, with --spec-chain) also run every prompt with each member of the chain alone")
     p.add_argument("--out", default=None, help="(spec form) directory for the JSON and PNG plot")
     p.add_argument("--kv-quality", action="store_true",
                    help="KV cache quality: perplexity per cache type and next-token agreement with the bf16 cache "

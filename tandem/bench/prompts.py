@@ -1,4 +1,10 @@
-"""Bench prompts in the nine mtp-bench categories (our own text; completion-style, the default model is a base LM)."""
+"""Bench prompts in the nine mtp-bench categories (our own text, written completion-style for base models; on an
+instruct model each is sent as one user message through its chat template), and --prompts files."""
+
+import json
+from pathlib import Path
+
+from tandem.errors import ConfigError
 
 PROMPTS: dict[str, list[str]] = {
     "code_python": [
@@ -63,14 +69,22 @@ PROMPTS: dict[str, list[str]] = {
 CATEGORIES = list(PROMPTS)
 
 
-def load_prompts(path: str) -> dict[str, list[str]]:
+def _messages(it, where: str) -> list[dict] | None:
+    """An item's chat messages, None if it has none; ConfigError naming the place when they are malformed."""
+    msgs = it.get("messages") if isinstance(it, dict) else None
+    if msgs is None:
+        return None
+    if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                    and isinstance(m.get("content"), str) for m in msgs)):
+        raise ConfigError(f"{where}: \"messages\" must be a non-empty list of {{\"role\": str, \"content\": str}}, "
+                          f"got {json.dumps(msgs)[:80]}")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def load_prompts(path: str) -> dict[str, list]:
     """A prompt file -> {category: prompts}: a JSON list of strings (one category, the file's stem), or JSONL /
-    a JSON list of objects with a "prompt" string and an optional "category" string."""
-    import json
-    from pathlib import Path
-
-    from tandem.errors import ConfigError
-
+    a JSON list of objects with a "prompt" string or chat "messages" (a list of {"role", "content"}) and an optional
+    "category" string."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -87,18 +101,18 @@ def load_prompts(path: str) -> dict[str, list[str]]:
                     items.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"--prompts {path} line {n}: not JSON ({e.msg}); expected a JSON list of "
-                                      f"strings or JSONL with a \"prompt\" field") from None
+                                      f"strings or JSONL with a \"prompt\" or \"messages\" field") from None
                 where.append(f"line {n}")
     if not isinstance(items, list) or not items:
         raise ConfigError(f"--prompts {path}: expected a non-empty JSON list of strings or JSONL with a \"prompt\" "
-                          f"field, got {type(items).__name__ if items else 'nothing'}")
-    out: dict[str, list[str]] = {}
+                          f"or \"messages\" field, got {type(items).__name__ if items else 'nothing'}")
+    out: dict[str, list] = {}
     for it, w in zip(items, where):
         if isinstance(it, str):
             it = {"prompt": it}
-        if not (isinstance(it, dict) and isinstance(it.get("prompt"), str) and it["prompt"]):
+        msgs = _messages(it, f"--prompts {path} {w}")
+        if msgs is None and not (isinstance(it, dict) and isinstance(it.get("prompt"), str) and it["prompt"]):
             raise ConfigError(f"--prompts {path} {w}: expected a non-empty string or an object with a \"prompt\" "
-                              f"string, got {json.dumps(it)[:80]}")
-        cat = it.get("category", p.stem)
-        out.setdefault(str(cat), []).append(it["prompt"])
+                              f"string or \"messages\", got {json.dumps(it)[:80]}")
+        out.setdefault(str(it.get("category", p.stem)), []).append(msgs if msgs is not None else it["prompt"])
     return out
