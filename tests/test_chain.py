@@ -147,7 +147,9 @@ def test_spec_chain_flag_builds_the_drafter_set():
     default = build_drafters((), lambda: assistant, dict(n_max=opts.ngram_n_max))  # no flag: ngram, then the model
     assert isinstance(default, ChainDrafter) and default.order == ("ngram", "assistant")
     assert default.members["assistant"] is assistant and default.members["ngram"].n_max == 5
-    assert build_drafters(("mtp",), lambda: assistant) is assistant and build_drafters((), lambda: None) is None
+    assert build_drafters(("mtp",), lambda: assistant) is assistant
+    alone = build_drafters((), lambda: None, dict(n_max=5))  # no model drafter: n-gram drafts alone
+    assert isinstance(alone, NgramDrafter) and alone.n_max == 5
     with pytest.raises(ConfigError, match="'draft'.*a draft-model drafter.*assistant"):
         build_drafters(("ngram", "draft"), lambda: assistant)
     with pytest.raises(ConfigError, match="at most one model drafter"):

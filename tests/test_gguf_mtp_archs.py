@@ -345,7 +345,7 @@ def test_without_nextn_runs_plain(tmp_path, caplog, case, how):
     assert m.config["num_hidden_layers"] == hf.config.num_hidden_layers and m.config["num_nextn_predict_layers"] == 0
     with caplog.at_level(logging.WARNING):
         assert nextn_drafter(m.model) is None
-    assert "no MTP layers; running plain" in caplog.text
+    assert "no MTP layers; no model drafter" in caplog.text
     with torch.no_grad():
         want = hf(torch.tensor([IDS])).logits[0]
     assert torch.allclose(_our_logits(m.model, IDS), want, atol=1e-4, rtol=0)

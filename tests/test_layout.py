@@ -20,7 +20,7 @@ PKG = ROOT / "tandem"
 # bench and train do not import each other, and nothing imports cli.
 TIERS = [
     {"errors"},
-    {"config", "tokenizer", "chat", "drafters"},
+    {"config", "tokenizer", "chat", "drafters", "sharegpt"},
     {"sampling"},
     {"kernels"},
     {"kvcache"},

@@ -1,7 +1,7 @@
 """The nextn drafter (the target's own MTP heads, tandem.spec.nextn) for deepseek_v3 and glm4_moe: drafts equal
 transformers 5.23's MTP drafts (generate(use_mtp=True), MTPCandidateGenerator) round by round, with one head and
 with two chained heads; speculative == plain at T=0 through Engine.generate and the batch scheduler (q8_0); the
-heads' own cache holds exactly the accepted prefix after every round; a target without MTP layers runs plain."""
+heads' own cache holds exactly the accepted prefix after every round; a target without MTP layers has no model drafter."""
 
 import json
 import logging
@@ -135,7 +135,7 @@ def test_no_mtp_layers_runs_plain(caplog):
     _, ours = make_pair("glm4_moe")
     with caplog.at_level(logging.WARNING, logger="tandem.spec"):
         assert nextn_drafter(ours) is None
-    assert "no MTP layers; running plain" in caplog.text
+    assert "no MTP layers; no model drafter" in caplog.text
 
 
 def heads_from_scratch(target, heads, seq: list[int], off: int):

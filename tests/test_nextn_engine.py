@@ -144,7 +144,7 @@ def test_spec_equals_plain_q8(tmp_path):
 
 def test_load_drafter_none(tmp_path, caplog):
     """A target with MTP layers: load_drafter(None) is its nextn drafter (--mtp-weight-format sets the heads'
-    format, default the target's); without: None, and the log says it runs plain."""
+    format, default the target's); without: None, and the log says it has no model drafter."""
     write_checkpoint(tmp_path, "glm4_moe", 2)
     loaded = load(str(tmp_path), tokenizer=False)
     d = load_drafter(None, target=loaded.model, target_loaded=loaded, mtp_weight_format="bf16")
@@ -154,7 +154,7 @@ def test_load_drafter_none(tmp_path, caplog):
     _, plain = make_pair("glm4_moe")
     with caplog.at_level(logging.WARNING, logger="tandem.spec"):
         assert load_drafter(None, target=plain) is None
-    assert "carries none (no MTP layers); running plain" in caplog.text
+    assert "carries none (no MTP layers); no model drafter" in caplog.text
 
 
 def save_tokenizer(d) -> None:
@@ -181,7 +181,7 @@ def test_generate_names_the_drafter(tmp_path, capsys, caplog):
     assert "drafter: none (plain)\n" in capsys.readouterr().err
     with caplog.at_level(logging.WARNING, logger="tandem.spec"):
         assert main(args + ["-m", str(without)]) == 0
-    assert "drafter: none (plain)\n" in capsys.readouterr().err
-    assert "running plain" in caplog.text
+    assert "drafter: ngram n=2..4, suffix cache 65536 n-grams" in capsys.readouterr().err
+    assert "no model drafter (the default chain drafts with n-gram lookup alone)" in caplog.text
     assert main(args + ["-m", str(with_mtp), "--mtp-weight-format", "q4"]) == 2
     assert "--mtp-weight-format 'q4' unknown" in capsys.readouterr().err

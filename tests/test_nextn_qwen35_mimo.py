@@ -304,8 +304,8 @@ def test_vl_layout_and_generate_names_the_drafter(tmp_path, capsys):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_no_mtp_weights_runs_plain(family, caplog):
-    """A config declaring MTP layers whose checkpoint carries none: no drafter, and the log says it runs plain."""
+    """A config declaring MTP layers whose checkpoint carries none: no drafter, and the log says so."""
     _, _, config, _, _ = make_target(family, 1)
     with caplog.at_level("WARNING", logger="tandem.spec"):
         assert nextn_drafter(build(config)) is None
-    assert "no MTP layers; running plain" in caplog.text
+    assert "no MTP layers; no model drafter" in caplog.text

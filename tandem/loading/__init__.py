@@ -1,7 +1,8 @@
 """Load a model (our nn.Module), its HF-style config, tokenizer and chat template from a GGUF or an HF directory.
 
     from tandem.loading import load
-    m = load(None)             # the embedded default (google/gemma-3-270m, Q4_K_M GGUF dequantized to fp32)
+    m = load(None)             # the embedded default (Qwen2.5-Coder-1.5B-Instruct Q4_K_M; tandem.loading.default)
+    m = load("gemma-3-270m")   # another embedded model, by name
     m = load("x.gguf")         # any GGUF of a supported architecture
     m = load("path/to/hf_dir") # config.json + model.safetensors / sharded index (+ tokenizer.json)
 """
@@ -31,6 +32,7 @@ class Loaded:
     chat_template: str | None
     path: str  # the file or directory the weights came from
     kind: str  # "gguf" | "hf"
+    name: str | None = None  # the embedded model's name (tandem.loading.default) when it is one
 
 
 def detect_kind(path: str) -> str:
@@ -188,4 +190,5 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
     model.requires_grad_(False)
     model.to(device=device)
     model.eval()
-    return Loaded(model=model, config=config, tokenizer=tok, chat_template=template, path=path, kind=kind)
+    name = next((n for n, m in EMBEDDED.items() if m.file == Path(path).name), None)
+    return Loaded(model=model, config=config, tokenizer=tok, chat_template=template, path=path, kind=kind, name=name)

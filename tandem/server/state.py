@@ -18,7 +18,6 @@ from tandem.engine.batch import BatchScheduler
 from tandem.server.metrics import Metrics
 
 FINGERPRINT = "tandem-0.1.0"
-DEFAULT_MODEL_ID = "gemma-3-270m"
 
 
 @dataclass
@@ -61,11 +60,8 @@ def model_names(loaded: Any, alias: str | None) -> tuple[str, set[str]]:
     if path:
         p = Path(path)
         names |= {str(path), p.name, p.stem}
-    if path is None or "gemma-3-270m-q4_k_m" in Path(path).name:
-        names.add(DEFAULT_MODEL_ID)
-        model_id = DEFAULT_MODEL_ID
-    else:
-        model_id = Path(path).stem
+    model_id = getattr(loaded, "name", None) or (Path(path).stem if path else "model")  # embedded: its name
+    names.add(model_id)
     if alias:
         model_id = alias
     names.add(model_id)
