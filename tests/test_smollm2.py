@@ -142,3 +142,28 @@ def test_greedy_matches_transformers(ours, theirs, i):
     # transformers stops at its eos and pads; compare what it generated
     assert len(ref) == N_NEW or ref[-1] in ours.tokenizer.eos_ids
     assert mine[:len(ref)] == ref
+
+
+def test_generate_chats_through_the_template_by_default(tmp_path, monkeypatch, capsys):
+    """`tandem generate -m smollm2-135m-instruct` (an embedded name, assembled from the installed package) sends the
+    prompt as a user message through the file's chat template, drafting with n-gram lookup (no model drafter);
+    --raw completes the text as it is."""
+    from tandem.chat import ChatEncoder, template_for
+    from tandem.cli import main
+    from tandem.config import SamplingParams, SpecConfig
+    from tandem.engine.factory import load_engine
+
+    smollm2_path()  # skips without the package
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path))
+    args = ["generate", "-m", "smollm2-135m-instruct", "-p", "What is 17 * 23?", "-n", "12", "--threads", "1"]
+    assert main(args) == 0
+    chat = capsys.readouterr()
+    assert "(chat template)" in chat.err and "first token" in chat.err and "drafter: ngram n=2..4" in chat.err
+    assert main(args + ["--raw"]) == 0
+    raw = capsys.readouterr()
+    assert "(raw prompt)" in raw.err and raw.out != chat.out
+    eng = load_engine(str(tmp_path / NAME), threads=1, max_len=256)  # the assembled file, plain vs the CLI's run
+    ids = ChatEncoder(template_for(eng.loaded, eng.tokenizer), eng.tokenizer).encode(
+        [{"role": "user", "content": "What is 17 * 23?"}])
+    toks, _ = eng.complete(ids, SamplingParams(max_tokens=12), spec=SpecConfig(enabled=False))
+    assert chat.out.strip() == eng.tokenizer.decode(toks).strip()

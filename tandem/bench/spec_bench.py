@@ -105,7 +105,7 @@ def spec_arms(eng, spec_on: SpecConfig, compare_fixed: bool) -> dict[str, tuple[
         arms["spec_warm"] = (spec_on, "warm")
     members = kinds_of(eng.drafter)
     if len(members) > 1:
-        arms.update({m: (dataclasses.replace(spec_on, chain=(m,)), "cold") for m in members})
+        arms.update({m: (dataclasses.replace(spec_on, chain=(m,), method="auto"), "cold") for m in members})
     if spec_on.adaptive and compare_fixed:
         arms["fixed"] = (dataclasses.replace(spec_on, adaptive=False), "cold")
     return arms
