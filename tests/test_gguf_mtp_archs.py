@@ -343,7 +343,7 @@ def test_without_nextn_runs_plain(tmp_path, caplog, case, how):
     assert not any(".nextn." in t.name for t in gguf.GGUFReader(str(p)).tensors)
     m = load(str(p), tokenizer=False)
     assert m.config["num_hidden_layers"] == hf.config.num_hidden_layers and m.config["num_nextn_predict_layers"] == 0
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO, logger="tandem.spec"):
         assert nextn_drafter(m.model) is None
     assert "no MTP layers; no model drafter" in caplog.text
     with torch.no_grad():

@@ -152,7 +152,7 @@ def test_load_drafter_none(tmp_path, caplog):
     assert d.describe() == "nextn (2 MTP heads, in-target, bf16)"
     assert weight_format_of(load_drafter(None, target=loaded.model).heads) == "fp32"  # the target's
     _, plain = make_pair("glm4_moe")
-    with caplog.at_level(logging.WARNING, logger="tandem.spec"):
+    with caplog.at_level(logging.INFO, logger="tandem.spec"):
         assert load_drafter(None, target=plain) is None
     assert "carries none (no MTP layers); no model drafter" in caplog.text
 
@@ -179,7 +179,7 @@ def test_generate_names_the_drafter(tmp_path, capsys, caplog):
     assert "drafter: chain ngram" in err and "-> nextn (1 MTP head, in-target, fp32) | draft acceptance" in err
     assert main(args + ["-m", str(with_mtp), "--no-spec"]) == 0
     assert "drafter: none (plain)\n" in capsys.readouterr().err
-    with caplog.at_level(logging.WARNING, logger="tandem.spec"):
+    with caplog.at_level(logging.INFO, logger="tandem.spec"):
         assert main(args + ["-m", str(without)]) == 0
     assert "drafter: ngram n=2..4, suffix cache 65536 n-grams" in capsys.readouterr().err
     assert "no model drafter (the default chain drafts with n-gram lookup alone)" in caplog.text

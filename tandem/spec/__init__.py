@@ -92,8 +92,8 @@ def _load_path(drafter: str, target: Any, target_loaded: Any, device: str, weigh
 def _in_target_drafter(target: Any, target_name: str, weight_format: str | None) -> Drafter | None:
     kind = in_target_kind(target)
     if kind is None:
-        log.warning("%s: no drafter given, none shipped for it, and its checkpoint carries none (no MTP layers); "
-                    "no model drafter (the default chain drafts with n-gram lookup alone)", target_name)
+        log.info("%s: no drafter given, none shipped for it, and its checkpoint carries none (no MTP layers); "
+                 "no model drafter (the default chain drafts with n-gram lookup alone)", target_name)
         return None
     return kind.build(None, target, target_name=target_name, name=target_name, weight_format=weight_format)
 
