@@ -38,7 +38,7 @@ def weight_format_of(model: torch.nn.Module) -> str:
 def nextn_drafter(target: torch.nn.Module, weight_format: str | None = None) -> "NextNDrafter | None":
     """The target's MTP heads as a drafter, or None (and says so) when the checkpoint carries none."""
     if not has_nextn(target):
-        log.warning("%s: this checkpoint has no MTP layers; running plain", target.args.model_type)
+        log.warning("%s: this checkpoint has no MTP layers; no model drafter", target.args.model_type)
         return None
     return NextNDrafter.build(target, target, weight_format=weight_format)
 
