@@ -24,13 +24,13 @@ def build_engine(opts: EngineOptions, n_slots: int = 1) -> Engine:
     switched off."""
     k_type = check_cache_type(opts.cache_type_k)  # before loading anything: a typo fails fast
     v_type = check_cache_type(opts.cache_type_v or opts.cache_type_k)
-    from tandem import kernels, loading, spec
+    from tandem import loading, spec
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    loaded = loading.load(opts.model, device=opts.device, dtype=torch.float32)
+    # fp32 too is prepared: its fixed-shape row blocks keep it exact; a GGUF is read straight into the format
+    loaded = loading.load(opts.model, device=opts.device, dtype=torch.float32, weight_format=opts.weight_format)
     target = loaded.model
-    kernels.prepare(target, opts.weight_format)  # fp32 too: its fixed-shape row blocks keep it exact
     drafter = None
     if opts.spec.enabled:
         drafter = spec.build_drafters(opts.spec.chain, lambda: load_model_drafter(opts, target, loaded),
