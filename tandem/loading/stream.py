@@ -55,12 +55,10 @@ def plan(f, config: dict, model: nn.Module) -> dict[str, str] | None:
     (None: they compute new tensors). Shapes after the fix-ups are checked against the model here, before any read."""
     from tandem.loading import check_weights
     spec = f.arch()
-    metas, src, names = {}, {}, {}
+    metas, src, info = {}, {}, f.tensor_info()
     for g, hf in f.mapped().items():
-        info = f._tensors[g]
-        shape = tuple(int(x) for x in reversed(info.shape))
-        t = torch.empty(shape, device="meta", dtype=torch.int64 if info.tensor_type.name.startswith("I") else
-                        torch.float32)
+        qtype, shape = info[g]
+        t = torch.empty(shape, device="meta", dtype=torch.int64 if qtype.startswith("I") else torch.float32)
         try:
             t = spec.fixup(g, t, config)
         except (ValueError, RuntimeError) as e:
@@ -128,6 +126,8 @@ def _packed(f, g: str, config: dict, lin: nn.Module, fmt: str):
     from tandem.kernels import kquants
     from tandem.kernels._ext import has_vnni
     from tandem.kernels.linear import PackedLinear, base_format
+    from gguf import GGMLQuantizationType
+
     from tandem.loading.gguf import dequantize
     bias = lin.bias if lin.bias is not None and lin.bias.device.type != "meta" else None
     qtype, raw, K = f.qtype(g), f.raw(g), lin.in_features
@@ -146,7 +146,7 @@ def _packed(f, g: str, config: dict, lin: nn.Module, fmt: str):
     fmt = base_format(fmt)
     if f.arch().has_fixup(g) or raw.ndim != 2:  # a fix-up may mix rows: the whole tensor at once
         return PackedLinear.from_weight(f.tensor(g, config), fmt, bias)
-    t = f._tensors[g].tensor_type
+    t = GGMLQuantizationType[qtype]
     return _chunked(raw.shape[0], lambda n0, n1: PackedLinear.from_weight(
         dequantize(raw[n0:n1], t).reshape(n1 - n0, K), fmt), bias)
 
