@@ -4,6 +4,7 @@
     m = load(None)             # the embedded default (google/gemma-3-270m, Q4_K_M GGUF dequantized to fp32)
     m = load("x.gguf")         # any GGUF of a supported architecture
     m = load("path/to/hf_dir") # config.json + model.safetensors / sharded index (+ tokenizer.json)
+    m = load("x.gguf", weight_format="native")  # straight into the kernels' formats, one tensor at a time
 """
 
 from __future__ import annotations
