@@ -102,7 +102,8 @@ _MODEL_INTS = {"vocab_size": 1 << 24, "hidden_size": 1 << 16, "intermediate_size
                "num_key_value_heads": 1 << 12, "head_dim": 1 << 13, "num_experts": 1 << 14,
                "num_local_experts": 1 << 14, "n_routed_experts": 1 << 14, "num_experts_per_tok": 1 << 14,
                "kv_lora_rank": 1 << 16, "q_lora_rank": 1 << 16, "max_position_embeddings": 1 << 26,
-               "hidden_size_per_layer_input": 1 << 16, "vocab_size_per_layer_input": 1 << 24}
+               "hidden_size_per_layer_input": 1 << 16, "vocab_size_per_layer_input": 1 << 24,
+               "sliding_window": 1 << 26}
 _POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")  # others may be 0 (unused)
 _MODEL_FLOATS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -110,14 +110,15 @@ def test_truncated_safetensors(hf_dir, tmp_path, frac):
 
 
 def _gguf_with(tmp_path, **meta):
-    """The tiny GGUF with extra/overriding metadata written after the standard keys."""
+    """The tiny GGUF with extra/overriding metadata written after the standard keys ((None, None): removed)."""
     p = tmp_path / "m.gguf"
     orig = gguf.GGUFWriter.write_header_to_file
 
     def patched(self, *a, **k):
         for key, (kind, v) in meta.items():
             self.kv_data[0].pop(key, None)
-            getattr(self, f"add_{kind}")(key, v)
+            if kind is not None:  # None: the key is left out
+                getattr(self, f"add_{kind}")(key, v)
         return orig(self, *a, **k)
 
     gguf.GGUFWriter.write_header_to_file = patched
@@ -132,6 +133,17 @@ def _gguf_with(tmp_path, **meta):
     ({"gemma3.embedding_length": ("string", "64")}, ("'hidden_size'", "integer", "str")),
     ({"gemma3.block_count": ("uint64", 10 ** 9)}, ("'num_hidden_layers'", "outside")),
     ({"tokenizer.ggml.eos_token_id": ("uint32", 100000)}, ("'eos_token_id'", "vocabulary")),
+    # issue 24: a string / 2^40 block_count (2^40 once allocated 7.7 GB of layer names), no head-dim key
+    ({"gemma3.block_count": ("string", "3")}, ("'gemma3.block_count'", "integer", "str")),
+    ({"gemma3.block_count": ("uint64", 2 ** 40)}, ("'gemma3.block_count'", "1099511627776", "outside")),
+    ({"gemma3.attention.key_length": (None, None)}, ("'gemma3.attention.key_length'", "lacks")),
+    ({"gemma3.embedding_length": (None, None)}, ("'gemma3.embedding_length'", "lacks")),
+    ({"gemma3.attention.sliding_window": ("string", "x")}, ("'gemma3.attention.sliding_window'", "integer")),
+    ({"gemma3.rope.freq_base": ("string", "x")}, ("'gemma3.rope.freq_base'", "number")),
+    ({"tokenizer.ggml.bos_token_id": ("string", "2")}, ("'bos_token_id'", "integer", "str")),
+    ({"tokenizer.ggml.tokens": ("array", [1, 2, 3])}, ("'tokenizer.ggml.tokens'", "strings", "int")),
+    ({"tokenizer.chat_template": ("uint32", 1)}, ("'tokenizer.chat_template'", "string", "int")),
+    ({"split.count": ("uint16", 2), "split.no": ("uint16", 0)}, ("shard 1", "split", "merge")),
 ])
 def test_bad_gguf_metadata(tmp_path, no_build, meta, needles):
     one_line_error(_gguf_with(tmp_path, **meta), "m.gguf", *needles)

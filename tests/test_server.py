@@ -300,6 +300,12 @@ def test_metrics(server, client):
     accepted = [v for k, v in values.items() if k.startswith("tandem:spec_decode_num_accepted_tokens{")][0]
     assert drafts >= 1 and accepted >= 1
     assert values['tandem:spec_decode_num_accepted_tokens_per_pos{position="0"}'] >= 1
+    mem = {k.split("{")[0]: v for k, v in values.items() if k.startswith("tandem:") and "_bytes{" in k}
+    assert mem["tandem:kv_cache_bytes"] == server.engine.cache.total_bytes > 0
+    assert mem["tandem:peak_rss_bytes"] >= values["process_resident_memory_bytes"] * 0.5 > 0
+    assert mem["tandem:drafter_cache_bytes"] >= 0
+    if getattr(server.engine, "rss_after_load", None):  # engines from build_engine record it
+        assert 0 < mem["tandem:rss_after_load_bytes"] <= mem["tandem:peak_rss_bytes"]
 
 
 # -- errors: OpenAI-style JSON with the right 4xx; the server stays up -----------------------------------------------

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 
 import torch
 
 from tandem.bench.text import text_of_tokens
+from tandem.engine import memory
 from tandem.errors import ConfigError
 
 
@@ -92,13 +92,17 @@ def run_core_bench(a) -> dict:
     if opts.max_len < need:  # before loading anything
         raise ConfigError(f"--ctx-size {opts.max_len} is too small for --context {a.context} + --decode-tokens "
                           f"{a.decode_tokens} + k {max(ks)}; need {need}")
+    t_load = time.perf_counter()
     eng = build_engine(opts)
+    load_s = time.perf_counter() - t_load
     threads = a.threads or torch.get_num_threads()
     res = {"model": str(eng.loaded.path), "weight_format": a.weight_format, "threads": threads,
            "context": a.context, "cache_type_k": eng.cache.k_type, "cache_type_v": eng.cache.v_type,
            "kv_bytes_per_token": eng.cache.bytes_per_token, "kv_total_mb": round(eng.cache.total_bytes / 2**20, 1),
-           "exact": eng.exact[0], "exact_reason": eng.exact[1]}
+           "exact": eng.exact[0], "exact_reason": eng.exact[1], "load_s": round(load_s, 2),
+           **_memory_mb(eng)}
     res.update(measure_engine(eng, a.context, a.decode_tokens, ks, a.reps))
+    res["peak_rss_tandem_mb"] = round(memory.peak_rss_bytes() / 2**20, 1)  # before llama.cpp shares the process
     if a.compare == "llama.cpp":
         if eng.loaded.kind != "gguf":
             raise ConfigError(f"--compare llama.cpp needs a GGUF model, got {eng.loaded.kind} {eng.loaded.path}")
@@ -106,9 +110,20 @@ def run_core_bench(a) -> dict:
         res.update(measure_llama_cpp(str(eng.loaded.path), threads, a.context, a.decode_tokens, a.reps, ids))
         res["decode_ratio_vs_llama_cpp"] = round(res["decode_tok_s"] / res["llama_cpp_decode_tok_s"], 3)
         res["prefill_ratio_vs_llama_cpp"] = round(res["prefill_tok_s"] / res["llama_cpp_prefill_tok_s"], 3)
-    res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    res["peak_rss_mb"] = round(memory.peak_rss_bytes() / 2**20, 1)  # llama.cpp's run included when compared
     _print_table(res, ks)
     return res
+
+
+def _memory_mb(eng) -> dict:
+    """RSS once loaded and its peak so far (the load's), the file, and the caches, in MiB."""
+    import os
+    m = memory.report(eng)
+    mb = lambda b: None if b is None else round(b / 2**20, 1)  # noqa: E731
+    path = str(eng.loaded.path)
+    return {"file_mb": mb(os.path.getsize(path)) if os.path.isfile(path) else None,
+            "rss_after_load_mb": mb(m["rss_after_load_bytes"]), "peak_rss_load_mb": mb(m["peak_rss_bytes"]),
+            "kv_cache_mb": mb(m["kv_cache_bytes"]), "drafter_cache_mb": mb(m["drafter_cache_bytes"])}
 
 
 def _print_table(res: dict, ks: list[int]) -> None:
@@ -124,4 +139,7 @@ def _print_table(res: dict, ks: list[int]) -> None:
         print(line)
     print("k-forward cost (k tokens / 1 token): " + "  ".join(
         f"k={k}: {res['k_cost'][str(k)]}x ({res['k_ms'][str(k)]} ms)" for k in ks))
-    print(f"peak RSS {res['peak_rss_mb']} MB")
+    print(f"load {res['load_s']} s; RSS after load {res['rss_after_load_mb']} MB, peak during load "
+          f"{res['peak_rss_load_mb']} MB (file {res['file_mb']} MB, KV cache {res['kv_cache_mb']} MB, drafter caches "
+          f"{res['drafter_cache_mb']} MB); peak RSS {res['peak_rss_tandem_mb']} MB after Tandem's runs, "
+          f"{res['peak_rss_mb']} MB at the end")

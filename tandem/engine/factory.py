@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
+from tandem.engine import memory
 from tandem.engine.core import Engine
 from tandem.engine.options import EngineOptions
 from tandem.errors import ConfigError
+
+log = logging.getLogger("tandem.engine")
 
 
 def check_cache_type(name: str) -> str:
@@ -24,23 +28,47 @@ def build_engine(opts: EngineOptions, n_slots: int = 1) -> Engine:
     n-gram drafter alone."""
     k_type = check_cache_type(opts.cache_type_k)  # before loading anything: a typo fails fast
     v_type = check_cache_type(opts.cache_type_v or opts.cache_type_k)
-    from tandem import kernels, loading, spec
+    from tandem import loading, spec
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    loaded = loading.load(opts.model, device=opts.device, dtype=torch.float32)
+    # fp32 too is prepared: its fixed-shape row blocks keep it exact; a GGUF is read straight into the format
+    loaded = loading.load(opts.model, device=opts.device, dtype=torch.float32, weight_format=opts.weight_format)
     target = loaded.model
-    kernels.prepare(target, opts.weight_format)  # fp32 too: its fixed-shape row blocks keep it exact
     drafter = None
     if opts.spec.enabled:
         drafter = spec.build_drafters(opts.spec.chain, lambda: load_model_drafter(opts, target, loaded),
                                       dict(n_min=opts.ngram_n_min, n_max=opts.ngram_n_max, cache_size=opts.ngram_cache))
     # the chain's order lives in the drafter: requests without a chain of their own use it (or their method's kind)
     spec_cfg = dataclasses.replace(opts.spec, enabled=drafter is not None and opts.spec.enabled, chain=())
-    eng = Engine(target, loaded.tokenizer, max_len=opts.max_len, n_slots=n_slots, cache_type_k=k_type,
+    max_len, chosen = opts.max_len, None
+    if opts.fit:
+        chosen = _fit(opts, target, drafter, loaded.config, n_slots, dict(k_type=k_type, v_type=v_type,
+                                                                          device=opts.device))
+        max_len, n_slots = chosen.max_len, chosen.n_slots
+    eng = Engine(target, loaded.tokenizer, max_len=max_len, n_slots=n_slots, cache_type_k=k_type,
                  cache_type_v=v_type, device=opts.device, drafter=drafter, spec=spec_cfg)
-    eng.loaded = loaded
+    eng.loaded, eng.fit = loaded, chosen
+    eng.rss_after_load = memory.rss_bytes()  # weights, caches and warm-up: what serving starts from
     return eng
+
+
+def _fit(opts: EngineOptions, target, drafter, config: dict, n_slots: int, types: dict) -> memory.Fit:
+    """--fit: the context (<= --ctx-size and the model's trained context) and slots (<= asked) the free memory
+    holds, measured on small caches of the real kinds (per-token and per-slot bytes)."""
+    def cache_bytes(slots: int, ctx: int) -> int:
+        n = target.make_cache(slots, ctx, **types).total_bytes
+        if drafter is not None:
+            drafter.make_cache(slots, ctx, **types)
+            n += memory.drafter_cache_bytes(drafter)
+        return n
+
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    trained = text.get("max_position_embeddings")
+    cap = min(opts.max_len, trained) if isinstance(trained, int) and trained > 0 else opts.max_len
+    chosen = memory.fit(cache_bytes, cap, n_slots)
+    log.warning("%s", chosen.describe())
+    return chosen
 
 
 def load_model_drafter(opts: EngineOptions, target, loaded):

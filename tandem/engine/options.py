@@ -23,11 +23,15 @@ def default_weight_format() -> str:
     return "native" if has_vnni() else "q8_0"
 
 
+FIT_CTX = 1 << 20  # --fit without --ctx-size: capped by the model's trained context and the memory only
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """What to load and how. model None: the embedded default model; drafter None: the target's known drafter, else
     the drafter its checkpoint carries (MTP heads), if any; either way n-gram drafting in front of it (alone
-    without one).
+    without one). fit: max_len and the slots asked for become caps, lowered to what the free memory holds once the
+    weights are loaded (tandem.engine.memory.fit).
 
     spec.enabled=False loads no drafter at all; cache_type_v None means the same type as K; mtp_weight_format None
     means the in-target drafter's layers get the target's weight_format; draft_weight_format / draft_threads None
@@ -50,6 +54,7 @@ class EngineOptions:
     ngram_n_min: int = 2
     ngram_n_max: int = 4
     ngram_cache: int = 1 << 16
+    fit: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.max_len, int) and self.max_len >= 1):
@@ -72,8 +77,8 @@ class EngineOptions:
         return cls(model=a.model, drafter=a.drafter, spec=spec, weight_format=a.weight_format,
                    mtp_weight_format=a.mtp_weight_format, draft_weight_format=a.draft_weight_format,
                    draft_threads=a.draft_threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
-                   max_len=a.ctx_size, threads=a.threads, device=a.device, ngram_n_min=a.ngram_n_min,
-                   ngram_n_max=a.ngram_n_max, ngram_cache=a.ngram_cache)
+                   max_len=a.ctx_size if a.ctx_size is not None else FIT_CTX if getattr(a, 'fit', False) else 4096, threads=a.threads, device=a.device, ngram_n_min=a.ngram_n_min,
+                   ngram_n_max=a.ngram_n_max, ngram_cache=a.ngram_cache, fit=getattr(a, 'fit', False))
 
     def plain(self) -> EngineOptions:
         """The same options without speculation (no drafter is loaded)."""
@@ -123,6 +128,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-type-k", "-ctk", default=d.cache_type_k,
                    help="KV cache type for K: bf16, f16, f32, q8_0 (int8), turbo4, turbo3, turbo2 (rotated 4/3/2-bit)")
     p.add_argument("--cache-type-v", "-ctv", default=None, help="KV cache type for V (default: same as K)")
-    p.add_argument("--ctx-size", "-c", type=int, default=d.max_len, help="context length (tokens)")
+    p.add_argument("--ctx-size", "-c", type=int, default=None,
+                   help=f"context length (tokens; default {d.max_len}, with --fit the model's trained context)")
+    p.add_argument("--fit", action="store_true",
+                   help="choose the context length (at most --ctx-size) and the slots (at most --parallel) that the "
+                        "free memory holds once the weights are loaded, and say what was chosen")
     p.add_argument("--threads", "-t", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default=d.device, help="torch device (default: cpu)")

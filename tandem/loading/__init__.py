@@ -5,6 +5,7 @@
     m = load("gemma-3-270m")   # another embedded model, by name
     m = load("x.gguf")         # any GGUF of a supported architecture
     m = load("path/to/hf_dir") # config.json + model.safetensors / sharded index (+ tokenizer.json)
+    m = load("x.gguf", weight_format="native")  # straight into the kernels' formats, one tensor at a time
 """
 
 from __future__ import annotations
@@ -77,19 +78,12 @@ def _set_param(model: nn.Module, name: str, p: nn.Parameter) -> None:
     setattr(model.get_submodule(mod_name) if mod_name else model, leaf, p)
 
 
-def load_state_into(model: nn.Module, weights: dict[str, torch.Tensor], source: str,
-                    file_names: dict[str, str] | None = None) -> nn.Module:
-    """Strict, zero-copy (assign) load of HF-named weights into `model`, keeping tied parameters tied.
-
-    A tie group (parameters that are the same object, e.g. lm_head.weight / embed_tokens.weight) needs just one
-    member in `weights`; all members end up sharing the loaded tensor. `file_names` (HF name -> name in the file,
-    e.g. the GGUF tensor) makes errors name the tensor as the file spells it."""
-    groups: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(n)
-    tied = [names for names in groups.values() if len(names) > 1]
+def check_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str,
+                  file_names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """`weights` with every tie group completed, after checking that names, shapes and kinds (integer vs floating
+    point) match `model` (its parameters may be on the meta device); errors name the tensor as the file spells it."""
     weights = dict(weights)
-    for names in tied:
+    for names in (g for g in _tie_groups(model) if len(g) > 1):
         present = [n for n in names if n in weights]
         if present:
             for n in names:
@@ -110,12 +104,31 @@ def load_state_into(model: nn.Module, weights: dict[str, torch.Tensor], source: 
            if v.is_floating_point() != weights[k].is_floating_point()]
     if bad:
         raise ModelLoadError(f"{source}: tensor dtype mismatch (integer vs floating point): {bad[:4]}")
+    return weights
+
+
+def load_state_into(model: nn.Module, weights: dict[str, torch.Tensor], source: str,
+                    file_names: dict[str, str] | None = None) -> nn.Module:
+    """Strict, zero-copy (assign) load of HF-named weights into `model`, keeping tied parameters tied.
+
+    A tie group (parameters that are the same object, e.g. lm_head.weight / embed_tokens.weight) needs just one
+    member in `weights`; all members end up sharing the loaded tensor. `file_names` (HF name -> name in the file,
+    e.g. the GGUF tensor) makes errors name the tensor as the file spells it."""
+    tied = [names for names in _tie_groups(model) if len(names) > 1]
+    weights = check_weights(model, weights, source, file_names)
     model.load_state_dict(weights, strict=True, assign=True)
     for names in tied:
         p = model.get_parameter(names[0])
         for n in names[1:]:
             _set_param(model, n, p)
     return model
+
+
+def _tie_groups(model: nn.Module) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(n)
+    return list(groups.values())
 
 
 def _tokenizer_cache_path(gguf_path: str) -> Path | None:
@@ -153,9 +166,14 @@ def _gguf_tokenizer(f, cache: bool):
 
 
 def load(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32, tokenizer: bool = True, tokenizer_cache: bool = True) -> Loaded:
+         dtype: torch.dtype = torch.float32, tokenizer: bool = True, tokenizer_cache: bool = True,
+         weight_format: str | None = None) -> Loaded:
     """Load a model: a GGUF file, an HF directory, or an embedded model's name (None: the default), assembled into the
-    cache on first use (tandem.loading.default)."""
+    cache on first use (tandem.loading.default).
+
+    weight_format: also prepare the weights in that kernel format (tandem.kernels.prepare); a GGUF then goes from
+    the mapped file straight into it one tensor at a time (tandem.loading.stream), never as a whole fp32 model."""
+    from tandem.loading import stream
     from tandem.loading.default import EMBEDDED, model_path
     from tandem.models import build
 
@@ -169,8 +187,6 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
         from tandem.loading.gguf import GGUFFile
         f = GGUFFile(path)
         config = f.config()
-        weights = f.state_dict(dtype=dtype, config=config)
-        file_names, blocks = f.sources, f.blocks
         # a drafter reading its target's tokens (needs_tokenizer=False) loads no tokenizer of its own
         tok = _gguf_tokenizer(f, tokenizer_cache) if tokenizer and f.arch().needs_tokenizer else None
         template = f.chat_template
@@ -179,16 +195,29 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
         if Path(path).name == "config.json":
             path = str(Path(path).parent)
         config = hf.read_config(path)
-        weights = hf.state_dict(path, dtype=dtype)
-        file_names, blocks = None, {}
         tok, template = hf.read_tokenizer(path, config) if tokenizer else (None, None)
-    with _no_init():
-        model = build(config)
-    weights = model.sanitize(weights)  # an instance method where the renames depend on the config (gemma4)
-    load_state_into(model, weights, path, file_names)
-    model.gguf_blocks = blocks  # raw GGUF rows by parameter name, for kernels.prepare(model, "native")
+    with _no_init(), stream.meta_params():
+        model = build(config)  # parameters on the meta device: every one is about to be loaded
+    streamable = kind == "gguf" and weight_format is not None and torch.device(device).type == "cpu" \
+        and dtype == torch.float32
+    names = stream.plan(f, config, model) if streamable else None
+    if names is not None:
+        stream.load_streaming(f, config, model, names, weight_format)
+    else:
+        if kind == "gguf":
+            weights = f.state_dict(dtype=dtype, config=config)
+            file_names, blocks = f.sources, f.blocks
+        else:
+            weights, file_names, blocks = hf.state_dict(path, dtype=dtype), None, {}
+        weights = model.sanitize(weights)  # an instance method where the renames depend on the config (gemma4)
+        load_state_into(model, weights, path, file_names)
+        del weights
+        model.gguf_blocks = blocks  # raw GGUF rows by parameter name, for kernels.prepare(model, "native")
     model.requires_grad_(False)
     model.to(device=device)
     model.eval()
+    if weight_format is not None and names is None:
+        from tandem import kernels
+        kernels.prepare(model, weight_format)
     name = next((n for n, m in EMBEDDED.items() if m.file == Path(path).name), None)
     return Loaded(model=model, config=config, tokenizer=tok, chat_template=template, path=path, kind=kind, name=name)

@@ -11,6 +11,7 @@ installed gguf-py knows; F32/F16/BF16/Q8_0 take a vectorized torch path that giv
 
 from __future__ import annotations
 
+import mmap
 import os
 import warnings
 from typing import Any
@@ -24,6 +25,8 @@ from tandem.loading.gguf_archs import ARCHS, GGUFArch
 from tandem.loading.gguf_reader import _reader
 
 GGUF_MAGIC = b"GGUF"
+_TOKENIZER_ARRAYS = (("tokenizer.ggml.tokens", str, "strings"), ("tokenizer.ggml.merges", str, "strings"),
+                     ("tokenizer.ggml.scores", (int, float), "numbers"), ("tokenizer.ggml.token_type", int, "integers"))
 
 
 def _check_magic(path: str) -> None:
@@ -93,6 +96,10 @@ class GGUFFile:
             raise ModelLoadError(f"{self.path}: corrupt or truncated GGUF file "
                                  f"({type(e).__name__}: {e})") from None
         self.fields = self.reader.fields
+        n_split = self.meta("split.count", 1)
+        if isinstance(n_split, int) and n_split > 1:
+            raise ModelLoadError(f"{self.path}: shard {self.meta('split.no', 0) + 1} of a GGUF split in {n_split} files "
+                                 f"(split.count); merge them first: llama-gguf-split --merge {self.path} OUT.gguf")
         self.architecture = self.meta("general.architecture")
         if self.architecture is None:
             raise ModelLoadError(f"{self.path}: GGUF has no general.architecture")
@@ -125,7 +132,8 @@ class GGUFFile:
             v = self.meta(f"{a}.{gk}")
             if isinstance(v, float):  # stored as float32: 1e-6 reads back as 9.99999997e-07; keep config.json's
                 v = float(str(np.float32(v)))
-            if v is not None:
+            if v is not None:  # checked here: finalize computes with these before the whole config is checked
+                check_model_config({hk: v}, f"{self.path}: metadata '{a}.{gk}'", ModelLoadError)
                 cfg[hk] = v
         if "vocab_size" not in cfg:  # the embedding's rows (a vocabulary may be padded), else the token list
             tokens = self.fields.get("tokenizer.ggml.tokens")
@@ -136,14 +144,19 @@ class GGUFFile:
         for key, hk in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):
             v = self.meta(f"tokenizer.ggml.{key}")
-            if v is not None:
-                cfg[hk] = int(v)
+            if v is not None:  # an integer: check_model_config below says so otherwise
+                cfg[hk] = v
         cfg["tie_word_embeddings"] = "output.weight" not in self._tensors
-        missing = [k for k in ("num_hidden_layers", "hidden_size") if k not in cfg]
+        gguf_key = {h: f"{a}.{g}" for g, h in spec.config_keys.items()}
+        missing = [gguf_key.get(k, k) for k in ("num_hidden_layers", "hidden_size") if k not in cfg]
         if missing:
-            raise ModelLoadError(f"{self.path}: GGUF metadata lacks {[f'{a}.{k}' for k in missing]}")
+            raise ModelLoadError(f"{self.path}: GGUF metadata lacks {missing}")
         if spec.finalize is not None:
-            spec.finalize(cfg, self)
+            try:
+                spec.finalize(cfg, self)
+            except KeyError as e:  # a value the family needs and llama.cpp's converter writes
+                raise ModelLoadError(f"{self.path}: GGUF metadata lacks {gguf_key.get(e.args[0], e.args[0])!r} "
+                                     f"({e.args[0]})") from None
         check_model_config(cfg, f"{self.path} (metadata)", ModelLoadError)
         return cfg
 
@@ -169,52 +182,96 @@ class GGUFFile:
             raise ModelLoadError(f"{self.path}: cannot read tensor {name!r} ({t.tensor_type.name}, shape {shape}): "
                                  f"{type(e).__name__}: {e}") from None
 
-    def state_dict(self, dtype: torch.dtype = torch.float32, config: dict | None = None) -> dict[str, torch.Tensor]:
-        """All tensors under their HF names, fix-ups applied (they may need `config`, default self.config()), in
-        `dtype`. `self.sources` maps each HF name back to its GGUF name (for error messages); `self.blocks` maps the
-        HF name of each 2-D tensor no fix-up touched, in a type the VNNI kernels keep as stored, to (type name, raw
-        rows uint8 [N, row bytes]) (tandem.kernels.prepare's `native` format)."""
+    def tensor(self, name: str, config: dict, read: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor, dequantized (or `read`, its dequantized values), with the architecture's fix-ups applied."""
+        w = self.read(name) if read is None else read
+        try:
+            return self.arch().fixup(name, w, config)
+        except (ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"{self.path}: tensor {name!r} of shape {tuple(w.shape)} does not fit the "
+                                 f"config ({type(e).__name__}: {e})") from None
+
+    def mapped(self) -> dict[str, str]:
+        """GGUF name -> HF name of every weight tensor (derived ones skipped); errors on missing or unmapped ones."""
         spec = self.arch()
-        config = self.config() if config is None else config
-        n_blocks = int(self.meta(f"{self.architecture}.block_count", 0))
+        n_blocks = self.meta(f"{self.architecture}.block_count", 0)
+        if not isinstance(n_blocks, int) or not 0 <= n_blocks <= len(self._tensors):  # config() checked the type
+            raise ModelLoadError(f"{self.path}: field '{self.architecture}.block_count' = {n_blocks!r} does not fit "
+                                 f"the file's {len(self._tensors)} tensors")
         missing = [n for n in spec.expected(n_blocks) if n not in self._tensors]
         if missing:
             raise ModelLoadError(f"{self.path}: missing tensor(s) {missing[:8]}"
                                  f"{' ...' if len(missing) > 8 else ''} for architecture {self.architecture!r}")
-        out, unknown = {}, []
-        self.sources: dict[str, str] = {}
-        self.blocks: dict[str, tuple[str, np.ndarray]] = {}
-        for name in self._tensors:
-            if name in spec.derived:
-                continue
-            hf = spec.hf_name(name)
-            if hf is None:
-                unknown.append(name)
-                continue
-            w = read = self.read(name)
-            try:
-                w = spec.fixup(name, w, config)
-            except (ValueError, RuntimeError) as e:
-                raise ModelLoadError(f"{self.path}: tensor {name!r} of shape {tuple(w.shape)} does not fit the "
-                                     f"config ({type(e).__name__}: {e})") from None
-            out[hf] = w if w.dtype == dtype or not w.is_floating_point() else w.to(dtype)
-            self.sources[hf] = name
-            t = self._tensors[name]
-            if w is read and w.dim() == 2 and t.tensor_type.name in ("Q8_0", "Q5_0", "Q4_K", "Q6_K"):
-                self.blocks[hf] = (t.tensor_type.name, t.data)
+        out = {n: spec.hf_name(n) for n in self._tensors if n not in spec.derived}
+        unknown = [n for n, hf in out.items() if hf is None]
         if unknown:
             raise ModelLoadError(f"{self.path}: tensor(s) with no mapping for architecture {self.architecture!r}: "
                                  f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+        return out
+
+    def state_dict(self, dtype: torch.dtype = torch.float32, config: dict | None = None) -> dict[str, torch.Tensor]:
+        """All tensors under their HF names, fix-ups applied (they may need `config`, default self.config()), in
+        `dtype`, each a full copy (the fp32 reference path; tandem.loading.stream packs without it).
+        `self.sources` maps each HF name back to its GGUF name (for error messages); `self.blocks` maps the HF name
+        of each 2-D tensor no fix-up touched, in a type the VNNI kernels keep as stored, to (type name, raw rows uint8
+        [N, row bytes]) (tandem.kernels.prepare's `native` format)."""
+        from tandem.kernels.kquants import GGUF_TYPES
+        spec = self.arch()
+        config = self.config() if config is None else config
+        out = {}
+        self.sources: dict[str, str] = {}
+        self.blocks: dict[str, tuple[str, np.ndarray]] = {}
+        for name, hf in self.mapped().items():
+            read = self.read(name)
+            w = self.tensor(name, config, read)
+            out[hf] = w if w.dtype == dtype or not w.is_floating_point() else w.to(dtype)
+            self.sources[hf] = name
+            if w is read and w.dim() == 2 and self.qtype(name) in GGUF_TYPES:
+                self.blocks[hf] = (self.qtype(name), self.raw(name))
         return out if spec.regroup is None else spec.regroup(out, config)
+
+    def qtype(self, name: str) -> str:
+        return self._tensors[name].tensor_type.name
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes of a tensor as uint8 rows [N, row bytes] (a view of the mapped file)."""
+        return self._tensors[name].data
+
+    def offset(self, name: str) -> int:
+        return int(self._tensors[name].data_offset)
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of a tensor already copied out, so the file is not held in memory twice."""
+        t = self._tensors[name]
+        mm = getattr(self.reader.data, "_mmap", None)
+        if mm is None:
+            return
+        start = int(t.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(mm), int(t.data_offset) + int(t.n_bytes))
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     # tokenizer
     def tokenizer_metadata(self) -> dict[str, Any]:
-        """Every `tokenizer.*` metadata value (arrays as lists), keyed by its full GGUF key."""
-        return {k: self.meta(k) for k in self.fields if k.startswith("tokenizer.")}
+        """Every `tokenizer.*` metadata value (arrays as lists), keyed by its full GGUF key, of the types read."""
+        out = {k: self.meta(k) for k in self.fields if k.startswith("tokenizer.")}
+        for key, kind, what in _TOKENIZER_ARRAYS:
+            v = out.get(key)
+            if v is None:
+                continue
+            odd = v if not isinstance(v, list) else next((x for x in v if not isinstance(x, kind)), None)
+            if odd is not None:
+                got = type(v).__name__ if odd is v else f"a list holding {type(odd).__name__} {odd!r}"
+                raise ModelLoadError(f"{self.path}: metadata {key!r} must be a list of {what}, got {got}")
+        return out
 
     @property
     def chat_template(self) -> str | None:
-        return self.meta("tokenizer.chat_template")
+        v = self.meta("tokenizer.chat_template")
+        if v is not None and not isinstance(v, str):
+            raise ModelLoadError(f"{self.path}: metadata 'tokenizer.chat_template' must be a string, got "
+                                 f"{type(v).__name__} {v!r}")
+        return v
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:

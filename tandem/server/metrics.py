@@ -77,7 +77,8 @@ class Metrics:
                     for i, v in enumerate(theirs):
                         mine[i] += v
 
-    def render(self, running: int, waiting: int, n_slots: int, spec_n_max: int) -> str:
+    def render(self, running: int, waiting: int, n_slots: int, spec_n_max: int, memory: dict | None = None) -> str:
+        """The exposition text; `memory` is tandem.engine.memory.report(engine) (RSS once loaded, peak, caches)."""
         m = f'model_name="{_esc(self.model_name)}"'
         lines: list[str] = []
 
@@ -120,6 +121,14 @@ class Metrics:
                                      ("accepted", "accepted_tokens", "draft tokens accepted, by drafter")):
                 metric(f"spec_decode_drafter_{name}", "counter", help_,
                        [(f'{m},drafter="{_esc(d)}"', c[key]) for d, c in sorted(self.by_drafter.items())])
+            for key, help_ in (("rss_after_load_bytes", "resident memory once the model, caches and kernels were "
+                                                        "loaded"),
+                               ("peak_rss_bytes", "peak resident memory of the process so far"),
+                               ("kv_cache_bytes", "bytes allocated for the target's KV cache (every slot)"),
+                               ("drafter_cache_bytes", "bytes allocated for the drafters' own caches")):
+                v = (memory or {}).get(key)
+                if v is not None:
+                    metric(key, "gauge", help_, [(m, int(v))])
         rss = resident_bytes()
         if rss is not None:
             lines.append("# HELP process_resident_memory_bytes Resident memory size in bytes.")

@@ -7,6 +7,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 
+from tandem.engine import memory
 from tandem.errors import RequestError
 from tandem.server.generation import check_model, encode_text, run
 from tandem.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, message_text, spec_echo
@@ -46,7 +47,8 @@ async def get_model(model: str, state: ServerState = Depends(state_of)):
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(state: ServerState = Depends(state_of)):
     sched = state.scheduler
-    text = state.metrics.render(sched.n_active, sched.n_waiting, sched.n_slots, state.spec_default.n_max)
+    text = state.metrics.render(sched.n_active, sched.n_waiting, sched.n_slots, state.spec_default.n_max,
+                                memory.report(state.engine))
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

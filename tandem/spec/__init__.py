@@ -80,9 +80,10 @@ def _load_path(drafter: str, target: Any, target_loaded: Any, device: str, weigh
     if cfg is not None:
         model = _load_shared_embedding_drafter(drafter, cfg, target)
     else:
-        loaded = loading.load(drafter, device=device, dtype=torch.float32)
+        loaded = loading.load(drafter, device=device, dtype=torch.float32,
+                              weight_format=None if weight_format == "fp32" else weight_format)
         model, tokenizer = loaded.model.eval(), loaded.tokenizer
-    if weight_format != "fp32":
+    if weight_format != "fp32" and getattr(model, "kernel_format", None) != weight_format:
         from tandem import kernels
         kernels.prepare(model, weight_format)
     return drafter_for_model(model, target, _name(target_loaded, "target"), str(drafter), tokenizer=tokenizer,

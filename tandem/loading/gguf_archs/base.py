@@ -62,6 +62,9 @@ class GGUFArch:
                 t = fn(t, config)
         return t
 
+    def has_fixup(self, gguf_name: str) -> bool:
+        return any(rx.search(gguf_name) for rx, _ in self._fixups)
+
     def expected(self, n_blocks: int) -> list[str]:
         """Every GGUF tensor name the model needs (optional ones excluded)."""
         out = []
