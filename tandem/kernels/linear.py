@@ -15,8 +15,9 @@ Formats (by name):
   q8_0x8 : the same Q8_0 weight values, stored for int8 x int8 dot products (AVX-512 VNNI, csrc/vnni_gemm.cpp):
          each activation row is quantized per 32-block as llama.cpp does for its Q8_0 dot products
          (quantize_act_q8), so a row's result still depends on that row only; ~6x fewer instructions per weight.
-  q5_0x8, q4_kx8, q6_kx8 : a GGUF Q5_0 / Q4_K / Q6_K tensor's own integers and scales, no requantisation
-         (tandem/kernels/kquants.py), the same int8 activation rows and kernel: the file's bytes per weight.
+  q4_0x8, q4_1x8, q5_0x8, q5_1x8, q2_kx8 .. q6_kx8, iq4_nlx8, iq4_xsx8 : a GGUF tensor's own integers and
+         scales, no requantisation (tandem/kernels/kquants.py), the same int8 activation rows and kernel: about the
+         file's bytes per weight. A GGUF BF16 / F32 tensor is held as bf16 / fp32 (its values exactly).
   native (prepare only): each GGUF-loaded linear in its file's type where a VNNI format holds it, else q8_0x8.
 Without the compiled extension (or off CPU) the packed formats take the same fixed-shape torch path.
 """
@@ -32,7 +33,7 @@ from tandem.kernels.kquants import NB, panelize as _panelize, unpanelize as _unp
 from tandem.kernels._ext import ext, has_vnni
 
 FORMATS = ("fp32", "bf16", "q8_0", "q8_0x8", "native")  # what prepare() and the CLI take
-KQUANT_FORMATS = ("q5_0x8", "q4_kx8", "q6_kx8")
+KQUANT_FORMATS = tuple(f for f in kquants.VNNI if f != "q8_0x8")  # a GGUF type's own blocks (kquants)
 VNNI_FORMATS = ("q8_0x8",) + KQUANT_FORMATS
 LINEAR_FORMATS = ("fp32", "bf16", "q8_0") + VNNI_FORMATS  # what a PackedLinear holds
 QBLOCK = 32   # Q8_0 block along K
@@ -160,6 +161,11 @@ class PackedLinear(nn.Module):
         None when `expect` (the loaded fp32 weight) differs from the blocks' values (a fix-up changed them)."""
         fmt = kquants.GGUF_TYPES[qtype]
         f = kquants.parse_gguf(qtype, raw, K)
+        if "w" in f:  # BF16 / F32: the values themselves, in the float GEMMs
+            if expect is not None and not torch.equal(f["w"].float(), expect.detach().float().cpu()):
+                return None
+            t = {"w_bf16": _panelize(f["w"])} if fmt == "bf16" else {"weight": f["w"].clone()}
+            return cls(K, f["w"].shape[0], fmt, t, bias)
         for n0 in range(0, raw.shape[0], 16384):  # in row chunks: no full fp32 copy of a large table
             chunk = {k: v[n0:n0 + 16384] for k, v in f.items()}
             if expect is not None and not torch.equal(kquants.dequantize(fmt, chunk),

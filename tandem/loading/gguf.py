@@ -20,6 +20,7 @@ import torch
 
 from tandem.config import check_model_config
 from tandem.errors import ModelLoadError
+from tandem.kernels.kquants import SUPPORTED_TYPES
 from tandem.loading.gguf_archs import ARCHS, GGUFArch
 from tandem.loading.gguf_reader import _reader
 
@@ -200,7 +201,7 @@ class GGUFFile:
             out[hf] = w if w.dtype == dtype or not w.is_floating_point() else w.to(dtype)
             self.sources[hf] = name
             t = self._tensors[name]
-            if w is read and w.dim() == 2 and t.tensor_type.name in ("Q8_0", "Q5_0", "Q4_K", "Q6_K"):
+            if w is read and w.dim() == 2 and t.tensor_type.name in SUPPORTED_TYPES:
                 self.blocks[hf] = (t.tensor_type.name, t.data)
         if unknown:
             raise ModelLoadError(f"{self.path}: tensor(s) with no mapping for architecture {self.architecture!r}: "
