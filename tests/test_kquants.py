@@ -22,10 +22,10 @@ needs_vnni = pytest.mark.skipif(ext() is None or not has_vnni(), reason="no VNNI
 SCALE_AT = {"Q4_K": [(0, 0.002), (2, 0.002)], "Q5_K": [(0, 0.002), (2, 0.002)], "Q6_K": [(208, 0.001)],
             "Q3_K": [(108, 0.002)], "Q2_K": [(80, 0.004), (82, 0.002)], "IQ4_NL": [(0, 0.0002)],
             "IQ4_XS": [(0, 0.0001)]}
-QUANTIZED = ("Q8_0", "Q5_0", "Q4_0", "Q4_1", "Q5_1", "BF16")  # gguf.quants.quantize of random values
+QUANTIZED = ("Q8_0", "Q5_0", "Q4_0", "Q4_1", "Q5_1", "BF16", "F16")  # gguf.quants.quantize of random values
 SHAPES = {"Q8_0": (100, 96), "Q5_0": (200, 640), "Q4_K": (130, 1024), "Q6_K": (70, 512), "Q4_0": (80, 160),
           "Q4_1": (130, 256), "Q5_1": (70, 96), "Q5_K": (90, 512), "IQ4_NL": (70, 128), "IQ4_XS": (66, 512),
-          "Q3_K": (100, 256), "Q2_K": (64, 512), "BF16": (70, 64), "F32": (40, 32)}
+          "Q3_K": (100, 256), "Q2_K": (64, 512), "BF16": (70, 64), "F16": (100, 96), "F32": (40, 32)}
 VNNI_TYPES = sorted(t for t in SHAPES if kquants.GGUF_TYPES[t] in kquants.VNNI)
 
 
@@ -167,9 +167,9 @@ def test_argmax_is_torch_argmax():
     assert torch.equal(kernels.argmax(torch.tensor([[3.0]])), torch.tensor([0]))
 
 
-@pytest.mark.parametrize("qtype", ["BF16", "F32"])
+@pytest.mark.parametrize("qtype", ["BF16", "F16", "F32"])
 def test_float_types_keep_their_values(qtype):
-    """A GGUF BF16 / F32 weight is held as bf16 / fp32: its values exactly, in a row-invariant float GEMM."""
+    """A GGUF BF16 / F16 / F32 weight is held as bf16 / f16 / fp32: its values exactly, in a row-invariant float GEMM."""
     N, K = SHAPES[qtype]
     raw = random_blocks(qtype, N, K)
     w = gguf_values(qtype, raw)
@@ -178,6 +178,9 @@ def test_float_types_keep_their_values(qtype):
     assert PackedLinear.from_gguf(qtype, raw, K, expect=w + 1) is None
     x = torch.randn(9, K)
     assert torch.equal(pl(x), torch.cat([pl(x[i:i + 1]) for i in range(9)]))
+    assert torch.allclose(pl(x), x @ w.T, rtol=1e-4, atol=1e-5)
+    idx = torch.tensor([N - 1, 0, 5])
+    assert torch.equal(pl.rows(idx), w[idx]) and torch.equal(pl.reordered(idx).dequantized_weight(), w[idx])
 
 
 def test_unsupported_type_is_one_line():

@@ -7,7 +7,7 @@ about as few bytes per token as the file (Q4_0 0.56 B/weight, Q4_K 0.56, Q6_K 0.
           the type's scales
   streams the panel layouts the kernel reads (STREAMS, csrc/vnni_gemm.cpp's header), one tensor each
 Values: w = a * (u - off) - b per scale group of SG k (a, b fp32 exactly as gguf-py dequantizes them).
-SUPPORTED_TYPES: every GGUF weight type a PackedLinear holds as stored (BF16 / F32 in the float formats).
+SUPPORTED_TYPES: every GGUF weight type a PackedLinear holds as stored (BF16 / F16 / F32 in the float formats).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ NB = 64  # columns per panel (must match csrc/small_gemm.cpp, csrc/vnni_gemm.cpp
 # GGUF type -> PackedLinear format holding its own values (VNNI formats: int8 dots; bf16/fp32: float GEMMs)
 GGUF_TYPES = {"Q8_0": "q8_0x8", "Q5_0": "q5_0x8", "Q4_K": "q4_kx8", "Q6_K": "q6_kx8", "Q4_0": "q4_0x8",
               "Q4_1": "q4_1x8", "Q5_1": "q5_1x8", "Q5_K": "q5_kx8", "IQ4_NL": "iq4_nlx8", "IQ4_XS": "iq4_xsx8",
-              "Q3_K": "q3_kx8", "Q2_K": "q2_kx8", "BF16": "bf16", "F32": "fp32"}
+              "Q3_K": "q3_kx8", "Q2_K": "q2_kx8", "BF16": "bf16", "F16": "f16", "F32": "fp32"}
 SUPPORTED_TYPES = tuple(GGUF_TYPES)
+FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 VNNI = tuple(f for f in GGUF_TYPES.values() if f.endswith("x8"))
 # per format: offset off and scale group SG of w = a * (u - off) - b; K multiple; b (a min) per group or not
 OFFSET = {"q8_0x8": 128, "q5_0x8": 16, "q4_kx8": 0, "q6_kx8": 32, "q4_0x8": 8, "q4_1x8": 0, "q5_1x8": 0,
@@ -30,7 +31,7 @@ K_MULTIPLE = {f: 256 if f in ("q2_kx8", "q3_kx8", "q4_kx8", "q5_kx8", "q6_kx8", 
 HAS_MIN = ("q4_kx8", "q4_1x8", "q5_1x8", "q5_kx8", "q2_kx8")
 BLOCK_BYTES = {"Q8_0": (32, 34), "Q5_0": (32, 22), "Q4_K": (256, 144), "Q6_K": (256, 210), "Q4_0": (32, 18),
                "Q4_1": (32, 20), "Q5_1": (32, 24), "Q5_K": (256, 176), "IQ4_NL": (32, 18), "IQ4_XS": (256, 136),
-               "Q3_K": (256, 110), "Q2_K": (256, 84), "BF16": (1, 2), "F32": (1, 4)}
+               "Q3_K": (256, 110), "Q2_K": (256, 84), "BF16": (1, 2), "F16": (1, 2), "F32": (1, 4)}
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
 LUT = {f: torch.tensor(IQ4_VALUES, dtype=torch.int32) + 128 for f in ("iq4_nlx8", "iq4_xsx8")}  # u index -> byte
 
@@ -64,17 +65,19 @@ def _scales_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def parse_gguf(qtype: str, raw: np.ndarray, K: int) -> dict[str, torch.Tensor]:
-    """Raw GGUF rows (uint8 [N, row bytes]) of type `qtype` -> the fields of its format: u uint8 [N, K] (for
+    """Raw GGUF rows (uint8 [N, row bytes], or the float types' values [N, K]) of type `qtype` -> the fields of its format: u uint8 [N, K] (for
     iq4: the 4-bit index into IQ4_VALUES) and the type's scales, or {"w": the values} for the float types."""
     if qtype not in BLOCK_BYTES:
         raise ValueError(f"no kernel format for GGUF type {qtype}; supported: {', '.join(SUPPORTED_TYPES)}")
     qk, nbytes = BLOCK_BYTES[qtype]
     N = raw.shape[0]
+    if raw.dtype != np.uint8:  # gguf-py hands F16 / F32 tensors over as their values: the same bytes
+        raw = np.ascontiguousarray(raw).view(np.uint8).reshape(N, -1)
     if K % qk or raw.shape[1] != K // qk * nbytes:
         raise ValueError(f"{qtype} rows of {K} values need {K // qk * nbytes} bytes, got {raw.shape[1]}")
     b = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.uint8)).view(N, K // qk, nbytes)
-    if qtype in ("BF16", "F32"):
-        return {"w": b.view(N, K * nbytes).view(torch.bfloat16 if qtype == "BF16" else torch.float32)}
+    if qk == 1:  # float types: the values themselves
+        return {"w": b.view(N, K * nbytes).view(FLOAT_DTYPES[qtype])}
     f = _PARSE[qtype](b)
     f["u"] = f["u"].reshape(N, K)
     return f

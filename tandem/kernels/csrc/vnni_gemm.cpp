@@ -25,6 +25,7 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -34,9 +35,16 @@
 namespace {
 
 using namespace vnni;
-constexpr int MR_MAX = 4;   // rows per register tile: 4 x 4 int32 accumulators (fp32 ones stay in L1); 5-6 rows
-                            // spilled: the head's 5-row GEMM cost 2x its 1-row one (measured), 4 rows 0.8-1x
-constexpr int MBLK = 48;    // rows per parallel work item (multiple of MR_MAX)
+constexpr int MR_MAX = 4;   // rows per wide register tile: 4 x 4 int32 accumulators (fp32 ones stay in L1); 5-6
+                            // rows spilled: the head's 5-row GEMM cost 2x its 1-row one (measured), 4 rows 0.8-1x
+constexpr int MR_NARROW = 8;  // rows per narrow tile (16 columns: 8 int32 + 8 fp32 accumulators in registers)
+constexpr int MBLK = 48;    // rows per parallel work item (multiple of MR_MAX and MR_NARROW)
+
+// Row counts from which a work item runs narrow tiles (one decoded weight vector feeds up to 8 rows), else wide.
+static int narrow_min() {
+  static const int n = [] { const char* e = std::getenv("TANDEM_VNNI_NARROW_MIN"); return e ? std::atoi(e) : 5; }();
+  return n;
+}
 
 struct QRows {  // activation rows quantized per 32-block
   torch::Tensor q, d, s;  // int8 [M, K]; fp32 [M, K/32] (fp16 values); int32 [M, K/16] = sum(q) per 16
@@ -88,6 +96,19 @@ struct XRows {  // the tile's rows: row i at q + i*K, d + i*KB, s + i*2*KB
 static inline __m512 load(const float* a, int j) { return _mm512_load_ps(a + 16 * j); }
 static inline void store(float* a, int j, __m512 v) { _mm512_store_ps(a + 16 * j, v); }
 
+static inline int32_t group_sum(const XRows& x, int i, int64_t kb, int h, int sg) {  // sum q_x of scale group h
+  const int32_t* s = x.s + i * 2 * x.KB + 2 * kb;
+  return sg == 32 ? s[0] + s[1] : s[h];
+}
+
+// One scale group into one fp32 chain (v = isum - off*sx, exact): the arithmetic every tile shares.
+template <class F>
+static inline __m512 step(__m512i v, __m512 a, __m512 b, int32_t sx, float dxs, __m512 acc) {
+  const __m512 dx = _mm512_set1_ps(dxs);
+  __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(a, dx), acc);
+  return F::HAS_B ? _mm512_fmadd_ps(_mm512_set1_ps(-(float)sx), _mm512_mul_ps(b, dx), t) : t;
+}
+
 // Scale group h of block kb into the fp32 chains: acc = fma(float(isum - off*sx), a*dx, acc) [- sx * b*dx].
 template <class F, int MR>
 static inline void fold(const F& f, int64_t kb, int h, __m512i (&is)[MR][4], float (&acc)[MR][64], const XRows& x) {
@@ -95,14 +116,45 @@ static inline void fold(const F& f, int64_t kb, int h, __m512i (&is)[MR][4], flo
     __m512 a, b;
     f.scales(kb, h, j, a, b);
     for (int i = 0; i < MR; ++i) {
-      const int32_t* s = x.s + i * 2 * x.KB + 2 * kb;
-      const int32_t sx = F::SG == 32 ? s[0] + s[1] : s[h];
+      const int32_t sx = group_sum(x, i, kb, h, F::SG);
       const __m512i v = F::OFF ? _mm512_sub_epi32(is[i][j], _mm512_set1_epi32(F::OFF * sx)) : is[i][j];
-      const __m512 dx = _mm512_set1_ps(x.d[i * x.KB + kb]);
-      __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(a, dx), load(acc[i], j));
-      if (F::HAS_B) t = _mm512_fmadd_ps(_mm512_set1_ps(-(float)sx), _mm512_mul_ps(b, dx), t);
-      store(acc[i], j, t);
+      store(acc[i], j, step<F>(v, a, b, sx, x.d[i * x.KB + kb], load(acc[i], j)));
     }
+  }
+}
+
+// Up to 8 rows x 16 columns (chunk j) at a time, every accumulator in registers: for 5..8 rows the weights are
+// decoded once per 8 rows, not once per 4. Per element the same integers and step() chain as tile().
+template <class F, int MR>
+static void tile_narrow(const XRows& x, const F& f, float* y, int64_t ldy, int ncols) {
+  constexpr int H = 32 / F::SG, GH = 8 / H;
+  for (int j = 0; j < 4 && 16 * j < ncols; ++j) {
+    __m512 acc[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < x.KB; ++kb) {
+      for (int h = 0; h < H; ++h) {
+        __m512i isum[MR];  // starts at -off*sx: isum - off*sx exactly, as tile()'s
+        for (int i = 0; i < MR; ++i) isum[i] = _mm512_set1_epi32(-F::OFF * group_sum(x, i, kb, h, F::SG));
+        for (int gp = h * GH / 2; gp < (h + 1) * GH / 2; ++gp) {
+          __m512i wa, wb;
+          f.w(kb, gp, j, wa, wb);
+          for (int i = 0; i < MR; ++i) {
+            int32_t xa, xb;
+            std::memcpy(&xa, x.q + i * x.K + kb * 32 + gp * 8, 4);
+            std::memcpy(&xb, x.q + i * x.K + kb * 32 + gp * 8 + 4, 4);
+            isum[i] = _mm512_dpbusd_epi32(isum[i], wa, _mm512_set1_epi32(xa));
+            isum[i] = _mm512_dpbusd_epi32(isum[i], wb, _mm512_set1_epi32(xb));
+          }
+        }
+        __m512 a, b;
+        f.scales(kb, h, j, a, b);
+        for (int i = 0; i < MR; ++i)
+          acc[i] = step<F>(isum[i], a, b, group_sum(x, i, kb, h, F::SG), x.d[i * x.KB + kb], acc[i]);
+      }
+    }
+    const int c = ncols - 16 * j;
+    const __mmask16 m = c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << c) - 1);
+    for (int i = 0; i < MR; ++i) _mm512_mask_storeu_ps(y + i * ldy + 16 * j, m, acc[i]);
   }
 }
 
@@ -148,7 +200,8 @@ struct Seg {
   const int64_t* panels;                // panel_of(s) = panels[s], or s when null
 };
 
-// Rows [m0, m1) against one panel, in register tiles of MR_MAX rows and one tail tile (same per-element arithmetic).
+// Rows [m0, m1) against one panel: narrow 8-row tiles from narrow_min() rows on, else wide MR_MAX-row tiles (the
+// same per-element arithmetic either way).
 template <class F>
 static void panel_rows(const QRows& r, int64_t m0, int64_t m1, int64_t K, const Seg& g, int64_t s) {
   const int64_t KB = K / 32, p = g.panels ? g.panels[s] : s;
@@ -159,10 +212,24 @@ static void panel_rows(const QRows& r, int64_t m0, int64_t m1, int64_t K, const 
   const int8_t* q = r.q.data_ptr<int8_t>();
   const float* dx = r.d.data_ptr<float>();
   const int32_t* sx = r.s.data_ptr<int32_t>();
-  for (int64_t m = m0; m < m1; m += MR_MAX) {
-    const int mr = (int)std::min<int64_t>(MR_MAX, m1 - m);
+  for (int64_t m = m0, mr; m < m1; m += mr) {
     const XRows x{q + m * K, dx + m * KB, sx + m * 2 * KB, K, KB};
     float* ym = g.y + m * g.ldy + s * NB;
+    if (m1 - m >= narrow_min()) {
+      mr = std::min<int64_t>(MR_NARROW, m1 - m);
+      switch (mr) {
+        case 8: tile_narrow<F, 8>(x, f, ym, g.ldy, ncols); break;
+        case 7: tile_narrow<F, 7>(x, f, ym, g.ldy, ncols); break;
+        case 6: tile_narrow<F, 6>(x, f, ym, g.ldy, ncols); break;
+        case 5: tile_narrow<F, 5>(x, f, ym, g.ldy, ncols); break;
+        case 4: tile_narrow<F, 4>(x, f, ym, g.ldy, ncols); break;
+        case 3: tile_narrow<F, 3>(x, f, ym, g.ldy, ncols); break;
+        case 2: tile_narrow<F, 2>(x, f, ym, g.ldy, ncols); break;
+        default: tile_narrow<F, 1>(x, f, ym, g.ldy, ncols);
+      }
+      continue;
+    }
+    mr = std::min<int64_t>(MR_MAX, m1 - m);
     switch (mr) {
       case 4: tile<F, 4>(x, f, ym, g.ldy, ncols); break;
       case 3: tile<F, 3>(x, f, ym, g.ldy, ncols); break;
