@@ -1,5 +1,5 @@
-"""GGUF Q8_0 / Q5_0 / Q4_K / Q6_K weights kept as stored (weight format `native`, csrc/vnni_gemm.cpp): the parsed
-values are gguf-py's dequantization bitwise, the VNNI kernel equals its torch reference bitwise and is row-invariant,
+"""GGUF weights of every supported type (kquants.SUPPORTED_TYPES) kept as stored (weight format `native`,
+csrc/vnni_gemm.cpp): the parsed values are gguf-py's dequantization bitwise, the VNNI kernel equals its torch reference bitwise and is row-invariant,
 and prepare(model, "native") packs exactly the GGUF-loaded linears whose values it can hold."""
 
 from dataclasses import replace
@@ -18,39 +18,53 @@ from tests.test_row_invariance import assert_rows_invariant
 
 gq = pytest.importorskip("gguf.quants")
 needs_vnni = pytest.mark.skipif(ext() is None or not has_vnni(), reason="no VNNI kernels (AVX-512 VNNI) here")
-SCALE_AT = {"Q8_0": [(0, 0.01)], "Q5_0": [(0, 0.01)], "Q4_K": [(0, 0.002), (2, 0.002)], "Q6_K": [(208, 0.001)]}
-SHAPES = {"Q8_0": (100, 96), "Q5_0": (200, 640), "Q4_K": (130, 1024), "Q6_K": (70, 512)}
+# fp16 scale fields (byte offset in a block, magnitude) of the types gguf-py cannot quantize: random valid blocks
+SCALE_AT = {"Q4_K": [(0, 0.002), (2, 0.002)], "Q5_K": [(0, 0.002), (2, 0.002)], "Q6_K": [(208, 0.001)],
+            "Q3_K": [(108, 0.002)], "Q2_K": [(80, 0.004), (82, 0.002)], "IQ4_NL": [(0, 0.0002)],
+            "IQ4_XS": [(0, 0.0001)]}
+QUANTIZED = ("Q8_0", "Q5_0", "Q4_0", "Q4_1", "Q5_1", "BF16", "F16")  # gguf.quants.quantize of random values
+SHAPES = {"Q8_0": (100, 96), "Q5_0": (200, 640), "Q4_K": (130, 1024), "Q6_K": (70, 512), "Q4_0": (80, 160),
+          "Q4_1": (130, 256), "Q5_1": (70, 96), "Q5_K": (90, 512), "IQ4_NL": (70, 128), "IQ4_XS": (66, 512),
+          "Q3_K": (100, 256), "Q2_K": (64, 512), "BF16": (70, 64), "F16": (100, 96), "F32": (40, 32)}
+VNNI_TYPES = sorted(t for t in SHAPES if kquants.GGUF_TYPES[t] in kquants.VNNI)
 
 
 def random_blocks(qtype: str, N: int, K: int, seed: int = 0) -> np.ndarray:
-    """Valid raw GGUF rows uint8 [N, row bytes]: random bits, with finite positive fp16 scales."""
+    """Valid raw GGUF rows uint8 [N, row bytes]: gguf-py's quantization of random values where it has one, else
+    random bits with finite fp16 scales of either sign."""
     rng = np.random.default_rng(seed)
+    if qtype in QUANTIZED or qtype == "F32":
+        x = (rng.standard_normal((N, K)) * 0.05).astype(np.float32)
+        return x.view(np.uint8) if qtype == "F32" else gq.quantize(x, gq.GGMLQuantizationType[qtype])
     qk, nbytes = kquants.BLOCK_BYTES[qtype]
     r = rng.integers(0, 256, size=(N, K // qk, nbytes), dtype=np.uint8)
     for off, scale in SCALE_AT[qtype]:
-        r[..., off:off + 2] = (rng.random((N, K // qk)) * scale).astype(np.float16).view(np.uint8).reshape(
+        r[..., off:off + 2] = ((rng.random((N, K // qk)) * 2 - 1) * scale).astype(np.float16).view(np.uint8).reshape(
             N, K // qk, 2)
     return r.reshape(N, -1)
 
 
 def gguf_values(qtype: str, raw: np.ndarray) -> torch.Tensor:
+    if qtype == "F32":
+        return torch.from_numpy(raw.view(np.float32).copy())
     return torch.from_numpy(gq.dequantize(raw, gq.GGMLQuantizationType[qtype]).astype(np.float32)).reshape(
         raw.shape[0], -1)
 
 
-@pytest.mark.parametrize("qtype", sorted(SHAPES))
+@pytest.mark.parametrize("qtype", VNNI_TYPES)
 def test_parse_is_gguf_py_dequantization(qtype):
     N, K = SHAPES[qtype]
     raw = random_blocks(qtype, N, K)
     fmt = kquants.GGUF_TYPES[qtype]
     f = kquants.parse_gguf(qtype, raw, K)
     assert torch.equal(kquants.dequantize(fmt, f), gguf_values(qtype, raw))
+    assert kquants.dequantize(fmt, f).abs().max() > 0
     back = kquants.unpack(fmt, kquants.pack(fmt, f), N)  # the panel layout loses nothing
     assert all(torch.equal(f[k], back[k]) for k in f)
 
 
 @needs_vnni
-@pytest.mark.parametrize("qtype", sorted(SHAPES) + ["Q5_0-small"])
+@pytest.mark.parametrize("qtype", VNNI_TYPES + ["Q5_0-small"])
 def test_kernel_is_reference_and_row_invariant(qtype):
     qtype, (N, K) = (qtype, SHAPES[qtype]) if qtype in SHAPES else ("Q5_0", (64, 32))
     raw = random_blocks(qtype, N, K, seed=1)
@@ -151,3 +165,26 @@ def test_argmax_is_torch_argmax():
     assert torch.equal(kernels.argmax(x), x.argmax(-1))
     assert torch.equal(kernels.argmax(x[:4].view(2, 2, -1)), x[:4].argmax(-1).view(2, 2))
     assert torch.equal(kernels.argmax(torch.tensor([[3.0]])), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("qtype", ["BF16", "F16", "F32"])
+def test_float_types_keep_their_values(qtype):
+    """A GGUF BF16 / F16 / F32 weight is held as bf16 / f16 / fp32: its values exactly, in a row-invariant float GEMM."""
+    N, K = SHAPES[qtype]
+    raw = random_blocks(qtype, N, K)
+    w = gguf_values(qtype, raw)
+    pl = PackedLinear.from_gguf(qtype, raw, K, expect=w)
+    assert pl.fmt == kquants.GGUF_TYPES[qtype] and torch.equal(pl.dequantized_weight(), w)
+    assert PackedLinear.from_gguf(qtype, raw, K, expect=w + 1) is None
+    x = torch.randn(9, K)
+    assert torch.equal(pl(x), torch.cat([pl(x[i:i + 1]) for i in range(9)]))
+    assert torch.allclose(pl(x), x @ w.T, rtol=1e-4, atol=1e-5)
+    idx = torch.tensor([N - 1, 0, 5])
+    assert torch.equal(pl.rows(idx), w[idx]) and torch.equal(pl.reordered(idx).dequantized_weight(), w[idx])
+
+
+def test_unsupported_type_is_one_line():
+    msg = kquants.unsupported("blk.0.attn_q.weight", "IQ2_XXS")
+    assert "\n" not in msg and "blk.0.attn_q.weight" in msg and "IQ2_XXS" in msg and "Q4_1" in msg
+    with pytest.raises(ValueError, match="no kernel format for GGUF type IQ2_XXS; supported: Q8_0"):
+        kquants.parse_gguf("IQ2_XXS", np.zeros((1, 66), np.uint8), 256)

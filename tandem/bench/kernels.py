@@ -1,6 +1,8 @@
-"""Kernel benchmarks on a random-weight Gemma-3-270M: `python -m tandem.bench.kernels [--formats ...]`.
+"""Kernel benchmarks: `python -m tandem.bench.kernels [--formats ...] [--shapes]`.
 
-Reports per format: single-token decode ms/step at a given context, the k-forward cost table (k-token forward /
+--shapes: per linear shape of the real models (d = 576, 640, 896, 1536; FFN 8960; vocab 49k, 151k, 262k) in the GGUF
+type those models store it in, the k-row cost (k-row GEMM / 1-row GEMM, k = 2, 4, 8) with cold weights.
+Then, on a random-weight Gemma-3-270M, per format: single-token decode ms/step at a given context, the k-forward cost table (k-token forward /
 1-token forward), the share of a step that is not kernel time (all linears and attention replaced by no-ops),
 and per-linear GB/s at M = 1 and 4 (cold weights: a full model's worth of layers is cycled so caches do not help).
 Timings are medians over repeats; the machine may be shared, so run it more than once.
@@ -105,6 +107,52 @@ def linear_gbps(fmt: str, reps: int = 20):
     return res
 
 
+# (model, linear, N, K, GGUF type) as the real models store them
+SHAPES = [
+    ("smollm2-135m", "q/o", 576, 576, "Q4_1"), ("smollm2-135m", "gate/up", 1536, 576, "Q4_1"),
+    ("smollm2-135m", "down", 576, 1536, "Q4_1"), ("smollm2-135m", "head 49k", 49152, 576, "Q8_0"),
+    ("gemma3-270m", "q", 1024, 640, "Q4_K"), ("gemma3-270m", "gate/up", 2048, 640, "Q4_K"),
+    ("gemma3-270m", "head 262k", 262144, 640, "Q8_0"),
+    ("qwen2.5-0.5b", "q/o", 896, 896, "Q5_0"), ("qwen2.5-0.5b", "gate/up", 4864, 896, "Q5_0"),
+    ("qwen2.5-0.5b", "head 151k", 151936, 896, "Q8_0"),
+    ("qwen2.5-1.5b", "q/o", 1536, 1536, "Q4_K"), ("qwen2.5-1.5b", "gate/up", 8960, 1536, "Q4_K"),
+    ("qwen2.5-1.5b", "down", 1536, 8960, "Q6_K"), ("qwen2.5-1.5b", "head 151k", 151936, 1536, "Q6_K"),
+]
+
+
+def random_gguf(qtype: str, N: int, K: int, seed: int = 0) -> "PackedLinear":
+    """A PackedLinear of random valid `qtype` blocks (random bits, small finite fp16 scales)."""
+    from tandem.kernels import kquants
+    gen = torch.Generator().manual_seed(seed)
+    qk, nbytes = kquants.BLOCK_BYTES[qtype]
+    raw = torch.randint(0, 256, (N, K // qk * nbytes), dtype=torch.uint8, generator=gen).numpy()
+    fmt = kquants.GGUF_TYPES[qtype]
+    f = kquants.parse_gguf(qtype, raw, K)
+    for k, v in f.items():
+        if v.dtype == torch.float16:
+            f[k] = (torch.randn(v.shape, generator=gen) * 1e-3).half()
+    if fmt == "q8_0x8":
+        return klinear.PackedLinear.from_q8_0((f["u"] ^ 0x80).view(torch.int8), f["d"], fmt=fmt)
+    return klinear.PackedLinear(K, N, fmt, {f"vnni{i}": t for i, t in enumerate(kquants.pack(fmt, f))})
+
+
+def shape_costs(reps: int, cold_bytes: float = 128e6):
+    """Per SHAPES entry: ms of a 1-row GEMM and the k-row / 1-row cost for k = 2, 4, 8, weights cycled through
+    enough copies to exceed the caches."""
+    for model, name, N, K, qtype in SHAPES:
+        lin = random_gguf(qtype, N, K)
+        mods = [lin] + [random_gguf(qtype, N, K, seed=i) for i in range(1, max(1, int(cold_bytes / lin.weight_bytes)))]
+        t = {}
+        for M in (1, 2, 4, 8):
+            x = torch.randn(M, K)
+            t[M] = med(lambda: [m(x) for m in mods], reps) / len(mods)
+        print(f"[shape] {model:13s} {name:9s} {N:6d}x{K:<5d} {qtype:5s} 1 row {t[1] * 1e3:7.3f} ms "
+              f"({lin.weight_bytes / t[1] / 1e9:5.1f} GB/s)  " + "  ".join(f"k={M}: {t[M] / t[1]:.2f}x" for M in (2, 4, 8)),
+              flush=True)
+        del mods, lin
+        gc.collect()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tandem.bench.kernels", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,7 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--linears", action="store_true", help="also per-linear GB/s")
+    ap.add_argument("--shapes", action="store_true", help="only the per-shape k-row costs of the real models' linears")
     a = ap.parse_args(argv)
+    if a.shapes:
+        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+        return shape_costs(a.reps)
     ks = (1, 2, 4, 8)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fast kernels: "
           f"{'yes' if kernels.linear.ext() is not None else 'no'}")

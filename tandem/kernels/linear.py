@@ -15,8 +15,10 @@ Formats (by name):
   q8_0x8 : the same Q8_0 weight values, stored for int8 x int8 dot products (AVX-512 VNNI, csrc/vnni_gemm.cpp):
          each activation row is quantized per 32-block as llama.cpp does for its Q8_0 dot products
          (quantize_act_q8), so a row's result still depends on that row only; ~6x fewer instructions per weight.
-  q5_0x8, q4_kx8, q6_kx8 : a GGUF Q5_0 / Q4_K / Q6_K tensor's own integers and scales, no requantisation
-         (tandem/kernels/kquants.py), the same int8 activation rows and kernel: the file's bytes per weight.
+  q4_0x8, q4_1x8, q5_0x8, q5_1x8, q2_kx8 .. q6_kx8, iq4_nlx8, iq4_xsx8 : a GGUF tensor's own integers and
+         scales, no requantisation (tandem/kernels/kquants.py), the same int8 activation rows and kernel: about the
+         file's bytes per weight. A GGUF BF16 / F16 / F32 tensor is held as bf16 / f16 / fp32 (its values exactly;
+         f16: fp16 weights in the bf16 kernel's fp32 FMA chains).
   native (prepare only): each GGUF-loaded linear in its file's type where a VNNI format holds it, else q8_0x8.
 Without the compiled extension (or off CPU) the packed formats take the same fixed-shape torch path.
 """
@@ -32,9 +34,9 @@ from tandem.kernels.kquants import NB, panelize as _panelize, unpanelize as _unp
 from tandem.kernels._ext import ext, has_vnni
 
 FORMATS = ("fp32", "bf16", "q8_0", "q8_0x8", "native")  # what prepare() and the CLI take
-KQUANT_FORMATS = ("q5_0x8", "q4_kx8", "q6_kx8")
+KQUANT_FORMATS = tuple(f for f in kquants.VNNI if f != "q8_0x8")  # a GGUF type's own blocks (kquants)
 VNNI_FORMATS = ("q8_0x8",) + KQUANT_FORMATS
-LINEAR_FORMATS = ("fp32", "bf16", "q8_0") + VNNI_FORMATS  # what a PackedLinear holds
+LINEAR_FORMATS = ("fp32", "bf16", "f16", "q8_0") + VNNI_FORMATS  # what a PackedLinear holds
 QBLOCK = 32   # Q8_0 block along K
 ROW_BLOCK = 8  # rows per torch call on the reference path (fixed_rows): decode pays ~3x a GEMV, not ~10x
 
@@ -160,6 +162,11 @@ class PackedLinear(nn.Module):
         None when `expect` (the loaded fp32 weight) differs from the blocks' values (a fix-up changed them)."""
         fmt = kquants.GGUF_TYPES[qtype]
         f = kquants.parse_gguf(qtype, raw, K)
+        if "w" in f:  # BF16 / F16 / F32: the values themselves, in the float GEMMs
+            if expect is not None and not torch.equal(f["w"].float(), expect.detach().float().cpu()):
+                return None
+            t = {"weight": f["w"].clone()} if fmt == "fp32" else {f"w_{fmt}": _panelize(f["w"])}
+            return cls(K, f["w"].shape[0], fmt, t, bias)
         for n0 in range(0, raw.shape[0], 16384):  # in row chunks: no full fp32 copy of a large table
             chunk = {k: v[n0:n0 + 16384] for k, v in f.items()}
             if expect is not None and not torch.equal(kquants.dequantize(fmt, chunk),
@@ -210,8 +217,8 @@ class PackedLinear(nn.Module):
         """The exact fp32 values the kernel multiplies by, [N, K] (tests, fallback)."""
         if self.fmt == "fp32":
             return self.weight
-        if self.fmt == "bf16":
-            return _unpanelize(self.w_bf16, self.out_features).float()
+        if self.fmt in ("bf16", "f16"):
+            return _unpanelize(getattr(self, f"w_{self.fmt}"), self.out_features).float()
         if self.fmt in KQUANT_FORMATS:
             return kquants.dequantize(self.fmt, self._fields())
         q, d = self._q8_values()
@@ -226,6 +233,8 @@ class PackedLinear(nn.Module):
         m = ext()
         if self.fmt == "fp32":
             out = self.weight.index_select(0, flat)
+        elif self.fmt == "f16":
+            out = self.w_f16[flat // NB, :, flat % NB].float()
         elif self.fmt in KQUANT_FORMATS:  # not an embedding format: the torch path is enough
             f = {k: v.index_select(0, flat) for k, v in self._fields().items()}
             out = kquants.dequantize(self.fmt, f)
@@ -252,9 +261,10 @@ class PackedLinear(nn.Module):
         order = order.to(torch.int64).cpu()
         if self.fmt == "fp32":
             return PackedLinear(self.in_features, len(order), "fp32", {"weight": self.weight.detach()[order]})
-        if self.fmt == "bf16":
-            return PackedLinear(self.in_features, len(order), "bf16",
-                                {"w_bf16": _panelize(_unpanelize(self.w_bf16, self.out_features)[order])})
+        if self.fmt in ("bf16", "f16"):
+            w = getattr(self, f"w_{self.fmt}")
+            return PackedLinear(self.in_features, len(order), self.fmt,
+                                {f"w_{self.fmt}": _panelize(_unpanelize(w, self.out_features)[order])})
         if self.fmt in KQUANT_FORMATS:
             f = {k: v[order] for k, v in self._fields().items()}
             return PackedLinear(self.in_features, len(order), self.fmt,
@@ -266,7 +276,7 @@ class PackedLinear(nn.Module):
         """x [M, K] -> y [M, S*64]: output rows of the 64-row panels `panels` [S] only, each value bitwise the
         full forward's (sparse heads). None when no kernel serves this format/device (caller falls back)."""
         m = ext()
-        if m is None or self.fmt == "fp32" or x.device.type != "cpu" or self.bias is not None:
+        if m is None or self.fmt in ("fp32", "f16") or x.device.type != "cpu" or self.bias is not None:
             return None
         x2 = x.reshape(-1, self.in_features).float().contiguous()
         idx = panels.reshape(-1).to(torch.int64).contiguous()
@@ -289,6 +299,8 @@ class PackedLinear(nn.Module):
             y = fixed_rows(x2, self.weight.float())
         elif m is not None and self.fmt == "bf16":
             y = m.gemm_bf16(x2, self.w_bf16, self.out_features)
+        elif m is not None and self.fmt == "f16":
+            y = m.gemm_f16(x2, self.w_f16, self.out_features)
         elif m is not None and self.fmt == "q8_0":
             y = m.gemm_q8_0(x2, self.q8, self.d16, self.out_features)
         elif self.fmt in VNNI_FORMATS:

@@ -1,6 +1,7 @@
 #include <torch/extension.h>
 
 torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w, int64_t N);
+torch::Tensor gemm_f16(torch::Tensor x, torch::Tensor w, int64_t N);
 torch::Tensor gemm_q8_0(torch::Tensor x, torch::Tensor q, torch::Tensor d, int64_t N);
 torch::Tensor gemm_q8_0_panels(torch::Tensor x, torch::Tensor q, torch::Tensor d, torch::Tensor panels);
 torch::Tensor gemm_bf16_panels(torch::Tensor x, torch::Tensor w, torch::Tensor panels);
@@ -35,6 +36,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // compute without the GIL: other Python threads (the server's event loop) keep running during a long kernel
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("gemm_bf16", &gemm_bf16, nogil);
+  m.def("gemm_f16", &gemm_f16, nogil);
   m.def("gemm_q8_0", &gemm_q8_0, nogil);
   m.def("gemm_q8_0_panels", &gemm_q8_0_panels, nogil);
   m.def("gemm_bf16_panels", &gemm_bf16_panels, nogil);

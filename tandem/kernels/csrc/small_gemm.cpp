@@ -8,6 +8,7 @@
 //
 // Weight layouts (N padded to a multiple of 64 with zero rows):
 //   bf16 : uint16 [N/64][K][64]                   (panel-major, each k-step of a panel is 128 contiguous bytes)
+//   f16  : the same with fp16 bits (a GGUF F16 tensor's values, exact in fp32)
 //   q8_0 : int8   [N/64][K][64] + fp16 d [N/64][K/32][64]   (GGUF Q8_0 values: w = d * q, exact in fp32)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -44,8 +45,13 @@ static inline void store_tile(__m512 (&acc)[MR][4], float* y, int64_t ldy, int n
   }
 }
 
-template <int MR>
-static void tile_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, int64_t ldy, int ncols) {
+template <bool F16>
+static inline __m512 half16(const uint16_t* p) {
+  return F16 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))) : bf16x16_to_f32(p);
+}
+
+template <bool F16, int MR>
+static void tile_half(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, int64_t ldy, int ncols) {
   __m512 acc[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -53,8 +59,8 @@ static void tile_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t K,
     const uint16_t* wk = w + k * NB;
     _mm_prefetch(reinterpret_cast<const char*>(wk + 16 * NB), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wk + 16 * NB + 32), _MM_HINT_T0);
-    __m512 w0 = bf16x16_to_f32(wk), w1 = bf16x16_to_f32(wk + 16);
-    __m512 w2 = bf16x16_to_f32(wk + 32), w3 = bf16x16_to_f32(wk + 48);
+    __m512 w0 = half16<F16>(wk), w1 = half16<F16>(wk + 16);
+    __m512 w2 = half16<F16>(wk + 32), w3 = half16<F16>(wk + 48);
     for (int i = 0; i < MR; ++i) {
       __m512 xb = _mm512_set1_ps(x[i * ldx + k]);
       acc[i][0] = _mm512_fmadd_ps(xb, w0, acc[i][0]);
@@ -65,6 +71,10 @@ static void tile_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t K,
   }
   store_tile<MR>(acc, y, ldy, ncols);
 }
+template <int MR> static void tile_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y,
+                                        int64_t ldy, int ncols) { tile_half<false, MR>(x, ldx, w, K, y, ldy, ncols); }
+template <int MR> static void tile_f16(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y,
+                                       int64_t ldy, int ncols) { tile_half<true, MR>(x, ldx, w, K, y, ldy, ncols); }
 
 template <int MR>
 static void tile_q8_0(const float* x, int64_t ldx, const int8_t* q, const uint16_t* d, int64_t K, float* y,
@@ -116,8 +126,9 @@ static inline void rows_of_panel(int64_t m0, int64_t m1, F&& tile) {
 
 }  // namespace
 
-// x [M, K] fp32 contiguous; w [N/64*K*64] uint16 (bf16 bits); returns y [M, N] fp32.
-torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w, int64_t N) {
+namespace {
+template <bool F16>
+torch::Tensor gemm_half(torch::Tensor x, torch::Tensor w, int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous fp32 [M,K]");
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t P = (N + NB - 1) / NB;
@@ -133,12 +144,18 @@ torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w, int64_t N) {
       const int ncols = (int)std::min<int64_t>(NB, N - p * NB);
       const uint16_t* wpan = wp + p * K * NB;
       rows_of_panel(mb * MBLK, std::min(M, mb * MBLK + MBLK), [&](int64_t m, int mr) {
-        DISPATCH_MR(mr, tile_bf16, xp + m * K, K, wpan, K, yp + m * N + p * NB, N, ncols);
+        if (F16) DISPATCH_MR(mr, tile_f16, xp + m * K, K, wpan, K, yp + m * N + p * NB, N, ncols)
+        else DISPATCH_MR(mr, tile_bf16, xp + m * K, K, wpan, K, yp + m * N + p * NB, N, ncols);
       });
     }
   });
   return y;
 }
+}  // namespace
+
+// x [M, K] fp32 contiguous; w [N/64*K*64] uint16 (bf16 / fp16 bits); returns y [M, N] fp32.
+torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w, int64_t N) { return gemm_half<false>(x, w, N); }
+torch::Tensor gemm_f16(torch::Tensor x, torch::Tensor w, int64_t N) { return gemm_half<true>(x, w, N); }
 
 // x [M, K] fp32; q int8 [N/64*K*64]; d fp16 bits [N/64*(K/32)*64]; returns y [M, N] fp32.
 torch::Tensor gemm_q8_0(torch::Tensor x, torch::Tensor q, torch::Tensor d, int64_t N) {

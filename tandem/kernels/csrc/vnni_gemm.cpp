@@ -1,39 +1,50 @@
 // Batch-invariant small-M GEMM y[M,N] = x[M,K] @ W[N,K]^T with int8 x int8 dot products (AVX-512 VNNI), Tandem.
 //
 // Each activation row is quantized per 32-block as llama.cpp's quantize_row_q8_0 (d = amax/127, q = round-half-away
-// (x/d), d kept as fp16). The weight keeps a GGUF type's own integers (no requantisation), stored unsigned as u:
-//   q8_0x8  u = q + 128 (8 bit),         w = d * (u - 128),        d fp16 per 32
-//   q5_0x8  u = q + 16  (4 bit + 1 bit), w = d * (u - 16),         d fp16 per 32
-//   q4_kx8  u = q       (4 bit),         w = d*sc * u - dmin*m,    6-bit sc, m per 32; d, dmin fp16 per 256
-//   q6_kx8  u = q + 32  (4 bit + 2 bit), w = d*sc * (u - 32),      int8 sc per 16; d fp16 per 256
+// (x/d), d kept as fp16). The weight keeps a GGUF type's own integers (no requantisation), stored unsigned as u
+// (csrc/vnni_formats.h): w = a * (u - off) - b per scale group of SG k (b only for the types with a min):
+//   q8_0x8 u = q + 128, q5_0x8 u = q + 16, q4_0x8 u = q + 8, q4_1x8 / q5_1x8 u = q (a = d, b = -m),
+//   q4_kx8 / q5_kx8 u = q (a = d*sc, b = dmin*m per 32), q6_kx8 u = q + 32 (a = d*sc per 16),
+//   q3_kx8 u = q + 4 (a = d*(sc-32) per 16), q2_kx8 u = q (a = d*(sc&15), b = dmin*(sc>>4) per 16),
+//   iq4_nlx8 / iq4_xsx8 u = kvalues_iq4nl[i] + 128 (a = d, or d*(sc-32) per 32).
 // Per row, column and scale group the int32 dot isum = sum u*q_x is exact (dpbusd: unsigned x signed bytes), the
 // offset comes off exactly (off * sum q_x, summed when the row is quantized), and y is one fp32 chain over the
-// groups in order, acc = fma(float(isum - off*sx), scale*dx, acc) (q4_k: then acc = fma(-float(sx), m*dx, acc)),
+// groups in order, acc = fma(float(isum - off*sx), a*dx, acc) (with a min: then acc = fma(-float(sx), b*dx, acc)),
 // so a row's result depends on that row only: bitwise the same for any M, register tile or thread split (threads
 // split whole 64-column panels / row blocks, never K). N is padded to 64 with zero scales.
 // Layouts, per 64-column panel (kb: 32-block, g: 4 consecutive k, j: 16 columns; 64 values per (kb, g, j) ordered
-// column-major (column c, k) -> byte 4c + k, one dpbusd lane per column). 4-bit values come in pairs of groups
-// (gp: g = 2gp, 2gp+1 -> A, B): nib byte i = A[i] | B[i] << 4, so one 64-byte load and 3 ops give two groups.
-//   q8_0x8  u8 [KB][8][4][64], d fp16 [KB][64]
-//   q5_0x8  nib [KB][4][4][64], hbit u64 [KB][8][4] (bit i: +16 on v[i]), d fp16 [KB][64]
-//   q4_kx8  nib [KB][4][4][64], sc u8 [KB][64], m u8 [KB][64], d/dmin fp16 [K/256][2][64]
-//   q6_kx8  nib [KB][4][4][64], h2 [KB][4][4][32] (byte i: A[i], A[i+32], B[i], B[i+32] >> 4 at bits 0, 2, 4, 6),
-//           sc i8 [K/16][64], d fp16 [K/256][64]
+// column-major (column c, k) -> byte 4c + k, one dpbusd lane per column). Bit planes of u (tandem.kernels.kquants
+// STREAMS), groups in pairs (gp: g = 2gp, 2gp+1 -> A, B):
+//   u8     [KB][8][4][64]       the bytes
+//   nib    [KB][4][4][64]       byte i = A[i] & 15 | (B[i] & 15) << 4: one 64-byte load and 3 ops give two groups
+//   crumbs [KB][4][4][32]       byte i = 2-bit fields of A[i], A[i+32], B[i], B[i+32] at bits 0, 2, 4, 6
+//   hbit   u64 [KB][8][4]       bit i: one more bit of v[i]
+// then the scale fields, panelized [groups][64] (fp16 or u8/i8; "pairs" [groups][2][64]).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#include "vnni_formats.h"
 
 #ifdef __AVX512VNNI__
 namespace {
 
-constexpr int NB = 64;      // columns per panel = 4 zmm of int32 lanes
-constexpr int MR_MAX = 4;   // rows per register tile: 4 x 4 int32 accumulators (fp32 ones stay in L1); 5-6 rows
-                            // spilled: the head's 5-row GEMM cost 2x its 1-row one (measured), 4 rows 0.8-1x
-constexpr int MBLK = 48;    // rows per parallel work item (multiple of MR_MAX)
+using namespace vnni;
+constexpr int MR_MAX = 4;   // rows per wide register tile: 4 x 4 int32 accumulators (fp32 ones stay in L1); 5-6
+                            // rows spilled: the head's 5-row GEMM cost 2x its 1-row one (measured), 4 rows 0.8-1x
+constexpr int MR_NARROW = 8;  // rows per narrow tile (16 columns: 8 int32 + 8 fp32 accumulators in registers)
+constexpr int MBLK = 48;    // rows per parallel work item (multiple of MR_MAX and MR_NARROW)
+
+// Row counts from which a work item runs narrow tiles (one decoded weight vector feeds up to 8 rows), else wide.
+static int narrow_min() {
+  static const int n = [] { const char* e = std::getenv("TANDEM_VNNI_NARROW_MIN"); return e ? std::atoi(e) : 5; }();
+  return n;
+}
 
 struct QRows {  // activation rows quantized per 32-block
   torch::Tensor q, d, s;  // int8 [M, K]; fp32 [M, K/32] (fp16 values); int32 [M, K/16] = sum(q) per 16
@@ -84,114 +95,68 @@ struct XRows {  // the tile's rows: row i at q + i*K, d + i*KB, s + i*2*KB
 
 static inline __m512 load(const float* a, int j) { return _mm512_load_ps(a + 16 * j); }
 static inline void store(float* a, int j, __m512 v) { _mm512_store_ps(a + 16 * j, v); }
-static inline __m512 ph16(const uint16_t* p) {  // 16 fp16 -> fp32
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-static inline void nibbles(const uint8_t* p, __m512i& a, __m512i& b) {  // 64 bytes: two groups' 4-bit values
-  const __m512i z = _mm512_loadu_si512(p), m = _mm512_set1_epi8(0x0F);
-  a = _mm512_and_si512(z, m);
-  b = _mm512_and_si512(_mm512_srli_epi16(z, 4), m);
+
+static inline int32_t group_sum(const XRows& x, int i, int64_t kb, int h, int sg) {  // sum q_x of scale group h
+  const int32_t* s = x.s + i * 2 * x.KB + 2 * kb;
+  return sg == 32 ? s[0] + s[1] : s[h];
 }
 
-// Each format: SG (k per scale group), a panel view built from the streams, w(kb, gp, j, a, b) the unsigned bytes
-// of groups 2gp and 2gp+1, fold<MR>(kb, h, isum, acc, x) adding scale group h of block kb to the accumulators.
-struct Q8 {
-  static constexpr int SG = 32, OFF = 128;
-  const uint8_t* u; const uint16_t* d;
-  Q8(const std::vector<const uint8_t*>& s, int64_t p, int64_t K)
-      : u(s[0] + p * K * NB), d(reinterpret_cast<const uint16_t*>(s[1]) + p * (K / 32) * NB) {}
-  void w(int64_t kb, int gp, int j, __m512i& a, __m512i& b) const {
-    a = _mm512_loadu_si512(u + ((kb * 8 + 2 * gp) * 4 + j) * 64);
-    b = _mm512_loadu_si512(u + ((kb * 8 + 2 * gp + 1) * 4 + j) * 64);
-  }
-  template <int MR> void fold(int64_t kb, int, __m512i (&is)[MR][4], float (&acc)[MR][64], const XRows& x) const {
-    fold_off<MR>(d + kb * NB, OFF, kb, is, acc, x);
-  }
-  template <int MR>
-  static void fold_off(const uint16_t* db, int off, int64_t kb, __m512i (&is)[MR][4], float (&acc)[MR][64],
-                       const XRows& x) {
-    for (int j = 0; j < 4; ++j) {
-      const __m512 dw = ph16(db + 16 * j);
-      for (int i = 0; i < MR; ++i) {
-        const int32_t sx = x.s[i * 2 * x.KB + 2 * kb] + x.s[i * 2 * x.KB + 2 * kb + 1];
-        const __m512i s = _mm512_sub_epi32(is[i][j], _mm512_set1_epi32(off * sx));
-        const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[i * x.KB + kb]));  // exact: fp16 x fp16
-        store(acc[i], j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, load(acc[i], j)));
-      }
+// One scale group into one fp32 chain (v = isum - off*sx, exact): the arithmetic every tile shares.
+template <class F>
+static inline __m512 step(__m512i v, __m512 a, __m512 b, int32_t sx, float dxs, __m512 acc) {
+  const __m512 dx = _mm512_set1_ps(dxs);
+  __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(a, dx), acc);
+  return F::HAS_B ? _mm512_fmadd_ps(_mm512_set1_ps(-(float)sx), _mm512_mul_ps(b, dx), t) : t;
+}
+
+// Scale group h of block kb into the fp32 chains: acc = fma(float(isum - off*sx), a*dx, acc) [- sx * b*dx].
+template <class F, int MR>
+static inline void fold(const F& f, int64_t kb, int h, __m512i (&is)[MR][4], float (&acc)[MR][64], const XRows& x) {
+  for (int j = 0; j < 4; ++j) {
+    __m512 a, b;
+    f.scales(kb, h, j, a, b);
+    for (int i = 0; i < MR; ++i) {
+      const int32_t sx = group_sum(x, i, kb, h, F::SG);
+      const __m512i v = F::OFF ? _mm512_sub_epi32(is[i][j], _mm512_set1_epi32(F::OFF * sx)) : is[i][j];
+      store(acc[i], j, step<F>(v, a, b, sx, x.d[i * x.KB + kb], load(acc[i], j)));
     }
   }
-};
+}
 
-struct Q5 {
-  static constexpr int SG = 32;
-  const uint8_t* nib; const uint64_t* hb; const uint16_t* d;
-  Q5(const std::vector<const uint8_t*>& s, int64_t p, int64_t K)
-      : nib(s[0] + p * K * NB / 2), hb(reinterpret_cast<const uint64_t*>(s[1]) + p * K),
-        d(reinterpret_cast<const uint16_t*>(s[2]) + p * (K / 32) * NB) {}
-  void w(int64_t kb, int gp, int j, __m512i& a, __m512i& b) const {
-    nibbles(nib + ((kb * 4 + gp) * 4 + j) * 64, a, b);
-    const uint64_t* h = hb + (kb * 8 + 2 * gp) * 4 + j;
-    a = _mm512_mask_add_epi8(a, _cvtu64_mask64(h[0]), a, _mm512_set1_epi8(16));
-    b = _mm512_mask_add_epi8(b, _cvtu64_mask64(h[4]), b, _mm512_set1_epi8(16));
-  }
-  template <int MR> void fold(int64_t kb, int, __m512i (&is)[MR][4], float (&acc)[MR][64], const XRows& x) const {
-    Q8::fold_off<MR>(d + kb * NB, 16, kb, is, acc, x);
-  }
-};
-
-struct Q4K {
-  static constexpr int SG = 32;
-  const uint8_t* nib; const uint8_t* sc; const uint8_t* m; const uint16_t* dd;
-  Q4K(const std::vector<const uint8_t*>& s, int64_t p, int64_t K)
-      : nib(s[0] + p * K * NB / 2), sc(s[1] + p * (K / 32) * NB), m(s[2] + p * (K / 32) * NB),
-        dd(reinterpret_cast<const uint16_t*>(s[3]) + p * (K / 256) * 2 * NB) {}
-  void w(int64_t kb, int gp, int j, __m512i& a, __m512i& b) const { nibbles(nib + ((kb * 4 + gp) * 4 + j) * 64, a, b); }
-  template <int MR> void fold(int64_t kb, int, __m512i (&is)[MR][4], float (&acc)[MR][64], const XRows& x) const {
-    const uint16_t* dsb = dd + (kb / 8) * 2 * NB;
-    for (int j = 0; j < 4; ++j) {
-      const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + kb * NB + 16 * j));
-      const __m128i m8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m + kb * NB + 16 * j));
-      const __m512 a = _mm512_mul_ps(ph16(dsb + 16 * j), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(s8)));
-      const __m512 b = _mm512_mul_ps(ph16(dsb + NB + 16 * j), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m8)));
-      for (int i = 0; i < MR; ++i) {
-        const int32_t sx = x.s[i * 2 * x.KB + 2 * kb] + x.s[i * 2 * x.KB + 2 * kb + 1];
-        const __m512 dx = _mm512_set1_ps(x.d[i * x.KB + kb]);
-        __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[i][j]), _mm512_mul_ps(a, dx), load(acc[i], j));
-        store(acc[i], j, _mm512_fmadd_ps(_mm512_set1_ps(-(float)sx), _mm512_mul_ps(b, dx), t));
+// Up to 8 rows x 16 columns (chunk j) at a time, every accumulator in registers: for 5..8 rows the weights are
+// decoded once per 8 rows, not once per 4. Per element the same integers and step() chain as tile().
+template <class F, int MR>
+static void tile_narrow(const XRows& x, const F& f, float* y, int64_t ldy, int ncols) {
+  constexpr int H = 32 / F::SG, GH = 8 / H;
+  for (int j = 0; j < 4 && 16 * j < ncols; ++j) {
+    __m512 acc[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < x.KB; ++kb) {
+      for (int h = 0; h < H; ++h) {
+        __m512i isum[MR];  // starts at -off*sx: isum - off*sx exactly, as tile()'s
+        for (int i = 0; i < MR; ++i) isum[i] = _mm512_set1_epi32(-F::OFF * group_sum(x, i, kb, h, F::SG));
+        for (int gp = h * GH / 2; gp < (h + 1) * GH / 2; ++gp) {
+          __m512i wa, wb;
+          f.w(kb, gp, j, wa, wb);
+          for (int i = 0; i < MR; ++i) {
+            int32_t xa, xb;
+            std::memcpy(&xa, x.q + i * x.K + kb * 32 + gp * 8, 4);
+            std::memcpy(&xb, x.q + i * x.K + kb * 32 + gp * 8 + 4, 4);
+            isum[i] = _mm512_dpbusd_epi32(isum[i], wa, _mm512_set1_epi32(xa));
+            isum[i] = _mm512_dpbusd_epi32(isum[i], wb, _mm512_set1_epi32(xb));
+          }
+        }
+        __m512 a, b;
+        f.scales(kb, h, j, a, b);
+        for (int i = 0; i < MR; ++i)
+          acc[i] = step<F>(isum[i], a, b, group_sum(x, i, kb, h, F::SG), x.d[i * x.KB + kb], acc[i]);
       }
     }
+    const int c = ncols - 16 * j;
+    const __mmask16 m = c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << c) - 1);
+    for (int i = 0; i < MR; ++i) _mm512_mask_storeu_ps(y + i * ldy + 16 * j, m, acc[i]);
   }
-};
-
-struct Q6K {
-  static constexpr int SG = 16;
-  const uint8_t* nib; const uint8_t* h2; const int8_t* sc; const uint16_t* d;
-  Q6K(const std::vector<const uint8_t*>& s, int64_t p, int64_t K)
-      : nib(s[0] + p * K * NB / 2), h2(s[1] + p * K * NB / 4),
-        sc(reinterpret_cast<const int8_t*>(s[2]) + p * (K / 16) * NB),
-        d(reinterpret_cast<const uint16_t*>(s[3]) + p * (K / 256) * NB) {}
-  void w(int64_t kb, int gp, int j, __m512i& a, __m512i& b) const {
-    const int64_t o = (kb * 4 + gp) * 4 + j;
-    nibbles(nib + o * 64, a, b);
-    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h2 + o * 32));
-    const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(y), _mm256_srli_epi16(y, 2), 1);
-    const __m512i m = _mm512_set1_epi8(0x30);  // a | (t & m): ternary-logic table 0xF8
-    a = _mm512_ternarylogic_epi64(a, _mm512_slli_epi16(z, 4), m, 0xF8);
-    b = _mm512_ternarylogic_epi64(b, z, m, 0xF8);
-  }
-  template <int MR> void fold(int64_t kb, int h, __m512i (&is)[MR][4], float (&acc)[MR][64], const XRows& x) const {
-    const int64_t sg = 2 * kb + h;
-    for (int j = 0; j < 4; ++j) {
-      const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + sg * NB + 16 * j));
-      const __m512 a = _mm512_mul_ps(ph16(d + (kb / 8) * NB + 16 * j), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(s8)));
-      for (int i = 0; i < MR; ++i) {
-        const __m512i s = _mm512_sub_epi32(is[i][j], _mm512_set1_epi32(32 * x.s[i * 2 * x.KB + sg]));
-        store(acc[i], j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(a, _mm512_set1_ps(x.d[i * x.KB + kb])),
-                                         load(acc[i], j)));
-      }
-    }
-  }
-};
+}
 
 template <class F, int MR>
 static void tile(const XRows& x, const F& f, float* y, int64_t ldy, int ncols) {
@@ -215,7 +180,7 @@ static void tile(const XRows& x, const F& f, float* y, int64_t ldy, int ncols) {
           }
         }
       }
-      f.template fold<MR>(kb, h, isum, acc, x);
+      fold<F, MR>(f, kb, h, isum, acc, x);
     }
   }
   for (int j = 0; j < 4; ++j) {
@@ -228,31 +193,84 @@ static void tile(const XRows& x, const F& f, float* y, int64_t ldy, int ncols) {
 
 // One GEMM of a multi-GEMM call: the same activation rows against one weight, into its own y.
 struct Seg {
-  int fmt;                              // 0..3: q8_0x8, q5_0x8, q4_kx8, q6_kx8
+  int fmt;                              // index into FORMATS
   std::vector<const uint8_t*> st;       // the format's streams
+  std::vector<int64_t> bytes;           // each stream's bytes per panel
   float* y; int64_t ldy, S, N;          // y's column panel s <- weight panel panel_of(s), s < S; N weight rows
   const int64_t* panels;                // panel_of(s) = panels[s], or s when null
 };
 
-// Rows [m0, m1) against one panel, in register tiles of MR_MAX rows and one tail tile (same per-element arithmetic).
+// Rows [m0, m1) against one panel: narrow 8-row tiles from narrow_min() rows on, else wide MR_MAX-row tiles (the
+// same per-element arithmetic either way).
 template <class F>
 static void panel_rows(const QRows& r, int64_t m0, int64_t m1, int64_t K, const Seg& g, int64_t s) {
   const int64_t KB = K / 32, p = g.panels ? g.panels[s] : s;
   const int ncols = (int)std::min<int64_t>(NB, g.N - p * NB);
-  const F f(g.st, p, K);
+  const uint8_t* ptr[8];
+  for (size_t i = 0; i < g.st.size(); ++i) ptr[i] = g.st[i] + p * g.bytes[i];
+  const F f{ptr};
   const int8_t* q = r.q.data_ptr<int8_t>();
   const float* dx = r.d.data_ptr<float>();
   const int32_t* sx = r.s.data_ptr<int32_t>();
-  for (int64_t m = m0; m < m1; m += MR_MAX) {
-    const int mr = (int)std::min<int64_t>(MR_MAX, m1 - m);
+  for (int64_t m = m0, mr; m < m1; m += mr) {
     const XRows x{q + m * K, dx + m * KB, sx + m * 2 * KB, K, KB};
     float* ym = g.y + m * g.ldy + s * NB;
+    if (m1 - m >= narrow_min()) {
+      mr = std::min<int64_t>(MR_NARROW, m1 - m);
+      switch (mr) {
+        case 8: tile_narrow<F, 8>(x, f, ym, g.ldy, ncols); break;
+        case 7: tile_narrow<F, 7>(x, f, ym, g.ldy, ncols); break;
+        case 6: tile_narrow<F, 6>(x, f, ym, g.ldy, ncols); break;
+        case 5: tile_narrow<F, 5>(x, f, ym, g.ldy, ncols); break;
+        case 4: tile_narrow<F, 4>(x, f, ym, g.ldy, ncols); break;
+        case 3: tile_narrow<F, 3>(x, f, ym, g.ldy, ncols); break;
+        case 2: tile_narrow<F, 2>(x, f, ym, g.ldy, ncols); break;
+        default: tile_narrow<F, 1>(x, f, ym, g.ldy, ncols);
+      }
+      continue;
+    }
+    mr = std::min<int64_t>(MR_MAX, m1 - m);
     switch (mr) {
       case 4: tile<F, 4>(x, f, ym, g.ldy, ncols); break;
       case 3: tile<F, 3>(x, f, ym, g.ldy, ncols); break;
       case 2: tile<F, 2>(x, f, ym, g.ldy, ncols); break;
       default: tile<F, 1>(x, f, ym, g.ldy, ncols);
     }
+  }
+}
+
+// The formats (tandem.kernels.kquants.STREAMS): name, K multiple, each stream's bytes per panel over K (x 1/256)
+struct FormatInfo { const char* name; int kmul; std::vector<int64_t> per256; };
+static const FormatInfo FORMATS[] = {
+    {"q8_0x8", 32, {256 * NB, 8 * NB * 2}},
+    {"q5_0x8", 32, {128 * NB, 32 * NB, 8 * NB * 2}},
+    {"q4_kx8", 256, {128 * NB, 8 * NB, 8 * NB, 2 * NB * 2}},
+    {"q6_kx8", 256, {128 * NB, 64 * NB, 16 * NB, NB * 2}},
+    {"q4_0x8", 32, {128 * NB, 8 * NB * 2}},
+    {"q4_1x8", 32, {128 * NB, 8 * 2 * NB * 2}},
+    {"q5_1x8", 32, {128 * NB, 32 * NB, 8 * 2 * NB * 2}},
+    {"q5_kx8", 256, {128 * NB, 32 * NB, 8 * NB, 8 * NB, 2 * NB * 2}},
+    {"iq4_nlx8", 32, {128 * NB, 8 * NB * 2}},
+    {"iq4_xsx8", 256, {128 * NB, 8 * NB, NB * 2}},
+    {"q3_kx8", 256, {64 * NB, 32 * NB, 16 * NB, NB * 2}},
+    {"q2_kx8", 256, {64 * NB, 16 * NB, 2 * NB * 2}},
+};
+
+template <class Fn>
+static void with_format(int fmt, Fn&& fn) {  // fn(F{}) with the format's struct type
+  switch (fmt) {
+    case 0: fn(Q8{}); break;
+    case 1: fn(QLegacy<16>{}); break;
+    case 2: fn(QK45<false>{}); break;
+    case 3: fn(Q6K{}); break;
+    case 4: fn(QLegacy<8>{}); break;
+    case 5: fn(QMin<false>{}); break;
+    case 6: fn(QMin<true>{}); break;
+    case 7: fn(QK45<true>{}); break;
+    case 8: fn(IQ4<false>{}); break;
+    case 9: fn(IQ4<true>{}); break;
+    case 10: fn(Q3K{}); break;
+    default: fn(Q2K{});
   }
 }
 
@@ -269,34 +287,28 @@ static void run(const QRows& r, int64_t M, int64_t K, const std::vector<Seg>& se
       const Seg& g = segs[i];
       const int64_t s = (it - start[i]) / MB, mb = (it - start[i]) % MB;
       const int64_t m0 = mb * MBLK, m1 = std::min(M, m0 + MBLK);
-      switch (g.fmt) {
-        case 0: panel_rows<Q8>(r, m0, m1, K, g, s); break;
-        case 1: panel_rows<Q5>(r, m0, m1, K, g, s); break;
-        case 2: panel_rows<Q4K>(r, m0, m1, K, g, s); break;
-        default: panel_rows<Q6K>(r, m0, m1, K, g, s);
-      }
+      with_format(g.fmt, [&](auto f) { panel_rows<decltype(f)>(r, m0, m1, K, g, s); });
     }
   });
 }
 
 // The format's index and streams (contiguous tensors, sizes checked against P panels of K).
 static Seg segment(const std::string& fmt, const std::vector<torch::Tensor>& parts, int64_t P, int64_t K) {
-  std::vector<int64_t> bytes;  // per panel
   int id = 0;
-  if (fmt == "q8_0x8") bytes = {K * NB, K / 32 * NB * 2};
-  else if (fmt == "q5_0x8") id = 1, bytes = {K * NB / 2, K * NB / 8, K / 32 * NB * 2};
-  else if (fmt == "q4_kx8") id = 2, bytes = {K * NB / 2, K / 32 * NB, K / 32 * NB, K / 256 * 2 * NB * 2};
-  else if (fmt == "q6_kx8") id = 3, bytes = {K * NB / 2, K * NB / 4, K / 16 * NB, K / 256 * NB * 2};
-  else TORCH_CHECK(false, "unknown VNNI weight format ", fmt);
-  TORCH_CHECK(K % (id >= 2 ? 256 : 32) == 0, fmt, " needs K % ", id >= 2 ? 256 : 32, " == 0, got ", K);
-  TORCH_CHECK(parts.size() == bytes.size(), fmt, " takes ", bytes.size(), " tensors, got ", parts.size());
-  Seg g{id, {}, nullptr, 0, P, P * NB, nullptr};
+  while (id < (int)(sizeof(FORMATS) / sizeof(FORMATS[0])) && fmt != FORMATS[id].name) ++id;
+  TORCH_CHECK(id < (int)(sizeof(FORMATS) / sizeof(FORMATS[0])), "unknown VNNI weight format ", fmt);
+  const FormatInfo& fi = FORMATS[id];
+  TORCH_CHECK(K % fi.kmul == 0, fmt, " needs K % ", fi.kmul, " == 0, got ", K);
+  TORCH_CHECK(parts.size() == fi.per256.size(), fmt, " takes ", fi.per256.size(), " tensors, got ", parts.size());
+  Seg g{id, {}, {}, nullptr, 0, P, P * NB, nullptr};
   for (size_t i = 0; i < parts.size(); ++i) {
     const auto& t = parts[i];
+    const int64_t bytes = fi.per256[i] * K / 256;
     TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), fmt, " part ", i, ": contiguous CPU tensor expected");
-    TORCH_CHECK(t.numel() * t.element_size() == P * bytes[i], fmt, " part ", i, ": ", t.numel() * t.element_size(),
-                " bytes, expected ", P * bytes[i], " for ", P, " panels of K=", K);
+    TORCH_CHECK(t.numel() * t.element_size() == P * bytes, fmt, " part ", i, ": ", t.numel() * t.element_size(),
+                " bytes, expected ", P * bytes, " for ", P, " panels of K=", K);
     g.st.push_back(reinterpret_cast<const uint8_t*>(t.data_ptr()));
+    g.bytes.push_back(bytes);
   }
   return g;
 }
