@@ -110,3 +110,26 @@ def test_tree_sampling_joint_distribution():
     chi2 = sum((counts.get(k, 0) - expect[k] * n) ** 2 / (expect[k] * n) for k in cells)
     df = len(cells) - 1  # alpha = 1e-3 critical value (Wilson-Hilferty; z_0.999 = 3.090)
     assert chi2 < df * (1 - 2 / (9 * df) + 3.090 * (2 / (9 * df)) ** 0.5) ** 3, (chi2, df)
+
+
+def test_draft_model_tree_cache_follows_the_accepted_path():
+    """A draft model drafting trees on its own cache: after every request its cache holds exactly the accepted
+    tokens, bitwise the entries a fresh prefill of them writes (the accepted path compacted in place)."""
+    from tandem.spec.drafter import PromptState
+
+    target = prepare(tiny_target(), "fp32")
+    draft = DraftModelDrafter(prepare(noisy_copy(target), "fp32"))
+    eng = Engine(target, max_len=64, drafter=draft, spec=SpecConfig(n_max=3, tree=8))
+    fresh = DraftModelDrafter(draft.model)
+    fresh.make_cache(1, 64, k_type="f32", v_type="f32", device="cpu")
+    trees = 0
+    for p in PROMPTS:
+        toks, fin = eng.complete(p, SamplingParams(max_tokens=13, ignore_eos=True))
+        trees += fin.stats.spec.trees
+        n = draft.cache.lengths[0]
+        assert n <= len(p) + len(toks)
+        fresh.begin(0, PromptState((p + toks)[:n], torch.zeros(1, 32), None))
+        for i in draft.cache.k:
+            for a, b in ((draft.cache.k[i], fresh.cache.k[i]), (draft.cache.v[i], fresh.cache.v[i])):
+                assert torch.equal(a[0, :, :n], b[0, :, :n]), (p, i)
+    assert trees > 0

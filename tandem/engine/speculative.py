@@ -116,7 +116,7 @@ class SlotSpeculator:
                                        for m in self.adaptive.order})
             k_max = max(ks.values())
             k_by_member = ks if len(ks) > 1 else None
-        nodes = self.shape.choose(k_max) if self.shape is not None else 0
+        nodes = min(self.shape.choose(k_max), self.cache.max_len - n - 1) if self.shape is not None else 0
         return DraftContext(slot=self.slot, last_token=int(last_token), position=n, cache=self.cache,
                             sampling=self.sampling, k_max=k_max, k_by_member=k_by_member, nodes=nodes,
                             p_floor=self.policy.p_floor, sample_drafts=self.sample_drafts, generator=self.gen,
