@@ -133,3 +133,31 @@ def test_draft_model_tree_cache_follows_the_accepted_path():
             for a, b in ((draft.cache.k[i], fresh.cache.k[i]), (draft.cache.v[i], fresh.cache.v[i])):
                 assert torch.equal(a[0, :, :n], b[0, :, :n]), (p, i)
     assert trees > 0
+
+
+@pytest.mark.slow
+def test_nextn_tree_greedy_equals_plain(tmp_path):
+    """The target's own MTP heads (kind nextn): their chain plus runner-up leaves, verified as a tree, through
+    generate and the scheduler (tree and chain requests together) == plain decoding."""
+    from tandem.loading import load
+    from tandem.spec import load_drafter
+    from tests.test_nextn import write_checkpoint
+
+    write_checkpoint(tmp_path, "glm4_moe", 1)
+    target = load(str(tmp_path), tokenizer=False).model.eval()
+    eng = Engine(target, None, max_len=64, n_slots=3, drafter=load_drafter(None, target=target, weight_format="fp32"),
+                 spec=SpecConfig(n_max=3, tree=8))
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.randint(0, 128, (4 + i,), generator=g).tolist() for i in range(4)]
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+    plain = [eng.complete(p, sp, spec=SpecConfig(enabled=False))[0] for p in ps]
+    trees = 0
+    for p, want in zip(ps, plain):
+        toks, fin = eng.complete(p, sp)
+        assert toks == want
+        trees += fin.stats.spec.trees
+    assert trees > 0
+    with BatchScheduler(eng) as sch:
+        hs = [sch.submit(p, sp, SpecConfig(n_max=3, tree=8) if i % 2 else SpecConfig(n_max=2), loop=False)
+              for i, p in enumerate(ps)]
+        assert [[e.id for e in h if hasattr(e, "id") and e.id >= 0] for h in hs] == plain
