@@ -7,6 +7,7 @@ Finished event. Batched serving builds on the same pieces (tandem.engine.batch).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import time
@@ -199,7 +200,7 @@ class Engine:
                 index[b, :len(r)] = torch.arange(n, n + len(r))
         tree = TreeRows(index, torch.tensor(starts), positions, mask).to(self.device) if trees else None
         dev = self.device
-        with self.cache.tree_rows(tree):
+        with self.cache.tree_rows(tree) if trees else contextlib.nullcontext():
             out = self.model(tokens.to(dev), positions.to(dev), self.cache, torch.tensor(slots, device=dev),
                              logit_rows=slice(0, 0))
         hidden = torch.cat([out.hidden[b, :len(r)] for b, r in enumerate(rows)])[:, None]
