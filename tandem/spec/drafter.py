@@ -16,6 +16,14 @@ A scheduler step, as the engine runs it (tandem.engine.speculative) for ALL spec
                                                  target's rows that produced them (row i produced tokens[i])
     drafter.end(slot)
 
+Trees: when ctx.nodes > ctx.k_max a drafter may return a draft TREE (Draft.parents; at most ctx.nodes nodes, depth
+<= k_max, parents before children, distinct sibling tokens, deterministic: probs None); a drafter that cannot
+returns a chain, the one-branch tree. The engine verifies all nodes in one forward (a node at position
+position + depth sees its ancestors), then calls accept(slot, tokens, hidden) exactly as for a chain: tokens = the
+accepted PATH's tokens + the recovered/bonus token, hidden = the target rows of that path. A drafter that ran tree
+nodes on its own cache finds the path by those tokens and compacts the path's entries in place (its cache's
+compact(), as the engine does for the target) before dropping the rest: its cache again holds only accepted tokens.
+
 ctx.last_token x sits at ctx.position; the target cache holds entries 0..position-1 when propose runs. A drafter
 never writes the target cache. A drafter with its own cache keeps in it only accepted tokens (it learns what was
 accepted from accept()'s tokens); a token it has not run yet (the last draft of a fully accepted round) it runs
