@@ -67,12 +67,16 @@ class SpecConfig:
     p_min: float | None = None
     adaptive: bool = False
     chain: tuple[str, ...] = ()  # drafters to try in order each round (tandem.spec.chain); () = the engine's order
+    tree: bool | int | None = None  # draft trees: False/None off, True on (default node budget), int: node budget
 
     def __post_init__(self):
         if isinstance(self.chain, (list, str)):
             object.__setattr__(self, "chain", (self.chain,) if isinstance(self.chain, str) else tuple(self.chain))
         if not all(isinstance(n, str) and n for n in self.chain) or len(set(self.chain)) != len(self.chain):
             raise ConfigError(f"speculative.chain must list distinct drafter names, got {list(self.chain)!r}")
+        if self.tree is not None and not isinstance(self.tree, bool) and not (
+                _is_int(self.tree) and 1 <= self.tree <= 64):
+            raise ConfigError(f"speculative.tree must be true, false or a node budget in [1, 64], got {self.tree!r}")
         if not isinstance(self.adaptive, bool):
             raise ConfigError(f"speculative.adaptive must be true or false, got {self.adaptive!r}")
         if self.n_max is not None and not (_is_int(self.n_max) and 1 <= self.n_max <= 16):

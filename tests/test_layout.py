@@ -109,6 +109,28 @@ def test_model_files_stay_small(path):
     assert n <= 400, f"{path.relative_to(ROOT)} has {n} lines (at most 400)"
 
 
+def _calls(path: Path, cls: str, fn: str) -> set[str]:
+    """Names of the functions that `cls.fn` in `path` calls."""
+    tree = ast.parse(path.read_text())
+    body = next(f for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name == cls
+                for f in c.body if isinstance(f, ast.FunctionDef) and f.name == fn)
+    return {n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
+            for n in ast.walk(body) if isinstance(n, ast.Call)}
+
+
+def test_generate_and_scheduler_run_the_same_round():
+    """One loop body: Engine.generate and the batch scheduler's step both call decode_round, and nothing else in
+    them verifies, drafts or rolls back on its own."""
+    from tandem.engine import batch, core, speculative
+
+    gen = _calls(PKG / "engine" / "core.py", "Engine", "generate")
+    step = _calls(PKG / "engine" / "batch.py", "BatchScheduler", "_step")
+    assert "decode_round" in gen and "decode_round" in step
+    assert core.decode_round is batch.decode_round is speculative.decode_round
+    for name in ("verify", "verify_tree", "propose", "forward_batch", "rollback", "compact", "accept"):
+        assert name not in gen | step, f"{name} called outside decode_round"
+
+
 def _help(main, argv) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:

@@ -2,12 +2,13 @@
 
 Requests wait in a queue until a slot is free; the prompt is then prefilled into the slot (alone, in the chunks
 Engine.generate uses, at most PREFILL_CHUNK prompt tokens per scheduler iteration so decoding slots keep moving)
-and the first token sampled. Then every step runs ONE target forward over all active slots:
-tokens/positions [B, T_max], padded with position -1; a plain slot contributes 1 row (its pending token), a
-speculating slot its k+1 verify rows (pending token + the drafter's proposals, from ONE drafter.propose for all
-speculating slots). Each slot gets its own rows' logits and runs its own sampling / verification with its own
-generator, and its tokens go through the same `RequestOutput` (EOS, detokenizer, stop strings, budget) as Engine.generate. With batch-invariant kernels a
-request's tokens therefore do not depend on what else is in the batch.
+and the first token sampled. Then every step is ONE round (tandem.engine.speculative.decode_round, the loop body
+Engine.generate runs for its one slot) over all decoding slots: ONE drafter.propose for the speculating slots, ONE
+target forward (tokens/positions [B, T_max], padded with position -1; a plain slot contributes 1 row, its pending
+token, a speculating slot its pending token + draft nodes, chain or tree), each slot's own verification with its
+own generator. Its tokens go through the same `RequestOutput` (EOS, detokenizer, stop strings, budget) as
+Engine.generate. With batch-invariant kernels a request's tokens therefore do not depend on what else is in the
+batch.
 
 Consumers talk to the scheduler only through `submit()` (returns a `RequestHandle`: a sync or async iterator of
 events) and `RequestHandle.cancel()` (frees the slot before the next step). Events arrive per step in lists, so a
@@ -29,12 +30,13 @@ from typing import AsyncIterator, Iterator
 import torch
 
 from tandem.config import SamplingParams, SpecConfig
-from tandem.engine.core import PREFILL_CHUNK, Engine, RequestOutput, sample_token
+from tandem.engine.core import PREFILL_CHUNK, Engine, RequestOutput
 from tandem.engine.events import Finished, Token
-from tandem.engine.speculative import SlotSpeculator, draft_rows
+from tandem.engine.speculative import SlotSpeculator, decode_round, sample_token
 from tandem.errors import RequestError
 from tandem.models.base import Output
 from tandem.sampling import make_generator
+from tandem.spec.policy import speculates
 
 log = logging.getLogger("tandem.batch")
 
@@ -130,6 +132,7 @@ class _Slot:
     def __init__(self, engine: Engine, idx: int, req: _Request):
         self.idx = idx
         self.req = req
+        self.sampling = req.sampling
         self.out = RequestOutput(engine.tokenizer, req.sampling, len(req.ids), engine.max_len)
         self.gen = make_generator(req.sampling.seed, "cpu")
         self.pending: int | None = None  # sampled and emitted, not yet fed to the target
@@ -138,7 +141,7 @@ class _Slot:
         self.prefilling = True
         self.prefill_pos = 0  # prompt tokens already in the cache
         # the drafter reads every prompt row's hidden state: prefill chunks' hidden [1, c, D] kept until it starts
-        self.keep_hidden = req.spec.enabled and engine.drafter is not None and engine.drafter.needs_prompt_hidden
+        self.keep_hidden = speculates(req.spec, engine.drafter) and engine.drafter.needs_prompt_hidden
         self.hidden: list[torch.Tensor] = []
 
     @property
@@ -314,7 +317,7 @@ class BatchScheduler:
         eng = self.engine
         s.prefilling = False
         s.t1 = time.perf_counter()
-        if s.req.spec.enabled and eng.drafter is not None:
+        if speculates(s.req.spec, eng.drafter):
             s.spec = self._spec_state(s, out)
         tok = sample_token(out.logits[:, -1], s.req.sampling, s.gen)
         self._emit(s, [(tok, False)])
@@ -342,28 +345,6 @@ class BatchScheduler:
             self._release(s.idx)
         s.handle._deliver(events)
 
-    def _rows(self, active: list[_Slot]) -> tuple[list[_Slot], list[list[int]]]:
-        """Each slot's rows: [pending] (plain), or [pending, d_1..d_k] from ONE propose for all speculating slots
-        (if it raises, each drafts alone and only those whose own propose raises fail). -> (active slots, rows)"""
-        rows = {s.idx: [s.pending] for s in active}
-        spec = [s for s in active if s.spec is not None]
-        if spec:
-            try:
-                drafted = draft_rows(self.engine.drafter, [s.spec for s in spec], [s.pending for s in spec])
-            except Exception:  # noqa: BLE001 - find the request(s) at fault instead of failing all of them
-                log.exception("batched propose failed; drafting slot by slot")
-                drafted = []
-                for s in spec:
-                    try:
-                        drafted.append(draft_rows(self.engine.drafter, [s.spec], [s.pending])[0])
-                    except Exception as e:  # noqa: BLE001
-                        self._fail_slot(s, "drafter", e)
-                        drafted.append(None)
-            for s, r in zip(spec, drafted):
-                rows[s.idx] = r
-        active = [s for s in active if rows[s.idx] is not None]
-        return active, [rows[s.idx] for s in active]
-
     def _fail_slot(self, s: _Slot, where: str, e: Exception) -> None:
         """One request failed (its sampling, drafter or output): end it alone; the other slots go on."""
         log.error("request %s failed in %s: %s: %s", s.handle.id, where, type(e).__name__, e)
@@ -371,39 +352,13 @@ class BatchScheduler:
         s.handle._deliver([Failed(f"this request failed in {where}: {type(e).__name__}: {e}")])
 
     def _step(self) -> None:
-        eng = self.engine
         active = [s for s in self._slots if s is not None and not s.prefilling]
-        active, rows = self._rows(active)
-        if not active:
-            return
-        B, T = len(active), max(len(r) for r in rows)
-        tokens = torch.zeros(B, T, dtype=torch.long)
-        positions = torch.full((B, T), -1, dtype=torch.long)
-        for b, (s, r) in enumerate(zip(active, rows)):
-            n = eng.cache.lengths[s.idx]
-            tokens[b, :len(r)] = torch.tensor(r)
-            positions[b, :len(r)] = torch.arange(n, n + len(r))
-        slots = torch.tensor([s.idx for s in active])
-        dev = eng.device
-        with torch.inference_mode():
-            out = eng.model(tokens.to(dev), positions.to(dev), eng.cache, slots.to(dev), logit_rows=slice(0, 0))
-            # LM head only on the rows someone reads (padding rows never pay for the vocabulary projection)
-            hidden = torch.cat([out.hidden[b, :len(r)] for b, r in enumerate(rows)])[:, None]
-            logits = eng.model.logits(hidden)[:, 0]
-        self.steps += 1
-        self.step_rows += sum(len(r) for r in rows)
-        o = 0
-        for b, (s, r) in enumerate(zip(active, rows)):
-            lg = logits[o:o + len(r)]
-            o += len(r)
-            n = eng.cache.lengths[s.idx]
+        done, rows = decode_round(self.engine, active, fail=self._fail_slot)  # Engine.generate's loop body too
+        if rows:
+            self.steps += 1
+            self.step_rows += rows
+        for s, toks in done:
             try:
-                if s.spec is None:
-                    eng.cache.set_length(s.idx, n + 1)
-                    toks = [(sample_token(lg[-1:], s.req.sampling, s.gen), False)]
-                else:
-                    eng.cache.set_length(s.idx, n + len(r))
-                    toks = s.spec.verify(r, lg, out.hidden[b, :len(r)])
                 self._emit(s, toks)
-            except Exception as e:  # noqa: BLE001 - e.g. NaN probabilities from this request's own settings
-                self._fail_slot(s, "sampling", e)
+            except Exception as e:  # noqa: BLE001 - this request's output handling failed: end it alone
+                self._fail_slot(s, "output", e)

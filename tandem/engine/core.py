@@ -1,11 +1,13 @@
 """The generation loop. The engine is the only place that moves cache lengths.
 
-generate() runs one request on one slot: prefill, then plain decode steps or speculative rounds, yielding
-Token events and one Finished event. Batched serving builds on the same pieces (tandem.engine.batch).
+generate() runs one request on one slot: prefill, then rounds of tandem.engine.speculative.decode_round (the one
+loop body, the scheduler's too; a plain request's round has an empty draft), yielding Token events and one
+Finished event. Batched serving builds on the same pieces (tandem.engine.batch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import time
@@ -17,20 +19,16 @@ import torch
 from tandem import kernels
 from tandem.config import SamplingParams, SpecConfig
 from tandem.engine.events import Finished, GenStats, Token
+from tandem.engine.speculative import Decoding, SlotSpeculator, decode_round, sample_token
 from tandem.engine.stops import StopMatcher
 from tandem.errors import RequestError
+from tandem.kvcache.cache import TreeRows
 from tandem.models.base import Output
-from tandem.sampling import make_generator, process_logits, sample
+from tandem.sampling import make_generator
+from tandem.spec.policy import speculates
 
 PREFILL_CHUNK = 512
 log = logging.getLogger("tandem.engine")
-
-
-def sample_token(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator) -> int:
-    """One token from logits [1, V] (plain decoding; the batch scheduler uses the same function per slot)."""
-    if sampling.greedy:  # = argmax of process_logits' one-hot, without its copies of the vocabulary
-        return int(kernels.argmax(logits[0]))
-    return int(sample(process_logits(logits, sampling), gen)[0])
 
 
 def _stream_decoder(tokenizer: Any):
@@ -163,13 +161,56 @@ class Engine:
 
     @torch.inference_mode()
     def forward_rows(self, slot: int, ids: list[int], logit_rows=None):
-        """Forward ids at the slot's next positions (decode: 1 row; verify: k+1 rows) and extend the length."""
+        """Forward ids at the slot's next positions and extend the length (benches: a k-row forward's cost)."""
         n = self.cache.lengths[slot]
         toks = torch.tensor([ids], device=self.device)
         pos = torch.arange(n, n + len(ids), device=self.device)[None]
         out = self.model(toks, pos, self.cache, self._slot_ids[slot], logit_rows=logit_rows)
         self.cache.set_length(slot, n + len(ids))
         return out
+
+    @torch.inference_mode()
+    def forward_batch(self, slots: list[int], rows: list[list[int]], parents: list[list[int] | None]):
+        """ONE target forward over each slot's rows at its next cache entries (rows [x, d_1..d_N]: the pending token,
+        then draft nodes), lengths extended by len(rows[b]). parents[b]: node i's parent (-1: x) makes the rows a
+        tree: positions n + depth, each node seeing the cache, its ancestors and itself (TreeRows); None: a chain.
+        Returns per slot (logits [r, V], hidden [r, D]); the LM head runs only on real rows, not padding."""
+        B, T = len(rows), max(map(len, rows))
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        positions = torch.full((B, T), -1, dtype=torch.long)
+        trees = any(p is not None for p in parents)
+        mask = torch.zeros(B, T, T, dtype=torch.bool) if trees else None
+        index = torch.full((B, T), -1, dtype=torch.long) if trees else None
+        starts = [self.cache.lengths[s] for s in slots]
+        for b, (r, par, n) in enumerate(zip(rows, parents, starts)):
+            tokens[b, :len(r)] = torch.tensor(r)
+            if par is None:
+                depth = list(range(len(r)))
+                if trees:
+                    mask[b, :len(r), :len(r)] = torch.ones(len(r), len(r), dtype=torch.bool).tril()
+            else:
+                depth = [0]
+                mask[b, 0, 0] = True
+                for i, p in enumerate(par):  # row i+1 sees its parent's row's entries and itself
+                    depth.append(depth[p + 1] + 1)
+                    mask[b, i + 1] = mask[b, p + 1]
+                    mask[b, i + 1, i + 1] = True
+            positions[b, :len(r)] = n + torch.tensor(depth)
+            if trees:
+                index[b, :len(r)] = torch.arange(n, n + len(r))
+        tree = TreeRows(index, torch.tensor(starts), positions, mask).to(self.device) if trees else None
+        dev = self.device
+        with self.cache.tree_rows(tree) if trees else contextlib.nullcontext():
+            out = self.model(tokens.to(dev), positions.to(dev), self.cache, torch.tensor(slots, device=dev),
+                             logit_rows=slice(0, 0))
+        hidden = torch.cat([out.hidden[b, :len(r)] for b, r in enumerate(rows)])[:, None]
+        logits = self.model.logits(hidden)[:, 0]
+        res, o = [], 0
+        for b, (s, r) in enumerate(zip(slots, rows)):
+            self.cache.set_length(s, starts[b] + len(r))
+            res.append((logits[o:o + len(r)], out.hidden[b, :len(r)]))
+            o += len(r)
+        return res
 
     # -- requests ------------------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
@@ -201,36 +242,30 @@ class Engine:
         gen = make_generator(sampling.seed, "cpu")
 
         t0 = time.perf_counter()
-        use_spec = spec.enabled and self.drafter is not None
+        use_spec = speculates(spec, self.drafter)
         out = self.prefill(slot, ids, keep_hidden=use_spec and self.drafter.needs_prompt_hidden)
         stats.prompt_ms = 1000 * (time.perf_counter() - t0)
         t1 = time.perf_counter()
-        if use_spec:
-            from tandem.engine.speculative import speculative_tokens
-            stream = speculative_tokens(self, slot, ids, out, sampling, spec, gen, stats, request_id)
-        else:
-            stream = self._plain_tokens(slot, out, sampling, gen)
+        sp = SlotSpeculator(self, slot, ids, out, sampling, spec, gen, stats, request_id) if use_spec else None
+        state = Decoding(slot, sampling, gen, sp, sample_token(out.logits[:, -1], sampling, gen))
         try:
-            for tok, from_draft in stream:
-                ev = req.push(tok, from_draft)
-                if ev is not None:
-                    yield ev
-                if req.reason is not None:
+            toks = [(state.pending, False)]
+            while True:
+                for tok, from_draft in toks:
+                    ev = req.push(tok, from_draft)
+                    if ev is not None:
+                        yield ev
+                    if req.reason is not None:
+                        break
+                if req.reason is not None or self.cache.lengths[slot] >= self.max_len:
                     break
+                (_, toks), = decode_round(self, [state])[0]  # the scheduler's loop body, for one slot
+                state.pending = toks[-1][0]
         finally:
-            stream.close()
+            if sp is not None:
+                sp.close()
         stats.predicted_ms = 1000 * (time.perf_counter() - t1)
         yield from req.finish()
-
-    def _plain_tokens(self, slot: int, out, sampling: SamplingParams, gen: torch.Generator):
-        """Plain decoding: sample from the last logits, feed the token back, repeat."""
-        logits = out.logits[:, -1]
-        while True:
-            tok = sample_token(logits, sampling, gen)
-            yield tok, False
-            if self.cache.lengths[slot] >= self.max_len:
-                return
-            logits = self.forward_rows(slot, [tok]).logits[:, -1]
 
     def complete(self, prompt: str | list[int], sampling: SamplingParams | None = None, **kw) -> tuple[list[int], Finished]:
         """Run to the end; returns (token ids, Finished)."""

@@ -73,7 +73,7 @@ class EngineOptions:
     def from_args(cls, a: argparse.Namespace) -> EngineOptions:
         chain = tuple(n.strip() for n in a.spec_chain.split(",") if n.strip())
         spec = SpecConfig(enabled=not a.no_spec, n_max=a.spec_n_max, n_min=a.spec_n_min, p_min=a.spec_p_min,
-                          adaptive=not a.no_adaptive, chain=chain)
+                          adaptive=not a.no_adaptive, chain=chain, tree=a.spec_tree or None)
         return cls(model=a.model, drafter=a.drafter, spec=spec, weight_format=a.weight_format,
                    mtp_weight_format=a.mtp_weight_format, draft_weight_format=a.draft_weight_format,
                    draft_threads=a.draft_threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
@@ -99,6 +99,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-adaptive", action="store_true",
                    help="draft --spec-n-max tokens every round instead of choosing the length from the acceptance "
                         "and the measured round cost")
+    p.add_argument("--spec-tree", type=int, default=0, metavar="NODES",
+                   help="draft trees of at most NODES nodes (several continuations verified in one forward; the "
+                        "shape of each round chosen from the measured acceptance and forward cost); 0: chains")
     p.add_argument("--spec-chain", default="", metavar="NAMES",
                    help="drafters to load, in the order each round tries them (the first with a draft wins), e.g. "
                         "ngram,mtp: n-gram lookup, else the MTP drafter. Names: ngram, mtp|assistant, "

@@ -27,12 +27,17 @@ def fast_attend_supported(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Ten
 
 def attend_cpu(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor,
                q_pos: torch.Tensor, window: int | None, scale: float,
-               softcap: float | None = None) -> torch.Tensor:
-    """attend_reference's contract, row-invariant: the fp32/bf16 kernel on CPU, attend_quant otherwise."""
+               softcap: float | None = None, tree=None) -> torch.Tensor:
+    """attend_reference's contract, row-invariant: the fp32/bf16 kernel on CPU, attend_quant otherwise. tree: the
+    forward's tandem.kvcache.cache.TreeRows (each row sees the entries before the tree region and its ancestors in
+    it; only the C++ kernel takes it)."""
     if not fast_attend_supported(q, k_buf, v_buf):
+        if tree is not None:
+            raise RuntimeError("tree attention needs the C++ kernel over an fp32/bf16 cache")
         return attend_quant(q, k_buf, v_buf, slots, q_pos, window, scale, softcap)
     qf = q if (q.dtype == torch.float32 and q.is_contiguous()) else q.float().contiguous()
+    t = (tree.base, tree.pos, tree.mask) if tree is not None else (None, None, None)
     out = ext().attend_fast(qf, k_buf, v_buf, slots.to(torch.int64), q_pos.to(torch.int64),
                             int(window) if window is not None else 0, float(scale),
-                            float(softcap) if softcap is not None else 0.0)
+                            float(softcap) if softcap is not None else 0.0, *t)
     return out if q.dtype == torch.float32 else out.to(q.dtype)

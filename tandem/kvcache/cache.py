@@ -14,12 +14,31 @@ deals with the storage format.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 
 from tandem import kernels
 from tandem.kernels import quant_attention as qa
 from tandem.kernels._ext import ext
 from tandem.kernels.attention import fast_attend_supported
+
+
+@dataclass
+class TreeRows:
+    """A forward whose rows are draft trees: row t of batch row b is stored at cache entry index[b, t] (-1:
+    padding), not at its position; entries base[b] + u (u < M) form the slot's tree region, pos [B, M] their
+    positions, and row t sees region entry u iff mask[b, t, u] (its ancestors and itself) besides every entry
+    before the region. A chain is the tree whose mask is lower-triangular."""
+
+    index: torch.Tensor  # [B, T] long
+    base: torch.Tensor  # [B] long
+    pos: torch.Tensor  # [B, M] long
+    mask: torch.Tensor  # [B, T, M] bool
+
+    def to(self, device) -> "TreeRows":
+        return TreeRows(*(t.to(device) for t in (self.index, self.base, self.pos, self.mask)))
 
 
 class SlotLengths:
@@ -64,6 +83,34 @@ class KVCache(SlotLengths):
         self.k = {i: self._alloc(self.k_format, h, dk) for i, (h, dk, dv) in self.specs.items()}
         self.v = {i: self._alloc(self.v_format, h, dv) for i, (h, dk, dv) in self.specs.items()}
         self.lengths = [0] * n_slots
+        self.tree: TreeRows | None = None  # set for the duration of a tree forward (tree_rows)
+
+    @property
+    def supports_tree(self) -> bool:
+        """Tree forwards need the row-invariant C++ kernel: plain fp32/bf16 K and V on CPU."""
+        return (self.dtype in (torch.float32, torch.bfloat16) and self.device.type == "cpu"
+                and ext() is not None)
+
+    @contextmanager
+    def tree_rows(self, tree: TreeRows | None):
+        """Writes and reads of the forward inside go by `tree` (None: the usual position-indexed rows)."""
+        if tree is not None and not self.supports_tree:
+            raise RuntimeError(f"a {self.k_type}/{self.v_type} cache on {self.device} cannot run draft trees")
+        self.tree = tree
+        try:
+            yield
+        finally:
+            self.tree = None
+
+    def compact(self, slot: int, dst: int, src: list[int]) -> None:
+        """After a tree verify: entries src (ascending, each >= its destination) move to dst, dst+1, ..: the
+        accepted path becomes the contiguous prefix it stands for."""
+        if not src or src == list(range(dst, dst + len(src))):
+            return
+        s = torch.tensor(src, device=self.device)
+        for d in (self.k, self.v):
+            for buf in d.values():
+                buf[slot, :, dst:dst + len(src)] = buf[slot, :, s]
 
     def _alloc(self, fmt: qa.Format, heads: int, d: int):
         if fmt.dtype is not None:
@@ -104,7 +151,10 @@ class KVCache(SlotLengths):
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
-        """Store k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] at (slots [B], positions [B, T]); position -1 = padding."""
+        """Store k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] at (slots [B], positions [B, T]); position -1 = padding.
+        In a tree forward the rows go to the tree's entries instead."""
+        if self.tree is not None:
+            positions = self.tree.index
         todo = [(buf, x) for buf, x in ((self.k[layer], k), (self.v[layer], v))
                 if not (isinstance(buf, qa.QuantBuffer) and buf.store(slots, positions, x))]
         if not todo:
@@ -131,8 +181,10 @@ class KVCache(SlotLengths):
         kb, vb = self.k[layer], self.v[layer]
         m = ext() if self.dtype is not None and self.device.type == "cpu" and q.dtype == torch.float32 else None
         if m is not None and fast_attend_supported(q, kb, vb):
+            t = self.tree
+            tree = (t.index, t.base, t.pos, t.mask) if t is not None else (None, None, None, None)
             return m.write_attend(q, k, v, kb, vb, slots, positions, int(window) if window is not None else 0,
-                                  float(scale), float(softcap) if softcap is not None else 0.0)
+                                  float(scale), float(softcap) if softcap is not None else 0.0, *tree)
         self.write(layer, slots, positions, k, v)
         return self.attend(layer, q, slots, positions, window, scale, softcap)
 
@@ -146,7 +198,9 @@ class KVCache(SlotLengths):
         for every reader."""
         kb, vb = self.k[layer], self.v[layer]
         if self.dtype is not None:
-            return kernels.attend(q, kb, vb, slots, q_pos, window, scale, softcap)
+            return kernels.attend(q, kb, vb, slots, q_pos, window, scale, softcap, self.tree)
+        if self.tree is not None:
+            raise RuntimeError("tree attention over a quantized cache")
         return qa.attend_quant(q, kb, vb, slots, q_pos, window, scale, softcap)
 
     def view(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:

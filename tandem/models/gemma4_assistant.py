@@ -378,6 +378,22 @@ class Model(CausalLM):
         tok = torch.where(sel == m, ids, torch.full_like(ids, self.args.vocab_size)).min(-1).values
         return tok, 1.0 / denom, projected
 
+    def top_step(self, x: torch.Tensor, positions: torch.Tensor, cache, slots: torch.Tensor,
+                 kv_positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """greedy_step's k most likely tokens per row (a draft tree's children): (tokens [B, T, k], their
+        full-vocab softmax probabilities [B, T, k], projected hidden [B, T, Db])."""
+        y = self.trunk(x, positions, cache, slots, kv_positions)
+        projected = self.post_projection(y)
+        if self.masked_embedding is None:
+            probs, tok = torch.softmax(self.lm_head(y).float(), -1).topk(k, -1)
+            return tok, probs, projected
+        ids, sel = self.masked_embedding.select(y, self.lm_head)  # [B, T, n]
+        m = sel.max(-1, keepdim=True).values
+        n_fill = self.args.vocab_size - sel.shape[-1]
+        denom = torch.exp(sel - m).sum(-1) + n_fill * torch.exp(sel.amin(-1) - 1.0 - m[..., 0])
+        vals, j = sel.topk(min(k, sel.shape[-1]), -1)
+        return ids.gather(-1, j), torch.exp(vals - m) / denom[..., None], projected
+
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         if self.masked_embedding is not None:
             return self.masked_embedding(y, self.lm_head).float()

@@ -50,6 +50,8 @@ class SpeculativeOptions(BaseModel):
                                         "with a seed at T > 0 the lengths depend only on the request: reproducible")
     chain: list[StrictStr] | None = Field(None, max_length=8, description="drafters to try in order, e.g. "
                                           "[\"ngram\", \"mtp\"]: the first with a draft wins the round")
+    tree: StrictBool | StrictInt | None = Field(None, description="draft trees (several continuations verified in "
+                                                "one forward): true/false, or a node budget in [1, 64]")
 
 
 class StreamOptions(BaseModel):
@@ -247,7 +249,8 @@ def spec_of(req: _Common, default: SpecConfig, drafter: Any) -> SpecConfig:
 
 def spec_echo(spec: SpecConfig) -> dict:
     return {"enabled": spec.enabled, "method": spec.method, "n_max": spec.n_max, "n_min": spec.n_min,
-            "p_min": spec.p_min, **({"chain": list(spec.chain)} if spec.chain else {})}
+            "p_min": spec.p_min, **({"chain": list(spec.chain)} if spec.chain else {}),
+            **({"tree": spec.tree} if spec.tree else {})}
 
 
 def message_text(m: ChatMessage, i: int) -> str:

@@ -7,9 +7,15 @@ h that produced x:
     step i: assistant(concat(target.embed(d_{i-1}), h_{i-1})) at the SAME position p -> d_i
 Each step is ONE assistant forward over all slots still drafting (a slot stops at its k_max, or below p_floor).
 First round (HF convention): h = the prompt's last hidden state, x = the target's first sampled token.
+A tree (DraftContext.nodes > k_max), EAGLE-2's dynamic tree: every step runs the W frontier nodes of every slot in
+one forward (all at position p, so the nodes need no cache of their own), each proposes its top-W tokens, whose
+cumulative probability (the product along the path) ranks them; the W best become the next frontier. The draft is
+the `nodes` best nodes of all depths (a child never ranks above its parent, so they form a tree).
 """
 
 from __future__ import annotations
+
+import heapq
 
 import torch
 
@@ -46,6 +52,55 @@ class MTPAssistantDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, batch: list[DraftContext]) -> list[Draft]:
+        trees = [b for b, c in enumerate(batch) if c.k_max > 0 and c.nodes > c.k_max and not c.sample_drafts]
+        if not trees:
+            return self._propose_chains(batch)
+        chains = [b for b in range(len(batch)) if b not in trees]
+        out: list[Draft | None] = [None] * len(batch)
+        for b, d in zip(chains, self._propose_chains([batch[b] for b in chains]) if chains else []):
+            out[b] = d
+        for b, d in zip(trees, self._propose_trees([batch[b] for b in trees])):
+            out[b] = d
+        return out
+
+    def _propose_trees(self, batch: list[DraftContext]) -> list[Draft]:
+        """EAGLE-2 trees for every context, one assistant forward per depth over all frontier nodes."""
+        dev = self._hidden[batch[0].slot].device
+        # per context: nodes (token, parent, prob, cum); frontier [(node, token, h)]; node -1 is the root x
+        nodes: list[list[tuple[int, int, float, float]]] = [[] for _ in batch]
+        front = {b: [(-1, c.last_token, self._hidden[c.slot], 1.0)] for b, c in enumerate(batch)}
+        width = {b: max(2, min(4, -(-c.nodes // c.k_max))) for b, c in enumerate(batch)}
+        for depth in range(max(c.k_max for c in batch)):
+            rows = [(b, f) for b in front for f in front[b] if depth < batch[b].k_max]
+            if not rows:
+                break
+            ctxs = [batch[b] for b, _ in rows]
+            pos = torch.tensor([[c.position] for c in ctxs], device=dev)  # [R, 1]
+            slots = torch.tensor([c.slot for c in ctxs], device=dev)
+            tok = torch.tensor([[f[1]] for _, f in rows], device=dev)
+            hb = torch.stack([f[2] for _, f in rows])[:, None]  # [R, 1, Db]
+            x = torch.cat([self.target.embed(tok).to(hb.dtype), hb], dim=-1)
+            k = max(width.values())
+            t, p, hn = self.assistant.top_step(x, pos, ctxs[0].cache, slots, pos - 1, k)
+            t, p = t[:, -1].tolist(), p[:, -1].tolist()
+            cand: dict[int, list] = {}
+            for r, (b, (node, _, _, cum)) in enumerate(rows):
+                for j in range(min(width[b], len(t[r]))):
+                    if p[r][j] >= batch[b].p_floor:
+                        nodes[b].append((t[r][j], node, p[r][j], cum * p[r][j]))
+                        cand.setdefault(b, []).append((len(nodes[b]) - 1, t[r][j], hn[r, -1], cum * p[r][j]))
+            front = {b: heapq.nlargest(width[b], cs, key=lambda f: f[3]) for b, cs in cand.items()}
+        return [self._best(nodes[b], c.nodes, dev) for b, c in enumerate(batch)]
+
+    @staticmethod
+    def _best(nodes: list[tuple[int, int, float, float]], budget: int, dev) -> Draft:
+        """The `budget` nodes of highest cumulative probability (parents first on ties), renumbered."""
+        keep = sorted(sorted(range(len(nodes)), key=lambda i: (-nodes[i][3], i))[:budget])
+        new = {-1: -1, **{old: i for i, old in enumerate(keep)}}  # cum(child) <= cum(parent): parents are kept
+        return Draft.tree([nodes[i][0] for i in keep], [new[nodes[i][1]] for i in keep],
+                          [nodes[i][2] for i in keep], dev)
+
+    def _propose_chains(self, batch: list[DraftContext]) -> list[Draft]:
         dev = self._hidden[batch[0].slot].device if batch else torch.device("cpu")
         toks: list[list[int]] = [[] for _ in batch]
         probs: list[list[torch.Tensor]] = [[] for _ in batch]

@@ -9,6 +9,10 @@ round (a member not asked gets k_max = 0): a drafter with its own state (draft m
 history) must follow all accepted tokens even in rounds another member won. Each member is called with all the
 slots that reach it at the same place of their chains (one batched call per member in the common case).
 
+A tree request (DraftContext.nodes > k_max) asks every member of its chain and MERGES their trees into one trie
+(the first member's nodes first, then the others' branches while the node budget lasts): the target verifies every
+member's continuations in the same forward.
+
 Chain names are kind names (ngram, assistant, draft-model, nextn) or the method names of a kind (mtp, draft).
 """
 
@@ -126,6 +130,7 @@ class ChainDrafter(Drafter):
     def propose(self, batch: list[DraftContext]) -> list[Draft]:
         chains = [self.chain_of(c) for c in batch]
         won: list[Draft | None] = [None] * len(batch)
+        trees = {b: [] for b, c in enumerate(batch) if c.nodes > c.k_max}  # tree rows: every member's tree
         asked = {name: set() for name in self.order}  # batch rows each member has seen this round
         for level in range(max(map(len, chains), default=0)):
             groups: dict[str, list[int]] = {}
@@ -135,9 +140,14 @@ class ChainDrafter(Drafter):
             for name, rows in groups.items():
                 for b, d in zip(rows, self._call(name, batch, rows)):
                     asked[name].add(b)
+                    d.source = name
                     n_min = batch[b].spec.n_min if batch[b].spec is not None else 1
-                    if d.k >= n_min:
-                        d.source, won[b] = name, d
+                    if b in trees:
+                        trees[b] += [d] if d.k else []
+                    elif d.k >= n_min:
+                        won[b] = d
+        for b, drafts in trees.items():
+            won[b] = merge_trees(drafts, batch[b].nodes) if drafts else None
         for name in self.order:  # the others follow the round without drafting
             rest = [b for b in range(len(batch)) if b not in asked[name]]
             if rest:
@@ -156,6 +166,31 @@ class ChainDrafter(Drafter):
         if len(out) != len(ctxs):
             raise RuntimeError(f"drafter {name} returned {len(out)} drafts for {len(ctxs)} slots")
         return out
+
+
+def merge_trees(drafts: list[Draft], budget: int) -> Draft:
+    """One trie of the drafts' nodes (in order, each draft's in its own order) while `budget` nodes last; a node
+    already present (same parent, same token) is shared. Source: the first draft's."""
+    toks, parents, conf, at = [], [], [], {}
+    for d in drafts:
+        mine: dict[int, int | None] = {-1: -1}  # this draft's node -> merged node (None: dropped)
+        for i, (t, p) in enumerate(zip(d.tokens.tolist(), d.parent_list())):
+            par = mine.get(p)
+            if par is None:
+                mine[i] = None
+                continue
+            if (par, t) not in at:
+                if len(toks) >= budget:
+                    mine[i] = None
+                    continue
+                at[par, t] = len(toks)
+                toks.append(t)
+                parents.append(par)
+                conf.append(d.confidence[i])
+            mine[i] = at[par, t]
+    out = Draft.tree(toks, parents, conf, drafts[0].tokens.device)
+    out.source = drafts[0].source
+    return out
 
 
 def build_drafters(names: tuple[str, ...], load_model_drafter: Callable[[], Drafter | None],

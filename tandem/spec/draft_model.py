@@ -8,15 +8,23 @@ argmax (deterministic, probs None) or, when the method samples drafts, draws fro
 decide, not the drafter's memory); an accepted token it has not run (the last draft of a fully accepted round) is
 run with the next propose's first step. `threads` (--draft-threads): torch's intra-op thread count while the draft
 model runs (the C++ kernels' at::parallel_for follows it), restored after; None: the engine's.
+A tree (DraftContext.nodes > k_max), EAGLE-2 style: after the fed tokens, each step runs the W frontier nodes of
+every slot in one forward on the own cache, stored after the fed tokens and attending to their ancestors only
+(tandem.kvcache.cache.TreeRows, positions = depth), and ranks their top-W children by cumulative probability; the
+draft is the `nodes` best nodes. accept() compacts the nodes it ran along the accepted path in place (the cache
+again holds only accepted tokens), the rest of the path waiting for the next propose as above.
 """
 
 from __future__ import annotations
+
+import heapq
 
 from contextlib import contextmanager
 
 import torch
 
 from tandem.errors import ModelLoadError
+from tandem.kvcache.cache import TreeRows
 from tandem.sampling import process_logits, sample
 from tandem.spec.drafter import Draft, DraftContext, Drafter, PromptState, register_kind
 
@@ -70,6 +78,7 @@ class DraftModelDrafter(Drafter):
         self._todo: dict[int, list[int]] = {}  # slot -> accepted tokens at positions cache.lengths[slot].. not run
         self._round: dict[int, tuple[int, list[int]]] = {}  # slot -> (cache length before propose, fed + drafted)
         self._fed: dict[int, int] = {}  # slot -> tokens fed before this round's drafts (not yet run + x)
+        self._tree: dict[int, dict[tuple[int, int], int]] = {}  # slot -> (parent entry | -1, token) -> entry run
 
     @classmethod
     def build(cls, model, target, *, target_name="target", name="draft model", tokenizer=None,
@@ -106,6 +115,20 @@ class DraftModelDrafter(Drafter):
         self._todo[slot] = []
 
     def accept(self, slot: int, tokens: list[int], hidden: torch.Tensor) -> None:
+        run = self._tree.pop(slot, None)
+        if run is not None:  # a tree: compact the run nodes along the accepted path after the fed tokens
+            start, ran = self._round.pop(slot)
+            fed = self._fed[slot]
+            src, node = [], -1
+            for t in tokens[:-1]:
+                node = run.get((node, t), -2)
+                if node < 0:
+                    break
+                src.append(node)
+            self.cache.compact(slot, start + fed, src)
+            self.cache.rollback(slot, start + fed + len(src))
+            self._todo[slot] = (ran[:fed] + tokens[:-1])[fed + len(src):]
+            return
         start, ran = self._round.pop(slot)  # the cache holds `ran` at positions start.. (maybe fewer: see below)
         accepted = ran[: self._fed[slot]] + tokens[:-1]  # not yet run + x, then d_1..d_a as verified
         ran = ran[: self.cache.lengths[slot] - start]  # the last draft token of a row is never run
@@ -116,13 +139,107 @@ class DraftModelDrafter(Drafter):
         self._todo[slot] = accepted[keep:]
 
     def end(self, slot: int) -> None:
-        for d in (self._todo, self._round, self._fed):
+        for d in (self._todo, self._round, self._fed, self._tree):
             d.pop(slot, None)
 
     @torch.inference_mode()
     def propose(self, batch: list[DraftContext]) -> list[Draft]:
+        trees = [b for b, c in enumerate(batch) if c.k_max > 0 and c.nodes > c.k_max and not c.sample_drafts
+                 and self.cache.supports_tree and c.position + 1 + 4 * c.k_max < self.cache.max_len]
         with _threads(self.threads):
-            return self._propose(batch)
+            if not trees:
+                return self._propose(batch)
+            out = [None] * len(batch)
+            chains = [b for b in range(len(batch)) if b not in trees]
+            for b, d in zip(chains, self._propose([batch[b] for b in chains]) if chains else []):
+                out[b] = d
+            for b, d in zip(trees, self._propose_trees([batch[b] for b in trees])):
+                out[b] = d
+            return out
+
+    def _propose_trees(self, batch: list[DraftContext]) -> list[Draft]:
+        """EAGLE-2 trees: the fed tokens, then one forward per depth over every slot's frontier nodes."""
+        feeds = {}
+        for b, c in enumerate(batch):
+            start = self.cache.lengths[c.slot]
+            feeds[b] = self._todo[c.slot] + [c.last_token]
+            assert start + len(feeds[b]) == c.position + 1, (start, feeds[b], c.position)
+            self._round[c.slot], self._fed[c.slot] = (start, list(feeds[b])), len(feeds[b])
+            self._tree[c.slot] = {}
+        logits = self._forward(batch, feeds)  # [B, V]: after x
+        width = {b: max(2, min(4, -(-c.nodes // c.k_max))) for b, c in enumerate(batch)}
+        nodes: list[list[tuple[int, int, float, float]]] = [[] for _ in batch]  # (token, parent, prob, cum)
+        entry: list[dict[int, int]] = [{-1: -1} for _ in batch]  # node -> its cache entry once run
+        region: list[list[tuple[int, int]]] = [[] for _ in batch]  # run entries: (position, parent entry index)
+        front = {b: [(-1, 1.0, 0)] for b in range(len(batch))}  # (node, cum, depth) whose children come next
+        for step in range(max(c.k_max for c in batch)):
+            cand = {}
+            for i, b in enumerate(front):
+                probs = torch.softmax(logits[i], -1)
+                for node, cum, depth in front[b]:
+                    row = probs[node_rows[b].index(node)] if step else probs
+                    top, tok = row.topk(width[b])
+                    for p, t in zip(top.tolist(), tok.tolist()):
+                        if p >= batch[b].p_floor and depth < batch[b].k_max:
+                            nodes[b].append((t, node, p, cum * p))
+                            cand.setdefault(b, []).append((len(nodes[b]) - 1, cum * p, depth + 1))
+            front = {b: heapq.nlargest(width[b], cs, key=lambda f: f[1]) for b, cs in cand.items()}
+            front = {b: [f for f in fs if f[2] < batch[b].k_max] for b, fs in front.items()}
+            front = {b: fs for b, fs in front.items() if fs}
+            if not front:
+                break
+            node_rows = {b: [f[0] for f in fs] for b, fs in front.items()}
+            logits = self._forward_nodes(batch, front, nodes, entry, region)  # [B', W, V]
+        out = []
+        for b, c in enumerate(batch):
+            keep = sorted(sorted(range(len(nodes[b])), key=lambda i: (-nodes[b][i][3], i))[:c.nodes])
+            new = {-1: -1, **{old: i for i, old in enumerate(keep)}}
+            out.append(Draft.tree([nodes[b][i][0] for i in keep], [new[nodes[b][i][1]] for i in keep],
+                                  [nodes[b][i][2] for i in keep], self.device))
+        return out
+
+    def _forward_nodes(self, batch, front, nodes, entry, region) -> torch.Tensor:
+        """Run the frontier nodes of each slot (rows [B', W]) at the slot's next entries, each attending to the
+        entries before the round's tree region and its run ancestors in it; returns their logits [B', W, V]."""
+        items = list(front.items())
+        B, T = len(items), max(len(fs) for _, fs in items)
+        M = max(len(region[b]) + len(fs) for b, fs in items)
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        positions = torch.full((B, T), -1, dtype=torch.long)
+        index = torch.full((B, T), -1, dtype=torch.long)
+        pos = torch.full((B, M), -1, dtype=torch.long)
+        mask = torch.zeros(B, T, M, dtype=torch.bool)
+        base = []
+        for r, (b, fs) in enumerate(items):
+            c = batch[b]
+            s0 = self._round[c.slot][0] + self._fed[c.slot]  # the tree region starts after the fed tokens
+            base.append(s0)
+            for t, (node, _, depth) in enumerate(fs):
+                par = entry[b][nodes[b][node][1]]  # the parent's entry index in the region (-1: x)
+                u = len(region[b])
+                region[b].append((c.position + depth, par))
+                entry[b][node] = u
+                self._tree[c.slot][(self._tree_key(b, node, nodes, entry, batch), nodes[b][node][0])] = s0 + u
+                tokens[r, t], positions[r, t], index[r, t] = nodes[b][node][0], c.position + depth, s0 + u
+                a = u
+                while a >= 0:  # itself and its ancestors
+                    mask[r, t, a] = True
+                    a = region[b][a][1]
+            pos[r, :len(region[b])] = torch.tensor([p for p, _ in region[b]])
+            self.cache.set_length(c.slot, s0 + len(region[b]))
+        dev = self.device
+        tree = TreeRows(index, torch.tensor(base), pos, mask).to(dev)
+        with self.cache.tree_rows(tree):
+            out = self.model(tokens.to(dev), positions.to(dev), self.cache,
+                             torch.tensor([batch[b].slot for b, _ in items], device=dev), logit_rows=slice(0, 0))
+        return self.model.logits(out.hidden).float()  # [B', T, V]
+
+    def _tree_key(self, b, node, nodes, entry, batch) -> int:
+        """The parent of `node` as accept() finds it: its cache entry, or -1 for x."""
+        par = nodes[b][node][1]
+        if par < 0:
+            return -1
+        return self._round[batch[b].slot][0] + self._fed[batch[b].slot] + entry[b][par]
 
     def _propose(self, batch: list[DraftContext]) -> list[Draft]:
         toks: list[list[int]] = [[] for _ in batch]

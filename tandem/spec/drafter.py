@@ -16,6 +16,14 @@ A scheduler step, as the engine runs it (tandem.engine.speculative) for ALL spec
                                                  target's rows that produced them (row i produced tokens[i])
     drafter.end(slot)
 
+Trees: when ctx.nodes > ctx.k_max a drafter may return a draft TREE (Draft.parents; at most ctx.nodes nodes, depth
+<= k_max, parents before children, distinct sibling tokens, deterministic: probs None); a drafter that cannot
+returns a chain, the one-branch tree. The engine verifies all nodes in one forward (a node at position
+position + depth sees its ancestors), then calls accept(slot, tokens, hidden) exactly as for a chain: tokens = the
+accepted PATH's tokens + the recovered/bonus token, hidden = the target rows of that path. A drafter that ran tree
+nodes on its own cache finds the path by those tokens and compacts the path's entries in place (its cache's
+compact(), as the engine does for the target) before dropping the rest: its cache again holds only accepted tokens.
+
 ctx.last_token x sits at ctx.position; the target cache holds entries 0..position-1 when propose runs. A drafter
 never writes the target cache. A drafter with its own cache keeps in it only accepted tokens (it learns what was
 accepted from accept()'s tokens); a token it has not run yet (the last draft of a fully accepted round) it runs
@@ -40,27 +48,66 @@ from tandem.errors import ConfigError, ModelLoadError
 
 @dataclass
 class Draft:
-    """tokens [k] long; probs [k, V] fp32 = the distribution each token was SAMPLED from, or None (deterministic
-    drafts). confidence [k]: the drafter's top-1 probability (softmax of its raw logits) at each step, what the
-    policy's p_min compares against. k may be 0. source: the kind that drafted it (a chain names its winner)."""
+    """A draft TREE over the last emitted token x (the root). tokens [N] long, node i's parent parents[i] (-1: the
+    root x; a parent comes before its children; siblings carry distinct tokens); parents None = a chain (node i's
+    parent is i - 1), the one-branch tree. probs [N, V] fp32 = the distribution each token was SAMPLED from, or
+    None (deterministic drafts; trees are always deterministic). confidence [N]: the drafter's probability of each
+    node's token given its parent (a chain: the top-1 probability at each step), what the policy's p_min compares
+    against. N may be 0. source: the kind that drafted it (a chain of drafters names its winner)."""
 
     tokens: torch.Tensor
     probs: torch.Tensor | None = None
     confidence: list[float] = field(default_factory=list)
     source: str = ""
+    parents: list[int] | None = None
 
     @property
     def k(self) -> int:
+        """Nodes (= draft tokens a chain verifies)."""
         return int(self.tokens.shape[0])
+
+    @property
+    def is_tree(self) -> bool:
+        return self.parents is not None and self.parents != list(range(-1, self.k - 1))
+
+    def parent_list(self) -> list[int]:
+        return list(range(-1, self.k - 1)) if self.parents is None else list(self.parents)
+
+    def depths(self) -> list[int]:
+        """Depth of each node (a child of the root: 1)."""
+        out: list[int] = []
+        for p in self.parent_list():
+            out.append(1 if p < 0 else out[p] + 1)
+        return out
+
+    @property
+    def depth(self) -> int:
+        return max(self.depths(), default=0)
 
     @staticmethod
     def empty(device="cpu") -> "Draft":
         return Draft(torch.zeros(0, dtype=torch.long, device=device), None, [])
 
     def head(self, n: int) -> "Draft":
-        """The first n tokens."""
+        """A chain's first n tokens."""
+        assert not self.is_tree
         return Draft(self.tokens[:n], None if self.probs is None else self.probs[:n], self.confidence[:n],
                      self.source)
+
+    def select(self, keep: list[int]) -> "Draft":
+        """The subtree of nodes `keep` (ascending; each one's parent kept too), renumbered."""
+        new = {-1: -1, **{old: i for i, old in enumerate(keep)}}
+        pl = self.parent_list()
+        idx = torch.tensor(keep, dtype=torch.long, device=self.tokens.device)
+        return Draft(self.tokens[idx], None if self.probs is None else self.probs[idx],
+                     [self.confidence[i] for i in keep], self.source, [new[pl[i]] for i in keep])
+
+    @staticmethod
+    def tree(tokens: list[int], parents: list[int], confidence: list[float], device="cpu") -> "Draft":
+        """A deterministic draft tree (a chain when parents is 0..N-2 shifted: stored as a chain)."""
+        chain = parents == list(range(-1, len(tokens) - 1))
+        return Draft(torch.tensor(tokens, dtype=torch.long, device=device), None, list(confidence), "",
+                     None if chain else list(parents))
 
 
 @dataclass
@@ -83,7 +130,8 @@ class DraftContext:
     position: int
     cache: Any  # the target's cache (read-only for drafters)
     sampling: SamplingParams
-    k_max: int  # most tokens this slot may draft this round (decided by tandem.spec.policy)
+    k_max: int  # most tokens this slot may draft this round (decided by tandem.spec.policy); a tree: its depth
+    nodes: int = 0  # a tree's node budget (> k_max: the slot takes a tree; else a chain of at most k_max)
     k_by_member: dict[str, int] | None = None  # a chain: each member's own k_max (0: skip it this round)
     p_floor: float = 0.0  # a drafter may stop a row early once its top-1 probability falls below this
     sample_drafts: bool = False  # draw from the drafter's processed distribution (T > 0 and the method asks)

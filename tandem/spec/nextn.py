@@ -12,6 +12,9 @@ head j's is head_j(embed(t_q), out_{j-1}(q-1)). So every accepted (token, hidden
                           head i (transformers' MtpModel: one token per head per round); past n the last head recurs
                           on its own output (what llama.cpp / vLLM do with one head; transformers cannot draft k > n).
 Drafts are argmax (probs None) or, when the method samples drafts, draws from the processed distribution (probs q).
+A tree (DraftContext.nodes > k_max): the argmax chain plus, at every depth, the runner-up tokens of the same logits
+as leaves (the most probable first, up to the node budget): the heads run once per depth as for the chain, so the
+extra branches cost no drafting. accept() re-runs the emitted pairs, so the heads' cache follows any accepted path.
 """
 
 from __future__ import annotations
@@ -153,6 +156,7 @@ class NextNDrafter(Drafter):
         probs: list[list[torch.Tensor]] = [[] for _ in batch]
         conf: list[list[float]] = [[] for _ in batch]
         live = [b for b, c in enumerate(batch) if c.k_max > 0]
+        alts: dict[int, list[tuple[float, int, int]]] = {}  # tree rows: (prob, token, depth) runner-ups
         # outs[b][j][q]: head j's output at position q this round (q = n: from accept)
         outs = {b: [{batch[b].position: o} for o in self._out[batch[b].slot]] for b in live}
         done = [0] * self.heads.n_heads  # per head: the last draft step whose position it has run
@@ -174,12 +178,23 @@ class NextNDrafter(Drafter):
                     probs[b].append(q[0])
                 else:
                     toks[b].append(int(logits[i].argmax()))
+                    if c.nodes > c.k_max:
+                        pr, tk = torch.softmax(logits[i], -1).topk(4)
+                        alts.setdefault(b, []).extend((p, t, len(toks[b]) - 1) for p, t in
+                                                      zip(pr[1:].tolist(), tk[1:].tolist()) if p >= c.p_floor)
                 conf[b].append(top)
                 if len(toks[b]) < c.k_max:
                     nxt.append(b)
             live, step = nxt, step + 1
-        return [Draft(torch.tensor(toks[b], dtype=torch.long, device=self.device),
+        return [self._tree(toks[b], conf[b], alts[b], batch[b].nodes) if b in alts else
+                Draft(torch.tensor(toks[b], dtype=torch.long, device=self.device),
                       torch.stack(probs[b]) if probs[b] else None, conf[b]) for b in range(len(batch))]
+
+    def _tree(self, chain: list[int], conf: list[float], alts, budget: int) -> Draft:
+        """The chain, then its best runner-up siblings (a sibling of chain node i hangs off node i - 1)."""
+        extra = sorted((a for a in alts if a[2] < len(chain)), key=lambda a: -a[0])[:max(0, budget - len(chain))]
+        return Draft.tree(chain + [t for _, t, _ in extra], list(range(-1, len(chain) - 1)) + [i - 1 for _, _, i in extra],
+                          conf + [p for p, _, _ in extra], self.device)
 
     def _step(self, batch: list[DraftContext], live: list[int], i: int, toks, outs, done: list[int]) -> int:
         """Draft step i >= 1: head j = min(i, n-1) over the draft positions it has not run yet, up to n+i, each

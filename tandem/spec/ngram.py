@@ -12,10 +12,16 @@ rejected draft never enters it). A round drafts from:
      n-grams (LRU). A seeded sampled request does not read it (its drafts, hence its sample, depend only on
      itself: tandem.spec.policy).
 Drafts are deterministic (probs None, verified as one-hot); prompt-lookup confidence is 1.0.
+A tree (DraftContext.nodes > k_max): every continuation the text knows, merged into one trie up to the node budget:
+prompt lookup's continuations after each of the last OCCURRENCES occurrences of the matched suffix (the most recent
+first: its branch is the chain draft), else the suffix cache's next tokens expanded best-first by the product of
+their shares.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import OrderedDict
 
 import torch
@@ -64,6 +70,39 @@ class SuffixCache:
                 return t, counts[t] / sum(counts.values())
         return None
 
+    def options(self, tail: list[int]) -> list[tuple[int, float]]:
+        """Every token known after the longest known suffix of `tail`, with its share, most frequent first."""
+        for n in range(min(self.n_max, len(tail)), self.n_min - 1, -1):
+            counts = self.table.get(tuple(tail[-n:]))
+            if counts:
+                total = sum(counts.values())
+                return [(t, c / total) for t, c in sorted(counts.items(), key=lambda x: (-x[1], x[0]))]
+        return []
+
+    def tree(self, history: list[int], k: int, nodes: int, p_floor: float) -> tuple[list[int], list[int], list[float]]:
+        """Best-first expansion (by the product of shares along the path) up to `nodes` nodes of depth <= k."""
+        toks: list[int] = []
+        parents: list[int] = []
+        conf: list[float] = []
+        heap: list = []  # (-cumulative share, tie, parent node, token, share, depth, tail after the token)
+        order = itertools.count()
+
+        def expand(node: int, tail: list[int], cum: float, depth: int) -> None:
+            if depth < k:
+                for t, sh in self.options(tail):
+                    if sh >= p_floor:
+                        heapq.heappush(heap, (-cum * sh, next(order), node, t, sh, depth + 1,
+                                              (tail + [t])[-self.n_max:]))
+
+        expand(-1, history[-self.n_max:], 1.0, 0)
+        while heap and len(toks) < nodes:
+            neg, _, parent, t, sh, depth, tail = heapq.heappop(heap)
+            toks.append(t)
+            parents.append(parent)
+            conf.append(sh)
+            expand(len(toks) - 1, tail, -neg, depth)
+        return toks, parents, conf
+
     def draft(self, history: list[int], k: int, p_floor: float) -> tuple[list[int], list[float]]:
         tail, toks, conf = history[-self.n_max:], [], []
         while len(toks) < k:
@@ -74,6 +113,9 @@ class SuffixCache:
             conf.append(hit[1])
             tail = tail[1:] + [hit[0]] if len(tail) >= self.n_max else tail + [hit[0]]
         return toks, conf
+
+
+OCCURRENCES = 4  # earlier occurrences of an n-gram kept per slot (a tree copies what followed each)
 
 
 @register_kind("ngram", help="n-grams of the request's own text + a suffix cache learnt from earlier requests "
@@ -89,8 +131,8 @@ class NgramDrafter(Drafter):
         self.n_min, self.n_max = n_min, n_max
         self.suffix = SuffixCache(n_min, n_max, cache_size) if cache_size else None
         self._hist: dict[int, list[int]] = {}  # slot -> prompt + accepted tokens
-        # slot -> n-gram -> where its latest occurrence that has a following token ends
-        self._index: dict[int, dict[tuple[int, ...], int]] = {}
+        # slot -> n-gram -> where its latest occurrences that have a following token end (oldest first)
+        self._index: dict[int, dict[tuple[int, ...], list[int]]] = {}
         self._prompt_n: dict[int, int] = {}  # slot -> prompt length (the suffix cache learns what follows it)
 
     @classmethod
@@ -123,6 +165,9 @@ class NgramDrafter(Drafter):
                 raise RuntimeError(f"ngram slot {c.slot}: history of {len(hist)} tokens does not end with the "
                                    f"token at position {c.position}")
             private = c.sampling.seed is not None and not c.sampling.greedy  # reproducible: no shared state
+            if c.k_max > 0 and c.nodes > c.k_max:
+                out.append(Draft.tree(*self._tree(c.slot, c.k_max, c.nodes, c.p_floor, not private)))
+                continue
             toks, conf = self._draft(c.slot, c.k_max, c.p_floor, not private) if c.k_max > 0 else ([], [])
             out.append(Draft(torch.tensor(toks, dtype=torch.long), None, conf))
         return out
@@ -134,7 +179,9 @@ class NgramDrafter(Drafter):
         for t in tokens:
             i = len(hist)  # the n-grams ending at i-1 now have a following token
             for n in range(self.n_min, min(self.n_max, i) + 1):
-                index[tuple(hist[i - n:i])] = i - 1
+                ends = index.setdefault(tuple(hist[i - n:i]), [])
+                ends.append(i - 1)
+                del ends[:-OCCURRENCES]
             hist.append(int(t))
         if self.suffix is not None:  # the output so far (not the prompt), as it is accepted
             self.suffix.learn(hist, max(start, self._prompt_n[slot]))
@@ -142,12 +189,37 @@ class NgramDrafter(Drafter):
     def _draft(self, slot: int, k: int, p_floor: float, shared: bool = True) -> tuple[list[int], list[float]]:
         hist, index = self._hist[slot], self._index[slot]
         for n in range(min(self.n_max, len(hist)), self.n_min - 1, -1):
-            j = index.get(tuple(hist[-n:]))
-            if j is not None:
-                toks: list[int] = []
+            ends = index.get(tuple(hist[-n:]))
+            if ends:
+                j, toks = ends[-1], []
                 for p in range(j + 1, j + 1 + k):  # past the end: copy what was just drafted (periodic text)
                     toks.append(hist[p] if p < len(hist) else toks[p - len(hist)])
                 return toks, [1.0] * k
         if self.suffix is not None and shared:
             return self.suffix.draft(hist, k, p_floor)
         return [], []
+
+    def _tree(self, slot: int, k: int, nodes: int, p_floor: float, shared: bool):
+        """(tokens, parents, confidence): the continuations after every kept occurrence of the longest matched
+        suffix (most recent first) merged into a trie of <= nodes nodes, else the suffix cache's tree."""
+        hist, index = self._hist[slot], self._index[slot]
+        for n in range(min(self.n_max, len(hist)), self.n_min - 1, -1):
+            ends = index.get(tuple(hist[-n:]))
+            if ends:
+                toks, parents, child = [], [], {}
+                for j in reversed(ends):
+                    node, run = -1, []
+                    for p in range(j + 1, j + 1 + k):
+                        run.append(hist[p] if p < len(hist) else run[p - len(hist)])
+                        t = run[-1]
+                        if (node, t) not in child:
+                            if len(toks) >= nodes:
+                                break
+                            child[node, t] = len(toks)
+                            toks.append(t)
+                            parents.append(node)
+                        node = child[node, t]
+                return toks, parents, [1.0] * len(toks)
+        if self.suffix is not None and shared:
+            return self.suffix.tree(hist, k, nodes, p_floor)
+        return [], [], []

@@ -8,6 +8,10 @@ to stop early) in their DraftContext; the rule itself is applied here, to every 
             expected tokens per unit of round time
     cut   = the draft up to (not including) its first token whose confidence is < p_min;
             a cut draft shorter than n_min is dropped (the round then verifies no draft: a plain decode step).
+            A tree: every branch cut so; a tree shallower than n_min is dropped.
+    tree  = tree_budget(): whether the request drafts trees (speculative.tree, deterministic drafts, a cache whose
+            attention takes tree rows) and their largest node budget; TreeShape picks each round's budget (k =
+            the depth from above: a tree of k nodes is the chain) from the request's measured tokens per ms.
 Terms: a MEMBER is one drafter of a request's chain (tandem.spec.chain); a single drafter is a chain of one. Each
 member has its own AdaptiveLength (acceptance counts of the rounds it WON, and a RoundCost keyed per engine, method
 and member kind: ChainLengths); a member whose k is 0 this round is skipped, so the next member gets the round.
@@ -63,6 +67,14 @@ class DraftPolicy:
         return max(0, min(self.spec.n_max, self.max_draft, max_len - position - 1, tokens_left - 1))
 
     def cut(self, draft: Draft) -> Draft:
+        if draft.is_tree:  # the same rule per branch: a node below p_min goes with its subtree
+            keep, ok = [], {-1}
+            for i, (p, c) in enumerate(zip(draft.parents, draft.confidence)):
+                if p in ok and c >= self.spec.p_min:
+                    ok.add(i)
+                    keep.append(i)
+            draft = draft.select(keep) if len(keep) < draft.k else draft
+            return draft if draft.depth >= self.spec.n_min else Draft.empty(draft.tokens.device)
         n = draft.k
         for i, c in enumerate(draft.confidence[:n]):
             if c < self.spec.p_min:
@@ -247,3 +259,69 @@ class ChainLengths:
         self.by_member[winner].observe(k, a, draft_ms, verify_ms)
         for m in self.order[self.order.index(winner) + 1:]:
             self.by_member[m].skipped()
+
+
+def speculates(spec: SpecConfig | None, drafter) -> bool:
+    """Whether a request speculates at all: its settings ask for it and the engine has a drafter."""
+    return spec is not None and spec.enabled and drafter is not None
+
+
+def tree_budget(spec: SpecConfig, sample_drafts: bool, cache) -> int:
+    """The most nodes a request's draft trees may have; 0: chains only. speculative.tree: False/None off, True the
+    default budget, an int the budget. Trees are deterministic drafts (sampled drafts stay chains: their p/q
+    rejection is per chain) and need a cache whose attention takes tree rows (fp32/bf16 K/V, the C++ kernel)."""
+    if not spec.tree or sample_drafts or not getattr(cache, "supports_tree", False):
+        return 0
+    return TREE_NODES if spec.tree is True else int(spec.tree)
+
+
+TREE_NODES = 12  # default node budget: a verify of <= 13 rows costs about one row here (`tandem bench` k-cost)
+
+
+class TreeShape:
+    """Per request: each round's node budget for a tree of depth k, one of k (the chain), 2k, 4k, `budget`
+    (capped by it): the option with the most emitted tokens per millisecond of round, both measured on this
+    request's own rounds (decayed means: the per-depth acceptance of its trees and the cost of their n-row
+    verify forward + drafting). Every option is tried twice first, and a non-best one again every `probe_every`
+    rounds. fixed (a seeded sampled request): always `budget`, so its drafts depend only on its text."""
+
+    def __init__(self, budget: int, fixed: bool = False, decay: float = 0.9, probe_every: int = 16):
+        self.budget, self.fixed, self.decay, self.probe_every = budget, fixed, decay, probe_every
+        self.tok: dict[int, float] = {}  # option (multiplier; 0 = the budget) -> decayed sum of emitted tokens
+        self.ms: dict[int, float] = {}
+        self.w: dict[int, float] = {}
+        self.rounds = 0
+        self.last = 0
+
+    def options(self, k: int) -> dict[int, int]:
+        out = {m: min(self.budget, m * k) for m in (1, 2, 4)}
+        out[0] = self.budget
+        return {m: n for m, n in out.items() if n >= k}
+
+    def choose(self, k: int) -> int:
+        """The node budget for this round (k: the depth chosen; k itself = a chain)."""
+        if k <= 0:
+            return 0
+        opts = self.options(k)
+        if self.fixed:
+            self.last = 0
+            return opts[0]
+        self.rounds += 1
+        untried = [m for m in opts if self.w.get(m, 0) < 1.5]
+        if untried:
+            self.last = untried[0]
+        else:
+            score = {m: self.tok[m] / max(self.ms[m], 1e-6) for m in opts}
+            best = max(score, key=score.get)
+            others = [m for m in opts if m != best]
+            probe = others and self.rounds % self.probe_every == 0
+            self.last = others[(self.rounds // self.probe_every) % len(others)] if probe else best
+        return opts[self.last]
+
+    def observe(self, emitted: int, ms: float) -> None:
+        if self.fixed:
+            return
+        d, m = self.decay, self.last
+        self.tok[m] = d * self.tok.get(m, 0.0) + emitted
+        self.ms[m] = d * self.ms.get(m, 0.0) + ms
+        self.w[m] = d * self.w.get(m, 0.0) + 1

@@ -101,3 +101,41 @@ def verify(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, target_
     if bool(alive.any()):  # bonus from the last row
         out[alive, k] = torch.multinomial(p[alive, k], 1, generator=generator).squeeze(1)
     return Verdict(out, n_acc)
+
+
+def verify_tree(tokens: list[int], parents: list[int], target_logits: torch.Tensor, sampling: SamplingParams,
+                generator: torch.Generator | None = None) -> tuple[list[int], list[int]]:
+    """Walk a deterministic draft tree (a chain: the one-branch tree) -> (accepted path's node indices, emitted
+    tokens = the path's tokens + one recovered/bonus token). Lossless.
+
+    tokens [N], parents [N] (-1: the root x, the last emitted token), target_logits [N+1, V]: row 0 = after x,
+    row i+1 = after the path to node i (tree attention: bitwise what that path verified as a chain gives).
+      greedy (T = 0): from the root, y = argmax of the current row; move to the child carrying y, if any, else
+          emit y and stop: the longest path the target agrees with, then its own token.
+      T > 0 (multi-candidate sample-and-compare): y ~ p(current row), p = process_logits (plain sampling's
+          distribution); move to the child carrying y, else emit y and stop.
+    Why lossless: every emitted token is one draw from the target's distribution given everything emitted before
+    it, as in plain sampling; the draft only decides whether the next row is already computed (a child whose
+    token the draw hit has its row), never which token is drawn. With one child per node this is exactly verify()'s
+    sample-and-compare (SpecInfer's recursive rejection sampling with one-hot drafts: rejecting child c
+    leaves norm(p - p(c) one-hot(c)), from which the next child is tried; the same as drawing y ~ p once and
+    looking it up among the children). Randomness: one draw per emitted token, in order.
+    """
+    children: dict[int, dict[int, int]] = {}
+    for i, (t, p) in enumerate(zip(tokens, parents)):
+        children.setdefault(p, {}).setdefault(int(t), i)
+    if sampling.greedy:
+        target = kernels.argmax(target_logits.float()).tolist()  # [N+1]
+        draw = lambda row: target[row]  # noqa: E731
+    else:
+        p = process_logits(target_logits, sampling)  # [N+1, V]
+        draw = lambda row: int(torch.multinomial(p[row:row + 1], 1, generator=generator)[0, 0])  # noqa: E731
+    path, emitted, cur = [], [], -1
+    while True:
+        y = draw(cur + 1)
+        emitted.append(y)
+        nxt = children.get(cur, {}).get(y)
+        if nxt is None:
+            return path, emitted
+        path.append(nxt)
+        cur = nxt

@@ -14,7 +14,9 @@ std::vector<torch::Tensor> gemm_vnni_multi(torch::Tensor x, std::vector<std::str
                                            std::vector<std::vector<torch::Tensor>> parts, std::vector<int64_t> Ns);
 torch::Tensor rows_q8_0x8(torch::Tensor w, torch::Tensor d, torch::Tensor rows, int64_t K);
 torch::Tensor attend_fast(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf, torch::Tensor slots,
-                          torch::Tensor q_pos, int64_t window, double scale, double softcap);
+                          torch::Tensor q_pos, int64_t window, double scale, double softcap,
+                          std::optional<torch::Tensor> tree_base, std::optional<torch::Tensor> tree_pos,
+                          std::optional<torch::Tensor> tree_mask);
 torch::Tensor attend_quant(torch::Tensor q, torch::Tensor kd, torch::Tensor ks, int64_t kkind, torch::Tensor ksigns,
                            torch::Tensor vd, torch::Tensor vs, int64_t vkind, torch::Tensor vsigns, int64_t dv,
                            torch::Tensor slots, torch::Tensor q_pos, int64_t window, double scale, double softcap);
@@ -30,7 +32,9 @@ void kv_write(torch::Tensor buf, torch::Tensor x, torch::Tensor slots, torch::Te
 torch::Tensor argmax_rows(torch::Tensor x);
 torch::Tensor write_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_buf, torch::Tensor v_buf,
                            torch::Tensor slots, torch::Tensor positions, int64_t window, double scale,
-                           double softcap);
+                           double softcap, std::optional<torch::Tensor> index,
+                           std::optional<torch::Tensor> tree_base, std::optional<torch::Tensor> tree_pos,
+                           std::optional<torch::Tensor> tree_mask);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // compute without the GIL: other Python threads (the server's event loop) keep running during a long kernel
@@ -46,7 +50,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_vnni_panels", &gemm_vnni_panels, nogil);
   m.def("gemm_vnni_multi", &gemm_vnni_multi, nogil);
   m.def("rows_q8_0x8", &rows_q8_0x8, nogil);
-  m.def("attend_fast", &attend_fast, nogil);
+  m.def("attend_fast", &attend_fast, nogil, py::arg("q"), py::arg("k_buf"), py::arg("v_buf"), py::arg("slots"),
+        py::arg("q_pos"), py::arg("window"), py::arg("scale"), py::arg("softcap"), py::arg("tree_base") = py::none(),
+        py::arg("tree_pos") = py::none(), py::arg("tree_mask") = py::none());
   m.def("attend_quant", &attend_quant, nogil);
   m.def("kv_quantize", &kv_quantize, nogil);
   m.def("kv_store", &kv_store, nogil);
@@ -54,5 +60,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_rope_", &norm_rope_, nogil);
   m.def("kv_write", &kv_write, nogil);
   m.def("argmax_rows", &argmax_rows, nogil);
-  m.def("write_attend", &write_attend, nogil);
+  m.def("write_attend", &write_attend, nogil, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_buf"),
+        py::arg("v_buf"), py::arg("slots"), py::arg("positions"), py::arg("window"), py::arg("scale"),
+        py::arg("softcap"), py::arg("index") = py::none(), py::arg("tree_base") = py::none(),
+        py::arg("tree_pos") = py::none(), py::arg("tree_mask") = py::none());
 }
