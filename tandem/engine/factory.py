@@ -38,7 +38,8 @@ def build_engine(opts: EngineOptions, n_slots: int = 1) -> Engine:
     # the chain's order lives in the drafter: requests without a chain of their own use it (or their method's kind)
     spec_cfg = dataclasses.replace(opts.spec, enabled=drafter is not None and opts.spec.enabled, chain=())
     eng = Engine(target, loaded.tokenizer, max_len=opts.max_len, n_slots=n_slots, cache_type_k=k_type,
-                 cache_type_v=v_type, device=opts.device, drafter=drafter, spec=spec_cfg)
+                 cache_type_v=v_type, device=opts.device, drafter=drafter, spec=spec_cfg,
+                 prefix_cache_mb=opts.prefix_cache_mb)
     eng.loaded = loaded
     return eng
 

@@ -44,7 +44,8 @@ async def get_model(model: str, state: ServerState = Depends(state_of)):
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(state: ServerState = Depends(state_of)):
     sched = state.scheduler
-    text = state.metrics.render(sched.n_active, sched.n_waiting, sched.n_slots, state.spec_default.n_max)
+    text = state.metrics.render(sched.n_active, sched.n_waiting, sched.n_slots, state.spec_default.n_max,
+                                getattr(state.engine, "prefix", None))
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
