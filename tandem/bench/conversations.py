@@ -25,14 +25,15 @@ import urllib.error
 import urllib.request
 
 
-def load_conversations(path: str, turns: int, max_chars: int) -> list[list[str]]:
-    """User turns (cut to max_chars) of the eval-reserved conversations with at least `turns` of them."""
+def load_conversations(path: str, turns: int, max_chars: int, min_chars: int = 0) -> list[list[str]]:
+    """User turns (cut to max_chars) of the eval-reserved conversations with at least `turns` of them, whose first
+    `turns` user turns (cut) hold at least min_chars characters."""
     from tandem.sharegpt import split
     _, held = split(path)
     out = []
     for c in held:
         users = [m["content"][:max_chars] for m in c.messages if m["role"] == "user" and m["content"].strip()]
-        if len(users) >= turns:
+        if len(users) >= turns and sum(len(u) for u in users[:turns]) >= min_chars:
             out.append(users[:turns])
     return out
 
@@ -53,9 +54,10 @@ def chat_turn(url: str, messages: list[dict], max_tokens: int, cache: bool, time
                     continue
                 chunk = json.loads(line[6:])
                 for ch in chunk.get("choices", []):
-                    if ttft is None:
+                    piece = ch.get("delta", {}).get("content") or ""
+                    if ttft is None and (piece or ch.get("finish_reason")):  # not the role chunk sent at once
                         ttft = time.perf_counter() - t0
-                    parts.append(ch.get("delta", {}).get("content") or "")
+                    parts.append(piece)
                 usage = chunk.get("usage") or usage
     except urllib.error.HTTPError as e:
         return {"error": f"HTTP {e.code}: {e.read()[:200]!r}"}
@@ -148,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turns", type=int, default=4, help="user turns replayed per conversation (>= 3)")
     ap.add_argument("--max-tokens", type=int, default=48, help="answer length per turn")
     ap.add_argument("--max-user-chars", type=int, default=1200, help="each user turn cut to this many characters")
+    ap.add_argument("--min-chars", type=int, default=0,
+                    help="only conversations whose replayed user turns hold at least this many characters")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
     a = ap.parse_args(argv)
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--clients takes comma-separated integers")
     if a.turns < 3 or any(c < 1 for c in levels):
         ap.error("--turns must be >= 3 and every --clients level >= 1")
-    convs = load_conversations(a.sharegpt, a.turns, a.max_user_chars)
+    convs = load_conversations(a.sharegpt, a.turns, a.max_user_chars, a.min_chars)
     per = [a.conversations or max(2, c) for c in levels]
     if sum(per) > len(convs):
         ap.error(f"{sum(per)} conversations needed, {len(convs)} in the eval side have {a.turns} user turns")

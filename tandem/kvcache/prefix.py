@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-BLOCK = 32  # tokens per block; PREFILL_CHUNK is a multiple of it, so grid points are block ends
+BLOCK = 16  # tokens per block; PREFILL_CHUNK is a multiple of it, so grid points are block ends
 
 
 def _nbytes(ts) -> int:
