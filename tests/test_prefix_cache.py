@@ -78,7 +78,7 @@ def check_kind(model, monkeypatch, anywhere: bool, vocab: int = 64, **kw):
     assert all(hits[1:]) and hits[0] == 0
     assert all(h % (BLOCK if anywhere else GRID) == 0 for h in hits)
     if anywhere:  # the previous turn's answer is reused too (decode rows == prefill rows)
-        assert hits[2] >= 21 + 7 + 5
+        assert hits[1] > len(TURNS[0])
     assert_same_cache(cached, fresh)
 
 
@@ -107,10 +107,12 @@ def test_row_variant_engine_uses_the_grid_only(monkeypatch):
 
 
 def check_drafter(target, monkeypatch, make_drafter, spec, **kw):
+    """Fixed draft lengths (adaptive ones follow measured timings: verify shapes would differ between runs)."""
+    spec = SpecConfig(**{**spec.__dict__, "adaptive": False})
     cached, fresh = pair(target, monkeypatch, drafters=(make_drafter(), make_drafter()), **kw)
-    got, hits, d_got = converse(cached, TURNS, spec)
-    want, _, d_want = converse(fresh, TURNS, spec)
     plain, _, _ = converse(fresh, TURNS, PLAIN)
+    got, hits, d_got = converse(cached, TURNS, spec)
+    want, _, d_want = converse(fresh, TURNS, spec)  # last: fresh's cache then holds the same run as cached's
     assert got == want == plain and any(hits)
     assert d_got == d_want and any(t for _, t in d_got)  # every round drafted the same tokens
     assert_same_cache(cached, fresh)
@@ -120,7 +122,12 @@ def check_drafter(target, monkeypatch, make_drafter, spec, **kw):
 @needs_ext
 def test_assistant_drafter(monkeypatch):
     """Gemma 4 assistant: reads the restored target K/V and the last prompt row's hidden state."""
+    from transformers import Gemma4TextConfig
+
     from tandem.spec import MTPAssistantDrafter
+    orig = Gemma4TextConfig.kv_sharing_modes  # as test_gemma4_assistant's patch: HF refuses an all-shared config
+    monkeypatch.setattr(Gemma4TextConfig, "kv_sharing_modes", property(
+        lambda c: ["reuse"] * c.num_hidden_layers if c.num_kv_shared_layers == c.num_hidden_layers else orig.fget(c)))
     from tests.test_gemma4_assistant import make_assistant, make_target
     target = prepare(make_target()[1], "fp32")
     assistant = make_assistant(False)[1]
