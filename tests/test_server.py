@@ -408,3 +408,31 @@ def test_schemathesis_no_server_errors(server):
     print("statuses:", statuses)
     assert not failures, failures
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+# -- prefix cache (issue 24) -----------------------------------------------------------------------------------------
+
+def test_prefix_cache_reuse_metrics_and_opt_out(server):
+    """A resent conversation reuses its cached prefix (usage.prompt_tokens_details.cached_tokens, timings.cache_n)
+    with the same T=0 answer; cache_prompt: false reuses nothing; /metrics counts hits, tokens, bytes."""
+    msgs = [{"role": "system", "content": "You answer in one short sentence about prefix caches. " * 6},
+            {"role": "user", "content": "What is reused?"}]
+
+    def once(**extra):
+        r = post(server, "/v1/chat/completions", {"messages": msgs, "max_tokens": 6, "temperature": 0, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    a, b, c = once(), once(), once(cache_prompt=False)
+    assert b["usage"]["prompt_tokens_details"]["cached_tokens"] >= 64
+    assert b["timings"]["cache_n"] == b["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert c["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert a["choices"][0]["message"] == b["choices"][0]["message"] == c["choices"][0]["message"]
+    _err(post(server, "/v1/chat/completions", {"messages": msgs, "cache_prompt": "no"}), 400)
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    values = {ln.rsplit(" ", 1)[0].split("{")[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+              if ln.startswith("tandem:prefix_cache")}
+    assert values["tandem:prefix_cache_hits_total"] >= 1
+    assert values["tandem:prefix_cache_hit_tokens_total"] >= 64
+    assert 0 < values["tandem:prefix_cache_bytes"] <= values["tandem:prefix_cache_budget_bytes"]
+    assert values["tandem:prefix_cache_queries_total"] >= 2 and "tandem:prefix_cache_evictions_total" in values

@@ -2,10 +2,12 @@
 
     python -m tandem.bench.loadtest --soak --minutes 30 --clients 8 --url http://127.0.0.1:8080
 
-Each client loops over random kinds: T=0 completions (speculation on or off, streamed or not), T>0 chat, a client
-that goes away mid-request (non-streaming timeout, or a stream closed after two events), and bad requests (must be
-a 4xx). Checks: 0 5xx for valid requests, every bad request a 4xx, every T=0 output identical to the same request
-sent alone at the end, all slots free at the end (/health), and the server's RSS (/metrics
+Each client loops over random kinds: T=0 completions (speculation on or off, streamed or not), T>0 chat, T=0
+multi-turn conversations (each turn resends the conversation with the model's answers appended: prefix-cache hits),
+a client that goes away mid-request (non-streaming timeout, or a stream closed after two events), and bad requests
+(must be a 4xx). Checks: 0 5xx for valid requests, every bad request a 4xx, every T=0 output identical to the same
+request sent alone at the end with `cache_prompt: false` (from scratch), all slots free at the end (/health), and the
+server's RSS (/metrics
 process_resident_memory_bytes) at start, after warm-up and at the end (growth after warm-up under --max-rss-growth).
 Standard library only, like loadtest.
 """
@@ -80,6 +82,14 @@ def _t0_body(prompt: str, max_tokens: int) -> dict:
     return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
 
 
+def _t0_request(key: tuple[str, str, int]) -> dict:
+    """The body of a T=0 request from its key (path, prompt or JSON of the chat messages, max_tokens)."""
+    path, text, n = key
+    if path == "/v1/chat/completions":
+        return {"messages": json.loads(text), "max_tokens": n, "temperature": 0}
+    return _t0_body(text, n)
+
+
 class Soak:
     def __init__(self, client: Client, prompts: list[str], max_tokens: int, seed: int):
         self.c, self.max_tokens = client, max_tokens
@@ -90,19 +100,22 @@ class Soak:
         self.tokens = 0
         self.server_errors: list[str] = []  # 5xx (or a failed stream) on a valid request
         self.bad_not_4xx: list[str] = []
-        self.t0: dict[tuple[str, int], set[str]] = defaultdict(set)
+        self.t0: dict[tuple[str, str, int], set[str]] = defaultdict(set)
 
     def one(self, rng: random.Random) -> None:
-        kind = rng.choice(["t0", "t0", "t0_stream", "sample_chat", "disconnect", "disconnect_stream", "bad"])
+        kind = rng.choice(["t0", "t0", "t0_stream", "sample_chat", "conversation", "disconnect", "disconnect_stream",
+                           "bad"])
         prompt, n = rng.choice(self.prompts), rng.choice([8, self.max_tokens])
         spec = {"speculative": {"enabled": rng.random() < 0.5}}
         if kind in ("t0", "t0_stream"):
             status, res = self.c.call("/v1/completions", {**_t0_body(prompt, n), **spec, "stream": kind == "t0_stream"})
-            self._valid(kind, status, res, (prompt, n))
+            self._valid(kind, status, res, ("/v1/completions", prompt, n))
         elif kind == "sample_chat":
             body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": n, "temperature": 0.8,
                     "top_p": 0.95, "seed": rng.randrange(1 << 31), **spec}
             self._valid(kind, *self.c.call("/v1/chat/completions", body))
+        elif kind == "conversation":
+            self.conversation(rng, n, spec)
         elif kind == "disconnect":
             try:
                 self.c.call("/v1/completions", {**_t0_body(prompt, self.max_tokens), "ignore_eos": True},
@@ -120,7 +133,7 @@ class Soak:
         with self.lock:
             self.kinds[kind] += 1
 
-    def _valid(self, kind: str, status: int, res, key: tuple[str, int] | None = None) -> None:
+    def _valid(self, kind: str, status: int, res, key: tuple[str, str, int] | None = None) -> None:
         with self.lock:
             if status >= 500 or (isinstance(res, dict) and "error" in res):
                 self.server_errors.append(f"{kind} {status}: {str(res)[:300]}")
@@ -137,6 +150,19 @@ class Soak:
             if key is not None:
                 self.t0[key].add(text)
 
+    def conversation(self, rng: random.Random, n: int, spec: dict) -> None:
+        """Three T=0 turns; each resends the conversation so far (the model's answers included)."""
+        msgs: list[dict] = []
+        for _ in range(3):
+            msgs.append({"role": "user", "content": rng.choice(self.prompts)})
+            key = ("/v1/chat/completions", json.dumps(msgs), n)
+            status, res = self.c.call("/v1/chat/completions", {"messages": msgs, "max_tokens": n, "temperature": 0,
+                                                                **spec})
+            self._valid("conversation", status, res, key)
+            if status != 200 or not isinstance(res, dict) or "choices" not in res:
+                return
+            msgs = msgs + [{"role": "assistant", "content": res["choices"][0]["message"]["content"]}]
+
     def client_loop(self, until: float, seed: int) -> None:
         rng = random.Random(seed)
         while time.time() < until:
@@ -149,9 +175,10 @@ class Soak:
     def check_alone(self) -> list[dict]:
         """Each T=0 request once more, alone: every output seen under load must equal it."""
         bad = []
-        for (prompt, n), seen in sorted(self.t0.items()):
-            status, res = self.c.call("/v1/completions", _t0_body(prompt, n))
-            alone = res["choices"][0]["text"] if status == 200 else None
+        for (path, prompt, n), seen in sorted(self.t0.items()):
+            status, res = self.c.call(path, {**_t0_request((path, prompt, n)), "cache_prompt": False})
+            choice = res["choices"][0] if status == 200 else {}
+            alone = choice["text"] if "text" in choice else choice.get("message", {}).get("content")
             if alone is None or seen != {alone}:
                 bad.append({"prompt": prompt[:60], "max_tokens": n, "alone": alone, "under_load": sorted(seen)})
         return bad

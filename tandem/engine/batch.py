@@ -124,6 +124,7 @@ class _Request:
     spec: SpecConfig
     handle: RequestHandle
     submitted: float
+    cache_prompt: bool = True  # False: neither reuse nor keep prefix-cache blocks for this request
 
 
 class _Slot:
@@ -139,10 +140,12 @@ class _Slot:
         self.t1 = 0.0
         self.spec = None  # per-slot speculative state, when speculating
         self.prefilling = True
-        self.prefill_pos = 0  # prompt tokens already in the cache
-        # the drafter reads every prompt row's hidden state: prefill chunks' hidden [1, c, D] kept until it starts
+        # the drafter reads every prompt row's hidden state: prefill chunks' hidden [c, D] kept until it starts
         self.keep_hidden = speculates(req.spec, engine.drafter) and engine.drafter.needs_prompt_hidden
-        self.hidden: list[torch.Tensor] = []
+        # prompt tokens already in the cache: restored from the prefix cache (with their hidden rows, if kept)
+        self.prefill_pos, self.hidden = engine.begin_prompt(idx, req.ids, req.cache_prompt)
+        self.out.stats.cached_n = self.prefill_pos
+        self.fed = list(req.ids)  # the prompt, then every token emitted (the cache holds a prefix of it)
 
     @property
     def handle(self) -> RequestHandle:
@@ -196,8 +199,9 @@ class BatchScheduler:
 
     def submit(self, prompt: str | list[int], sampling: SamplingParams | None = None, spec: SpecConfig | None = None,
                request_id: str | None = None, add_special_tokens: bool = True,
-               loop: asyncio.AbstractEventLoop | None | bool = True) -> RequestHandle:
+               loop: asyncio.AbstractEventLoop | None | bool = True, cache_prompt: bool = True) -> RequestHandle:
         """Queue a request. loop=True: deliver to the running asyncio loop if called from one, else a sync queue.
+        cache_prompt=False: the request neither reuses nor leaves prefix-cache blocks.
 
         Raises RequestError for an empty or too long prompt (nothing is queued then).
         """
@@ -215,7 +219,7 @@ class BatchScheduler:
         with self._cv:
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
                 raise RequestError(f"the server is busy: {len(self._waiting)} requests are already waiting")
-            self._waiting.append(_Request(ids, sampling, spec, handle, time.perf_counter()))
+            self._waiting.append(_Request(ids, sampling, spec, handle, time.perf_counter(), cache_prompt))
             self._cv.notify_all()
         return handle
 
@@ -253,19 +257,23 @@ class BatchScheduler:
             if s is not None and s.handle.cancelled:
                 self._release(i)
 
-    def _release(self, i: int) -> None:
+    def _release(self, i: int, keep_prefix: bool = True) -> None:
+        """Free slot i; keep_prefix: its cache is consistent (finished or cancelled between steps), so what it holds
+        goes to the prefix cache."""
         s = self._slots[i]
         self._slots[i] = None
         if s is not None:
             s.handle.slot = None
             if s.spec is not None:
                 s.spec.close()
+            if keep_prefix and not s.prefilling:
+                self.engine.slot_done(i, s.fed, s.req.cache_prompt)
 
     def _fail_all(self, message: str) -> None:
         for i, s in enumerate(self._slots):
             if s is not None:
                 s.handle._deliver([Failed(message)])
-                self._release(i)
+                self._release(i, keep_prefix=False)
         with self._cv:
             waiting, self._waiting = list(self._waiting), deque()
         for r in waiting:
@@ -282,7 +290,12 @@ class BatchScheduler:
                 req = self._waiting.popleft()
             i = free[0]
             req.handle.slot = i
-            self._slots[i] = _Slot(self.engine, i, req)
+            try:  # restores the request's cached prefix into the slot
+                self._slots[i] = _Slot(self.engine, i, req)
+            except Exception as e:  # noqa: BLE001 - fail this request only
+                log.exception("admission of %s failed", req.handle.id)
+                req.handle.slot = None
+                req.handle._deliver([Failed(f"this request failed in admission: {type(e).__name__}: {e}")])
 
     def _prefill_some(self) -> None:
         """Prefill chunks (Engine.prefill's chunking, so the cache ends up exactly as in Engine.generate) for up to
@@ -294,20 +307,17 @@ class BatchScheduler:
         for s in pending:
             if budget <= 0:
                 return
-            ids = s.req.ids
-            c = s.prefill_pos
-            chunk = ids[c:c + PREFILL_CHUNK]
+            ids, c, eng = s.req.ids, s.prefill_pos, self.engine
             try:
                 t0 = time.perf_counter()
-                out = self.engine.prefill(s.idx, chunk, start=c, keep_hidden=s.keep_hidden)
+                out, s.prefill_pos = eng.prefill_chunk(s.idx, ids, c, s.hidden, s.keep_hidden, s.req.cache_prompt)
                 s.out.stats.prompt_ms += 1000 * (time.perf_counter() - t0)
-                s.prefill_pos += len(chunk)
-                budget -= len(chunk)
-                if s.keep_hidden:
-                    s.hidden.append(out.hidden)
+                budget -= s.prefill_pos - c
                 if s.prefill_pos >= len(ids):
+                    eng.prompt_done(s.idx, ids, s.hidden, s.req.cache_prompt)
                     if s.keep_hidden:
-                        out, s.hidden = Output(out.logits, torch.cat(s.hidden, 1)), []
+                        out = Output(out.logits, torch.cat(s.hidden)[None])
+                    s.hidden = []
                     self._start_decoding(s, out)
             except Exception as e:  # noqa: BLE001 - fail this request only
                 self._fail_slot(s, "prefill", e)
@@ -329,6 +339,7 @@ class BatchScheduler:
     def _emit(self, s: _Slot, toks: list[tuple[int, bool]]) -> None:
         """Push new tokens through the slot's RequestOutput; deliver the events; finish and free when done."""
         events: list[Event] = []
+        s.fed.extend(t for t, _ in toks)
         for tok, from_draft in toks:
             ev = s.out.push(tok, from_draft)
             if ev is not None:
@@ -348,7 +359,7 @@ class BatchScheduler:
     def _fail_slot(self, s: _Slot, where: str, e: Exception) -> None:
         """One request failed (its sampling, drafter or output): end it alone; the other slots go on."""
         log.error("request %s failed in %s: %s: %s", s.handle.id, where, type(e).__name__, e)
-        self._release(s.idx)
+        self._release(s.idx, keep_prefix=False)
         s.handle._deliver([Failed(f"this request failed in {where}: {type(e).__name__}: {e}")])
 
     def _step(self) -> None:

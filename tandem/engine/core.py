@@ -23,11 +23,12 @@ from tandem.engine.speculative import Decoding, SlotSpeculator, decode_round, sa
 from tandem.engine.stops import StopMatcher
 from tandem.errors import RequestError
 from tandem.kvcache.cache import TreeRows
+from tandem.kvcache.prefix import PrefixCache
 from tandem.models.base import Output
 from tandem.sampling import make_generator
 from tandem.spec.policy import speculates
 
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 512  # prefill runs chunks [g, g + PREFILL_CHUNK) on this fixed grid from 0 (tandem.kvcache.prefix)
 log = logging.getLogger("tandem.engine")
 
 
@@ -85,13 +86,19 @@ class RequestOutput:
         return out
 
 
+def _grid_end(pos: int, n: int) -> int:
+    """End of the prefill chunk that starts at pos, for a prompt of n tokens: the next grid point, or n."""
+    return min(n, (pos // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
+
+
 class Engine:
     """Generation over `n_slots` cache slots. The cache comes from the model (`model.make_cache`); a drafter that
-    owns a cache gets one sized the same way (slots, context, cache types)."""
+    owns a cache gets one sized the same way (slots, context, cache types). prefix_cache_mb > 0: prompts reuse
+    cached prefixes of earlier requests (`self.prefix`, tandem.kvcache.prefix) within that many MiB."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, max_len: int = 4096, n_slots: int = 1,
                  device: str | torch.device = "cpu", drafter: Any = None, spec: SpecConfig | None = None,
-                 cache_type_k: str = "f32", cache_type_v: str | None = None):
+                 cache_type_k: str = "f32", cache_type_v: str | None = None, prefix_cache_mb: float = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
@@ -103,6 +110,11 @@ class Engine:
         # unset n_max / p_min: the drafter's recommendation, else the built-in default
         self.spec = (spec or SpecConfig(enabled=drafter is not None)).resolved(getattr(drafter, "recommended", None))
         self._slot_ids = [torch.tensor([i], device=self.device) for i in range(n_slots)]
+        self.prefix = None
+        if prefix_cache_mb > 0:
+            self.prefix = PrefixCache(self.cache, int(prefix_cache_mb * 2 ** 20), exact=self.exact[0],
+                                      grid=PREFILL_CHUNK,
+                                      needs_hidden=drafter is not None and drafter.needs_prompt_hidden)
         self.warm_up(types)
 
     @torch.inference_mode()
@@ -149,15 +161,57 @@ class Engine:
         [1, len(ids), D] (all chunks) when keep_hidden."""
         self.check_ids(ids)
         out, hidden = None, []
-        for c in range(0, len(ids), PREFILL_CHUNK):
-            chunk = ids[c:c + PREFILL_CHUNK]
+        c = 0
+        while c < len(ids):  # chunks on the fixed grid, whatever `start` is
+            chunk = ids[c:_grid_end(start + c, start + len(ids)) - start]
             toks = torch.tensor([chunk], device=self.device)
             pos = torch.arange(start + c, start + c + len(chunk), device=self.device)[None]
+            c += len(chunk)
             out = self.model(toks, pos, self.cache, self._slot_ids[slot], logit_rows=slice(-1, None))
             if keep_hidden:
                 hidden.append(out.hidden)
         self.cache.set_length(slot, start + len(ids))
         return Output(out.logits, torch.cat(hidden, 1)) if len(hidden) > 1 else out
+
+    # -- prompts and the prefix cache (both Engine.generate and the batch scheduler go through these) ----------
+    def _prefix_on(self, cache_prompt: bool) -> bool:
+        return self.prefix is not None and cache_prompt
+
+    def begin_prompt(self, slot: int, ids: list[int], cache_prompt: bool = True) -> tuple[int, list[torch.Tensor]]:
+        """Restore the longest cached prefix of ids into the slot: (tokens restored, hidden rows [[n, D]] when the
+        prefix cache keeps them for the drafter, else [])."""
+        if not self._prefix_on(cache_prompt):
+            return 0, []
+        m = self.prefix.match(ids)
+        if not m.n:
+            return 0, []
+        h = self.prefix.load(slot, m)
+        return m.n, [h] if h is not None else []
+
+    def prefill_chunk(self, slot: int, ids: list[int], pos: int, hidden: list[torch.Tensor], keep_hidden: bool,
+                      cache_prompt: bool = True) -> tuple[Output, int]:
+        """Prefill the grid chunk of the prompt that starts at pos (the slot holds ids[:pos]); appends its hidden
+        rows [c, D] to `hidden` when kept. In grid mode a chunk ending on a grid point is stored as prefix blocks.
+        Returns (Output of the chunk, new pos)."""
+        end = _grid_end(pos, len(ids))
+        store = self._prefix_on(cache_prompt)
+        out = self.prefill(slot, ids[pos:end], start=pos)
+        if keep_hidden or (store and self.prefix.needs_hidden):
+            hidden.append(out.hidden[0])
+        if store and not self.prefix.anywhere and end % PREFILL_CHUNK == 0:
+            self.prefix.store(slot, ids, end, torch.cat(hidden) if self.prefix.needs_hidden else None)
+        return out, end
+
+    def prompt_done(self, slot: int, ids: list[int], hidden: list[torch.Tensor], cache_prompt: bool = True) -> None:
+        """After the prompt's last chunk: its blocks become reusable by the next requests (anywhere mode)."""
+        if self._prefix_on(cache_prompt) and self.prefix.anywhere:
+            self.prefix.store(slot, ids, len(ids), torch.cat(hidden) if self.prefix.needs_hidden else None)
+
+    def slot_done(self, slot: int, tokens: list[int], cache_prompt: bool = True) -> None:
+        """A request ended normally: keep the blocks of what its slot holds (prompt + generated tokens fed to the
+        target), for the next turn of the conversation. Anywhere mode only (no hidden rows for generated ones)."""
+        if self._prefix_on(cache_prompt) and self.prefix.anywhere and not self.prefix.needs_hidden:
+            self.prefix.store(slot, tokens, self.cache.lengths[slot])
 
     @torch.inference_mode()
     def forward_rows(self, slot: int, ids: list[int], logit_rows=None):
@@ -233,7 +287,7 @@ class Engine:
 
     def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                  spec: SpecConfig | None = None, slot: int = 0, request_id: str | None = None,
-                 add_special_tokens: bool = True) -> Iterator[Token | Finished]:
+                 add_special_tokens: bool = True, cache_prompt: bool = True) -> Iterator[Token | Finished]:
         sampling = sampling or SamplingParams()
         spec = spec if spec is not None else self.spec
         ids = self.encode(prompt, add_special_tokens)
@@ -243,15 +297,24 @@ class Engine:
 
         t0 = time.perf_counter()
         use_spec = speculates(spec, self.drafter)
-        out = self.prefill(slot, ids, keep_hidden=use_spec and self.drafter.needs_prompt_hidden)
+        keep = use_spec and self.drafter.needs_prompt_hidden
+        pos, hidden = self.begin_prompt(slot, ids, cache_prompt)
+        stats.cached_n = pos
+        while pos < len(ids):
+            out, pos = self.prefill_chunk(slot, ids, pos, hidden, keep, cache_prompt)
+        self.prompt_done(slot, ids, hidden, cache_prompt)
+        if keep:
+            out = Output(out.logits, torch.cat(hidden)[None])
         stats.prompt_ms = 1000 * (time.perf_counter() - t0)
         t1 = time.perf_counter()
         sp = SlotSpeculator(self, slot, ids, out, sampling, spec, gen, stats, request_id) if use_spec else None
         state = Decoding(slot, sampling, gen, sp, sample_token(out.logits[:, -1], sampling, gen))
+        fed = list(ids)  # the prompt, then every token generated (the slot's cache holds a prefix of this)
         try:
             toks = [(state.pending, False)]
             while True:
                 for tok, from_draft in toks:
+                    fed.append(tok)
                     ev = req.push(tok, from_draft)
                     if ev is not None:
                         yield ev
@@ -264,6 +327,7 @@ class Engine:
         finally:
             if sp is not None:
                 sp.close()
+        self.slot_done(slot, fed, cache_prompt)
         stats.predicted_ms = 1000 * (time.perf_counter() - t1)
         yield from req.finish()
 

@@ -16,6 +16,7 @@ class Token:
 @dataclass
 class GenStats:
     prompt_n: int = 0
+    cached_n: int = 0  # prompt tokens restored from the prefix cache instead of prefilled
     prompt_ms: float = 0.0
     predicted_n: int = 0
     predicted_ms: float = 0.0

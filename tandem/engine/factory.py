@@ -47,7 +47,8 @@ def build_engine(opts: EngineOptions, n_slots: int = 1) -> Engine:
                                                                           device=opts.device))
         max_len, n_slots = chosen.max_len, chosen.n_slots
     eng = Engine(target, loaded.tokenizer, max_len=max_len, n_slots=n_slots, cache_type_k=k_type,
-                 cache_type_v=v_type, device=opts.device, drafter=drafter, spec=spec_cfg)
+                 cache_type_v=v_type, device=opts.device, drafter=drafter, spec=spec_cfg,
+                 prefix_cache_mb=opts.prefix_cache_mb)
     eng.loaded, eng.fit = loaded, chosen
     eng.rss_after_load = memory.rss_bytes()  # weights, caches and warm-up: what serving starts from
     return eng

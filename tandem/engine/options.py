@@ -55,12 +55,15 @@ class EngineOptions:
     ngram_n_max: int = 4
     ngram_cache: int = 1 << 16
     fit: bool = False
+    prefix_cache_mb: float = 512
 
     def __post_init__(self):
         if not (isinstance(self.max_len, int) and self.max_len >= 1):
             raise ConfigError(f"--ctx-size must be an integer >= 1, got {self.max_len!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads!r}")
+        if not (isinstance(self.prefix_cache_mb, (int, float)) and self.prefix_cache_mb >= 0):
+            raise ConfigError(f"--prefix-cache-mb must be a number >= 0 (0 = off), got {self.prefix_cache_mb!r}")
         if self.draft_threads is not None and self.draft_threads < 1:
             raise ConfigError(f"--draft-threads must be >= 1, got {self.draft_threads!r}")
         from tandem.kernels.linear import FORMATS
@@ -77,8 +80,9 @@ class EngineOptions:
         return cls(model=a.model, drafter=a.drafter, spec=spec, weight_format=a.weight_format,
                    mtp_weight_format=a.mtp_weight_format, draft_weight_format=a.draft_weight_format,
                    draft_threads=a.draft_threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
-                   max_len=a.ctx_size if a.ctx_size is not None else FIT_CTX if getattr(a, 'fit', False) else 4096, threads=a.threads, device=a.device, ngram_n_min=a.ngram_n_min,
-                   ngram_n_max=a.ngram_n_max, ngram_cache=a.ngram_cache, fit=getattr(a, 'fit', False))
+                   max_len=a.ctx_size if a.ctx_size is not None else FIT_CTX if a.fit else cls.max_len,
+                   threads=a.threads, device=a.device, ngram_n_min=a.ngram_n_min, ngram_n_max=a.ngram_n_max,
+                   ngram_cache=a.ngram_cache, fit=a.fit, prefix_cache_mb=a.prefix_cache_mb)
 
     def plain(self) -> EngineOptions:
         """The same options without speculation (no drafter is loaded)."""
@@ -138,3 +142,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "free memory holds once the weights are loaded, and say what was chosen")
     p.add_argument("--threads", "-t", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default=d.device, help="torch device (default: cpu)")
+    p.add_argument("--prefix-cache-mb", type=float, default=d.prefix_cache_mb, metavar="MIB",
+                   help="prompt prefixes kept across requests (KV blocks, LRU) within this many MiB; a request "
+                        f"prefills only what no cached prefix covers (0 = off; default {d.prefix_cache_mb:g})")

@@ -58,6 +58,20 @@ class SlotLengths:
             raise ValueError(f"slot {slot}: length {length} outside [0, {self.max_len}]")
         self.lengths[slot] = length
 
+    # -- prefix reuse (tandem.kvcache.prefix): a position range of a slot, saved and restored verbatim ----------
+    def row_buffers(self) -> list[torch.Tensor]:
+        """Every tensor that holds per-position entries, laid out [S, H, Tmax, ...]."""
+        raise NotImplementedError
+
+    def export_rows(self, slot: int, a: int, b: int) -> list[torch.Tensor]:
+        """Copies of entries a..b-1 of `slot` in every buffer, as stored (codes and scales for quantized K/V)."""
+        return [t[slot, :, a:b].clone() for t in self.row_buffers()]
+
+    def import_rows(self, slot: int, a: int, rows: list[torch.Tensor]) -> None:
+        """Write what export_rows gave back at entries a.. of `slot` (the engine sets the length)."""
+        for t, r in zip(self.row_buffers(), rows, strict=True):
+            t[slot, :, a:a + r.shape[1]] = r
+
 
 class KVCache(SlotLengths):
     """K/V buffers [S, Hkv, Tmax, D] for the layers that own KV (`specs`: layer -> (n_kv_heads, k_dim, v_dim)).
@@ -118,6 +132,14 @@ class KVCache(SlotLengths):
             n = self.max_len if self.dtype is not None else -(-self.max_len // 32) * 32
             return torch.zeros(self.n_slots, heads, n, d, dtype=fmt.dtype, device=self.device)
         return qa.QuantBuffer(fmt, self.n_slots, heads, self.max_len, d, self.device)
+
+    def row_buffers(self) -> list[torch.Tensor]:
+        out = []
+        for d in (self.k, self.v):
+            for i in self.specs:
+                b = d[i]
+                out += [b.codes, b.scales] if isinstance(b, qa.QuantBuffer) else [b]
+        return out
 
     @staticmethod
     def _row_bytes(buf) -> int:

@@ -49,6 +49,9 @@ class MLACache(SlotLengths):
     def total_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.latent.values())
 
+    def row_buffers(self) -> list[torch.Tensor]:
+        return list(self.latent.values())
+
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, c_kv: torch.Tensor,
               k_pe: torch.Tensor) -> None:
         """Store c_kv [B, T, R] and rotated k_pe [B, T, Dr] at (slots [B], positions [B, T]); -1 = padding."""

@@ -136,6 +136,18 @@ class RecurrentState:
             self.state[i][slot].zero_()
         self.seen[slot], self._start[slot], self._saved[slot] = 0, 0, {}
 
+    def snapshot(self, slot: int) -> list[torch.Tensor]:
+        """Copies of the slot's conv windows and delta states (the state after its `seen` tokens), every layer."""
+        return [t[slot].clone() for i in self.specs for t in (self.conv[i], self.state[i])]
+
+    def load_snapshot(self, slot: int, n: int, snap: list[torch.Tensor]) -> None:
+        """Put back a snapshot taken after n tokens: the slot then holds exactly those n tokens."""
+        it = iter(snap)
+        for i in self.specs:
+            self.conv[i][slot] = next(it)
+            self.state[i][slot] = next(it)
+        self.seen[slot], self._start[slot], self._saved[slot] = n, None, {}
+
     def restore(self, slot: int, n: int) -> None:
         """Return `slot` to its state after n tokens (n == seen, 0, or a row of the last forward)."""
         if n == self.seen[slot]:

@@ -63,7 +63,8 @@ async def run(state: ServerState, request: Request, req: ChatCompletionRequest |
     sampling, spec = settings_of(state, req, ids, requested_max, max_param)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     try:
-        handle = state.scheduler.submit(ids, sampling, spec, request_id=rid, add_special_tokens=False)
+        handle = state.scheduler.submit(ids, sampling, spec, request_id=rid, add_special_tokens=False,
+                                        cache_prompt=req.cache_prompt is not False)
     except RequestError as e:
         busy = "busy" in str(e)
         raise APIError(503 if busy else 400, str(e), None, "server_busy" if busy else None) from None

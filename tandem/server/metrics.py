@@ -77,8 +77,10 @@ class Metrics:
                     for i, v in enumerate(theirs):
                         mine[i] += v
 
-    def render(self, running: int, waiting: int, n_slots: int, spec_n_max: int, memory: dict | None = None) -> str:
-        """The exposition text; `memory` is tandem.engine.memory.report(engine) (RSS once loaded, peak, caches)."""
+    def render(self, running: int, waiting: int, n_slots: int, spec_n_max: int, memory: dict | None = None,
+               prefix=None) -> str:
+        """`memory` is tandem.engine.memory.report(engine) (RSS once loaded, peak, caches); prefix: the engine's
+        PrefixCache (tandem.kvcache.prefix), or None when it is off."""
         m = f'model_name="{_esc(self.model_name)}"'
         lines: list[str] = []
 
@@ -129,9 +131,26 @@ class Metrics:
                 v = (memory or {}).get(key)
                 if v is not None:
                     metric(key, "gauge", help_, [(m, int(v))])
+            if prefix is not None:
+                _prefix_metrics(metric, m, prefix)
         rss = resident_bytes()
         if rss is not None:
             lines.append("# HELP process_resident_memory_bytes Resident memory size in bytes.")
             lines.append("# TYPE process_resident_memory_bytes gauge")
             lines.append(f"process_resident_memory_bytes {rss}")
         return "\n".join(lines) + "\n"
+
+
+def _prefix_metrics(metric, m: str, prefix) -> None:
+    st = prefix.stats
+    for name, kind, help_, v in (
+            ("prefix_cache_queries_total", "counter", "requests that looked up the prefix cache", st.lookups),
+            ("prefix_cache_hits_total", "counter", "requests that restored a cached prefix", st.hits),
+            ("prefix_cache_query_tokens_total", "counter", "prompt tokens of those lookups", st.lookup_tokens),
+            ("prefix_cache_hit_tokens_total", "counter", "prompt tokens reused from the cache, not prefilled",
+             st.reused_tokens),
+            ("prefix_cache_evictions_total", "counter", "blocks evicted for the byte budget", st.evictions),
+            ("prefix_cache_blocks", "gauge", "blocks held", len(prefix.blocks)),
+            ("prefix_cache_bytes", "gauge", "bytes held by cached blocks", prefix.bytes),
+            ("prefix_cache_budget_bytes", "gauge", "the byte budget (--prefix-cache-mb)", prefix.budget)):
+        metric(name, kind, help_, [(m, v)])

@@ -108,6 +108,7 @@ class _Common(BaseModel):
     user: StrictStr | None = None
     ignore_eos: StrictBool | None = None
     speculative: SpeculativeOptions | None = None
+    cache_prompt: StrictBool | None = None  # False: no prefix-cache reuse or storing for this request (llama-server)
 
 
 class TextPart(BaseModel):
@@ -271,6 +272,7 @@ def timings_of(stats: GenStats) -> dict:
     """llama-server's `timings` for one finished request, plus the draft acceptance at each position."""
     sp = stats.spec
     return {
+        "cache_n": stats.cached_n,
         "prompt_n": stats.prompt_n,
         "prompt_ms": round(stats.prompt_ms, 3),
         "prompt_per_token_ms": round(stats.prompt_ms / stats.prompt_n, 3) if stats.prompt_n else 0.0,
@@ -288,4 +290,5 @@ def timings_of(stats: GenStats) -> dict:
 
 def usage_of(stats: GenStats) -> dict:
     return {"prompt_tokens": stats.prompt_n, "completion_tokens": stats.predicted_n,
-            "total_tokens": stats.prompt_n + stats.predicted_n}
+            "total_tokens": stats.prompt_n + stats.predicted_n,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_n}}

@@ -48,7 +48,7 @@ async def get_model(model: str, state: ServerState = Depends(state_of)):
 async def metrics(state: ServerState = Depends(state_of)):
     sched = state.scheduler
     text = state.metrics.render(sched.n_active, sched.n_waiting, sched.n_slots, state.spec_default.n_max,
-                                memory.report(state.engine))
+                                memory.report(state.engine), getattr(state.engine, "prefix", None))
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
