@@ -139,7 +139,7 @@ class _Slot:
         self.prefill_pos = 0  # prompt tokens already in the cache
         # the drafter reads every prompt row's hidden state: prefill chunks' hidden [1, c, D] kept until it starts
         self.keep_hidden = req.spec.enabled and engine.drafter is not None and engine.drafter.needs_prompt_hidden
-        self.hidden: list[torch.Tensor] = []
+        self.hidden: list[Output] = []
 
     @property
     def handle(self) -> RequestHandle:
@@ -301,10 +301,10 @@ class BatchScheduler:
                 s.prefill_pos += len(chunk)
                 budget -= len(chunk)
                 if s.keep_hidden:
-                    s.hidden.append(out.hidden)
+                    s.hidden.append(out)
                 if s.prefill_pos >= len(ids):
                     if s.keep_hidden:
-                        out, s.hidden = Output(out.logits, torch.cat(s.hidden, 1)), []
+                        out, s.hidden = Output.cat_rows(s.hidden), []
                     self._start_decoding(s, out)
             except Exception as e:  # noqa: BLE001 - fail this request only
                 self._fail_slot(s, "prefill", e)
@@ -403,7 +403,7 @@ class BatchScheduler:
                     toks = [(sample_token(lg[-1:], s.req.sampling, s.gen), False)]
                 else:
                     eng.cache.set_length(s.idx, n + len(r))
-                    toks = s.spec.verify(r, lg, out.hidden[b, :len(r)])
+                    toks = s.spec.verify(r, lg, out.drafter_rows[b, :len(r)])
                 self._emit(s, toks)
             except Exception as e:  # noqa: BLE001 - e.g. NaN probabilities from this request's own settings
                 self._fail_slot(s, "sampling", e)

@@ -148,18 +148,17 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, slot: int, ids: list[int], start: int = 0, keep_hidden: bool = False):
         """Run ids at positions start.. into the slot's cache; returns the Output of the last chunk, its hidden
-        [1, len(ids), D] (all chunks) when keep_hidden."""
+        (and aux) rows [1, len(ids), *] (all chunks) when keep_hidden."""
         self.check_ids(ids)
-        out, hidden = None, []
+        outs = []
         for c in range(0, len(ids), PREFILL_CHUNK):
             chunk = ids[c:c + PREFILL_CHUNK]
             toks = torch.tensor([chunk], device=self.device)
             pos = torch.arange(start + c, start + c + len(chunk), device=self.device)[None]
             out = self.model(toks, pos, self.cache, self._slot_ids[slot], logit_rows=slice(-1, None))
-            if keep_hidden:
-                hidden.append(out.hidden)
+            outs = outs + [out] if keep_hidden else [out]
         self.cache.set_length(slot, start + len(ids))
-        return Output(out.logits, torch.cat(hidden, 1)) if len(hidden) > 1 else out
+        return Output.cat_rows(outs)
 
     @torch.inference_mode()
     def forward_rows(self, slot: int, ids: list[int], logit_rows=None):

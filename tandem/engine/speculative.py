@@ -83,12 +83,13 @@ class SlotSpeculator:
 
     def _prompt_hidden(self, ids: list[int], out) -> torch.Tensor:
         """The prefill rows the drafter reads: all of them [P, D] when it asks (prefill kept them), else [1, D]."""
+        rows = out.drafter_rows  # the target's aux hidden states when it captures them (EAGLE-3), else hidden
         if not self.drafter.needs_prompt_hidden:
-            return out.hidden[0, -1:]
-        if out.hidden.shape[1] != len(ids):
+            return rows[0, -1:]
+        if rows.shape[1] != len(ids):
             raise RuntimeError(f"{type(self.drafter).__name__} needs every prompt row's hidden state; prefill kept "
-                               f"{out.hidden.shape[1]} of {len(ids)} (prefill(..., keep_hidden=True))")
-        return out.hidden[0]
+                               f"{rows.shape[1]} of {len(ids)} (prefill(..., keep_hidden=True))")
+        return rows[0]
 
     def context(self, last_token: int) -> DraftContext:
         """This round's DraftContext: `last_token` sits at the slot's cache length; k_max from the policy."""
@@ -171,7 +172,7 @@ def speculative_tokens(engine, slot: int, ids: list[int], out, sampling: Samplin
         while engine.cache.lengths[slot] < engine.cache.max_len:
             rows = draft_rows(engine.drafter, [sp], [tok])[0]
             res = engine.forward_rows(slot, rows)
-            toks = sp.verify(rows, res.logits[0], res.hidden[0])
+            toks = sp.verify(rows, res.logits[0], res.drafter_rows[0])
             yield from toks
             tok = toks[-1][0]
     finally:
