@@ -258,7 +258,7 @@ def test_greedy_spec_equals_plain(pair, tmp_path, chain):
     eng = Engine(ours, max_len=64, drafter=drafter, spec=SpecConfig(n_max=3))
     sp = SamplingParams(max_tokens=16, ignore_eos=True)
     drafted = 0
-    for p in prompts(12, 2):
+    for p in prompts(6, 2):
         toks, fin = eng.complete(p, sp)
         assert toks == plain.complete(p, sp)[0]
         drafted += fin.stats.spec.drafted

@@ -158,7 +158,7 @@ class Engine:
             out = self.model(toks, pos, self.cache, self._slot_ids[slot], logit_rows=slice(-1, None))
             outs = outs + [out] if keep_hidden else [out]
         self.cache.set_length(slot, start + len(ids))
-        return Output.cat_rows(outs)
+        return outs[0] if len(outs) == 1 else Output.cat_rows(outs)
 
     @torch.inference_mode()
     def forward_rows(self, slot: int, ids: list[int], logit_rows=None):
