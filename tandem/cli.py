@@ -1,5 +1,5 @@
 """Command line: one verb per tool (generate, serve, bench, train-assistant, train-nextn, train-draft-model,
-export-assistant)."""
+train-eagle3, export-assistant)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tandem.engine.options import EngineOptions, add_engine_args
 from tandem.errors import TandemError
 from tandem.server.serve import add_serve_args, serve
 from tandem.train import (add_export_args, add_train_args, cmd_export, cmd_train, register_train_draft_model,
-                          register_train_nextn)
+                          register_train_eagle3, register_train_nextn)
 
 
 def cmd_generate(a) -> int:
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     t.set_defaults(func=cmd_train)
     register_train_nextn(sub)
     register_train_draft_model(sub)
+    register_train_eagle3(sub)
     x = sub.add_parser("export-assistant", help="export a drafter for transformers")
     add_export_args(x)
     x.set_defaults(func=cmd_export)

@@ -34,7 +34,6 @@ from tandem.engine.core import PREFILL_CHUNK, Engine, RequestOutput
 from tandem.engine.events import Finished, Token
 from tandem.engine.speculative import SlotSpeculator, decode_round, sample_token
 from tandem.errors import RequestError
-from tandem.models.base import Output
 from tandem.sampling import make_generator
 from tandem.spec.policy import speculates
 
@@ -316,7 +315,7 @@ class BatchScheduler:
                 if s.prefill_pos >= len(ids):
                     eng.prompt_done(s.idx, ids, s.hidden, s.req.cache_prompt)
                     if s.keep_hidden:
-                        out = Output(out.logits, torch.cat(s.hidden)[None])
+                        out = out.with_drafter_rows(torch.cat(s.hidden)[None])
                     s.hidden = []
                     self._start_decoding(s, out)
             except Exception as e:  # noqa: BLE001 - fail this request only

@@ -158,9 +158,9 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, slot: int, ids: list[int], start: int = 0, keep_hidden: bool = False):
         """Run ids at positions start.. into the slot's cache; returns the Output of the last chunk, its hidden
-        [1, len(ids), D] (all chunks) when keep_hidden."""
+        (and aux) rows [1, len(ids), *] (all chunks) when keep_hidden."""
         self.check_ids(ids)
-        out, hidden = None, []
+        outs = []
         c = 0
         while c < len(ids):  # chunks on the fixed grid, whatever `start` is
             chunk = ids[c:_grid_end(start + c, start + len(ids)) - start]
@@ -168,10 +168,9 @@ class Engine:
             pos = torch.arange(start + c, start + c + len(chunk), device=self.device)[None]
             c += len(chunk)
             out = self.model(toks, pos, self.cache, self._slot_ids[slot], logit_rows=slice(-1, None))
-            if keep_hidden:
-                hidden.append(out.hidden)
+            outs = outs + [out] if keep_hidden else [out]
         self.cache.set_length(slot, start + len(ids))
-        return Output(out.logits, torch.cat(hidden, 1)) if len(hidden) > 1 else out
+        return outs[0] if len(outs) == 1 else Output.cat_rows(outs)
 
     # -- prompts and the prefix cache (both Engine.generate and the batch scheduler go through these) ----------
     def _prefix_on(self, cache_prompt: bool) -> bool:
@@ -197,7 +196,7 @@ class Engine:
         store = self._prefix_on(cache_prompt)
         out = self.prefill(slot, ids[pos:end], start=pos)
         if keep_hidden or (store and self.prefix.needs_hidden):
-            hidden.append(out.hidden[0])
+            hidden.append(out.drafter_rows[0])
         if store and not self.prefix.anywhere and end % PREFILL_CHUNK == 0:
             self.prefix.store(slot, ids, end, torch.cat(hidden) if self.prefix.needs_hidden else None)
         return out, end
@@ -262,7 +261,7 @@ class Engine:
         res, o = [], 0
         for b, (s, r) in enumerate(zip(slots, rows)):
             self.cache.set_length(s, starts[b] + len(r))
-            res.append((logits[o:o + len(r)], out.hidden[b, :len(r)]))
+            res.append((logits[o:o + len(r)], out.drafter_rows[b, :len(r)]))
             o += len(r)
         return res
 
@@ -304,7 +303,7 @@ class Engine:
             out, pos = self.prefill_chunk(slot, ids, pos, hidden, keep, cache_prompt)
         self.prompt_done(slot, ids, hidden, cache_prompt)
         if keep:
-            out = Output(out.logits, torch.cat(hidden)[None])
+            out = out.with_drafter_rows(torch.cat(hidden)[None])
         stats.prompt_ms = 1000 * (time.perf_counter() - t0)
         t1 = time.perf_counter()
         sp = SlotSpeculator(self, slot, ids, out, sampling, spec, gen, stats, request_id) if use_spec else None

@@ -97,12 +97,13 @@ class SlotSpeculator:
 
     def _prompt_hidden(self, ids: list[int], out) -> torch.Tensor:
         """The prefill rows the drafter reads: all of them [P, D] when it asks (prefill kept them), else [1, D]."""
+        rows = out.drafter_rows  # the target's aux hidden states when it captures them (EAGLE-3), else hidden
         if not self.drafter.needs_prompt_hidden:
-            return out.hidden[0, -1:]
-        if out.hidden.shape[1] != len(ids):
+            return rows[0, -1:]
+        if rows.shape[1] != len(ids):
             raise RuntimeError(f"{type(self.drafter).__name__} needs every prompt row's hidden state; prefill kept "
-                               f"{out.hidden.shape[1]} of {len(ids)} (prefill(..., keep_hidden=True))")
-        return out.hidden[0]
+                               f"{rows.shape[1]} of {len(ids)} (prefill(..., keep_hidden=True))")
+        return rows[0]
 
     def context(self, last_token: int) -> DraftContext:
         """This round's DraftContext: `last_token` sits at the slot's cache length; k_max from the policy."""

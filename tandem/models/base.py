@@ -34,18 +34,40 @@ class BaseConfig:
 
 @dataclass
 class Output:
-    """What every model forward returns. logits: [B, R, V] (R = selected rows) or None; hidden: [B, T, D]."""
+    """What every model forward returns. logits: [B, R, V] (R = selected rows) or None; hidden: [B, T, D] (final
+    norm); aux: [B, T, n*D] the residual stream entering each layer of the model's `aux_layers` (vLLM's numbering:
+    id j = the output of layer j-1), concatenated, or None when the model was asked for none (EAGLE-3 reads it)."""
 
     logits: torch.Tensor | None
     hidden: torch.Tensor
+    aux: torch.Tensor | None = None
+
+    @property
+    def drafter_rows(self) -> torch.Tensor:
+        """What a drafter reads per row [B, T, *]: the aux hidden states when the model captures them, else hidden."""
+        return self.hidden if self.aux is None else self.aux
+
+    def with_drafter_rows(self, rows: torch.Tensor) -> "Output":
+        """This Output with the drafter's rows [B, T, *] of a whole prompt (kept chunk by chunk) in their place."""
+        return Output(self.logits, self.hidden, rows) if self.aux is not None else Output(self.logits, rows)
+
+    @staticmethod
+    def cat_rows(outs: list["Output"]) -> "Output":
+        """Consecutive chunks of one sequence as one Output (logits of the last chunk; hidden / aux of all)."""
+        aux = None if outs[-1].aux is None else torch.cat([o.aux for o in outs], 1)
+        return Output(outs[-1].logits, torch.cat([o.hidden for o in outs], 1), aux)
 
 
 class CausalLM(nn.Module):
     """Base of every family's `Model`: the model declares its cache, the engine only calls `make_cache`.
 
     Attention-only families describe it with `kv_specs()` (layer -> (n_kv_heads, k_dim, v_dim)); families with
-    recurrent state or a compressed latent override `make_cache`.
+    recurrent state or a compressed latent override `make_cache`. A family whose forward fills Output.aux sets
+    `captures_aux`; `aux_layers` (set by an EAGLE-3 drafter) says which layers' inputs it captures.
     """
+
+    captures_aux = False
+    aux_layers: tuple[int, ...] = ()
 
     def kv_specs(self) -> dict[int, tuple[int, int, int]]:
         raise NotImplementedError(f"{type(self).__name__} must define kv_specs() or override make_cache()")

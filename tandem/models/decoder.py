@@ -72,6 +72,8 @@ class DecoderModel(nn.Module):
 class DecoderLM(CausalLM):
     """forward(tokens [B, T], positions [B, T] (-1 = padding), cache, slots [B], logit_rows) -> Output."""
 
+    captures_aux = True
+
     def __init__(self, args: DecoderArgs):
         super().__init__()
         self.args = args
@@ -106,16 +108,22 @@ class DecoderLM(CausalLM):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 slots: torch.Tensor | None = None, logit_rows: torch.Tensor | slice | None = None) -> Output:
-        """logit_rows selects rows along T for the LM head; None = all. hidden = final-norm output [B, T, D]."""
+        """logit_rows selects rows along T for the LM head; None = all. hidden = final-norm output [B, T, D];
+        aux = the inputs of the layers in aux_layers (id L: the last layer's output), concatenated."""
         if slots is None:
             slots = torch.arange(tokens.shape[0], device=tokens.device)
         x = self.embed(tokens)
         cs = rope_cos_sin(positions, self._inv_freq, x.dtype, self._rope_scale)
-        for layer in self.model.layers:
+        aux = {}
+        for i, layer in enumerate(self.model.layers):
+            if i in self.aux_layers:
+                aux[i] = x
             x = layer(x, cs, positions, cache, slots)
+        aux[len(self.model.layers)] = x
         hidden = self.model.norm(x)
         h = hidden if logit_rows is None else hidden[:, logit_rows]
-        return Output(self.logits(h), hidden)
+        rows = torch.cat([aux[i] for i in self.aux_layers], -1) if self.aux_layers else None
+        return Output(self.logits(h), hidden, rows)
 
     def sanitize(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """HF names are ours; drop rotary buffers; a tied head may be missing from the checkpoint."""

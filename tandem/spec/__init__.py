@@ -14,6 +14,8 @@ from tandem.errors import ModelLoadError
 from tandem.spec.assistant import MTPAssistantDrafter
 from tandem.spec.draft_model import DraftModelDrafter
 from tandem.spec.nextn import NextNDrafter  # noqa: F401  (registers kind `nextn`)
+from tandem.spec.eagle3 import Eagle3Drafter, load_eagle3_drafter  # registers kind `eagle3`
+from tandem.loading.eagle3 import eagle3_config
 from tandem.spec.nextn_dir import load_nextn_dir, nextn_dir_config
 from tandem.spec.ngram import NgramDrafter  # registers kind `ngram`
 from tandem.spec.chain import ChainDrafter, build_drafters, check_spec
@@ -26,8 +28,8 @@ from tandem.spec.verify import Verdict, verify
 
 __all__ = ["KINDS", "METHODS", "Draft", "DraftContext", "Drafter", "Kind", "Method", "PromptState", "get_method",
            "in_target_kind", "kind_of", "register_kind", "register_method", "DraftPolicy", "MTPAssistantDrafter",
-           "DraftModelDrafter", "NgramDrafter", "ChainDrafter", "build_drafters", "check_spec", "SpecStats",
-           "Tracer", "get_tracer", "set_tracer", "Verdict", "verify", "load_drafter", "drafter_for_model"]
+           "DraftModelDrafter", "Eagle3Drafter", "NgramDrafter", "ChainDrafter", "build_drafters", "check_spec",
+           "SpecStats", "Tracer", "get_tracer", "set_tracer", "Verdict", "verify", "load_drafter", "drafter_for_model"]
 
 log = logging.getLogger("tandem.spec")
 
@@ -75,6 +77,8 @@ def _load_path(drafter: str, target: Any, target_loaded: Any, device: str, weigh
     head_cfg = nextn_dir_config(drafter)
     if head_cfg is not None:  # a trained nextn head: attached to the target, drafts as kind nextn
         return load_nextn_dir(drafter, head_cfg, target, _name(target_loaded, "target"), mtp_weight_format)
+    if eagle3_config(drafter) is not None:  # an EAGLE-3 head (public layout), in the target's format by default
+        return load_eagle3_drafter(drafter, target, _name(target_loaded, "target"), mtp_weight_format)
     cfg = _shared_embedding_config(drafter)
     tokenizer = None
     if cfg is not None:

@@ -29,8 +29,8 @@ never writes the target cache. A drafter with its own cache keeps in it only acc
 accepted from accept()'s tokens); a token it has not run yet (the last draft of a fully accepted round) it runs
 with the next propose. `Draft.probs = None` marks deterministic drafts (verified as one-hot q).
 
-Kinds (`assistant`, `draft-model`, `nextn`, ...) are registered by the modules that implement them; which kind a
-drafter checkpoint is comes from `KINDS[...].model_types` (a table), the `fallback` kind taking any full model. A
+Kinds (`assistant`, `draft-model`, `nextn`, `eagle3`, ...) are registered by the modules that implement them; which
+kind a drafter checkpoint is comes from `KINDS[...].model_types` (a table), the `fallback` kind taking any full model. A
 kind with `in_target` builds from the target itself (its checkpoint carries the drafter: `nextn`'s MTP heads);
 load_drafter(None) uses it when the predicate holds. describe() names a drafter for people (`tandem generate`).
 """
@@ -246,6 +246,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("draft_sample", "draft-model", True, "a draft model, sampled drafts (p/q rejection at T > 0)"),
     Method("nextn", "nextn", False, "the target's MTP heads, argmax drafts (sample-and-compare at T > 0)"),
     Method("nextn_sample", "nextn", True, "the target's MTP heads, sampled drafts (p/q rejection at T > 0)"),
+    Method("eagle3", "eagle3", False, "an EAGLE-3 head, argmax drafts (sample-and-compare at T > 0)"),
+    Method("eagle3_sample", "eagle3", True, "an EAGLE-3 head, sampled drafts (p/q rejection at T > 0)"),
     Method("ngram", "ngram", False, "n-gram lookup in the request's text + the suffix cache (no model)"),
 )}
 

@@ -40,7 +40,7 @@ def target_fingerprint(target: nn.Module, name: str) -> dict:
             "num_hidden_layers": a.num_hidden_layers, "embed_norms": [round(float(x), 4) for x in norms]}
 
 
-def check_target(cfg: dict, target: nn.Module, target_name: str, where: str) -> None:
+def check_target(cfg: dict, target: nn.Module, target_name: str, where: str, what: str = "nextn head") -> None:
     """ModelLoadError naming both targets when the head was trained for another one."""
     want, got = cfg.get("target") or {}, target_fingerprint(target, target_name)
     keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
@@ -48,7 +48,7 @@ def check_target(cfg: dict, target: nn.Module, target_name: str, where: str) -> 
         torch.allclose(torch.tensor(want["embed_norms"]), torch.tensor(got["embed_norms"]), rtol=PROBE_RTOL)
     if not same:
         desc = lambda t: f"{t.get('name')} ({', '.join(f'{k} {t.get(k)}' for k in keys)})"  # noqa: E731
-        raise ModelLoadError(f"nextn head {where} was trained for target {desc(want)}, not for {desc(got)}")
+        raise ModelLoadError(f"{what} {where} was trained for target {desc(want)}, not for {desc(got)}")
 
 
 class TrainedNextN(NextN):

@@ -1,4 +1,4 @@
-"""`tandem train-assistant`, `tandem train-nextn`, `tandem train-draft-model` and `tandem export-assistant`."""
+"""`tandem train-assistant`, `train-nextn`, `train-draft-model`, `train-eagle3` and `export-assistant`."""
 
 from __future__ import annotations
 
@@ -136,6 +136,28 @@ def register_train_draft_model(sub) -> None:
 
 def cmd_train_draft_model(a) -> int:
     from tandem.train.draft_model import cmd_train_draft_model as run
+    return run(a)
+
+
+def register_train_eagle3(sub) -> None:
+    """The `train-eagle3` verb: an EAGLE-3 head (the layout vLLM and SGLang load) trained on broad data."""
+    t = sub.add_parser("train-eagle3", help="train an EAGLE-3 head for a target (ShareGPT chat through its template, "
+                                            "code and docs, its own answers)")
+    add_common_args(t)
+    t.add_argument("--sharegpt", default=None, metavar="JSON",
+                   help="ShareGPT V3 JSON (its evaluation split is dropped); none: code/docs and corpus prompts only")
+    t.add_argument("--n-chat", type=int, default=512, help="training windows of rendered ShareGPT conversations")
+    t.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary: the most frequent target tokens")
+    t.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 2 x the hidden size)")
+    t.add_argument("--top-k", type=int, default=16, help="teacher logits kept per position")
+    t.add_argument("--teacher-batch", type=int, default=4, help="windows per teacher forward")
+    t.add_argument("--eval-every", type=int, default=200, help="held-out acceptance every N steps")
+    t.set_defaults(lr=5e-4, steps=1000, seq_len=256, n_text=256, n_gen=64, n_eval=16)
+    t.set_defaults(func=cmd_train_eagle3)
+
+
+def cmd_train_eagle3(a) -> int:
+    from tandem.train.eagle3 import cmd_train_eagle3 as run
     return run(a)
 
 

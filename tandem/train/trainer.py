@@ -162,7 +162,7 @@ def train(asst, target_embed, train_data: DistillData, eval_data: DistillData | 
     N = len(train_data)
     V = asst.args.vocab_size
     t0 = time.time()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-assistant", unit="step")
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", unit="step")
     asst.train()
     for step in bar:
         idx = torch.randint(0, N, (cfg.batch,), generator=g)
@@ -180,8 +180,8 @@ def train(asst, target_embed, train_data: DistillData, eval_data: DistillData | 
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc0=f"{stats['acc0']:.2f}")
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.ckpt_every == 0 or last:
-            torch.save({"model": {k: v for k, v in asst.state_dict().items() if "embed_tokens" not in k
-                                  and "lm_head" not in k},
+            frozen = {n for n, p in asst.named_parameters() if not p.requires_grad}  # the target's, shared
+            torch.save({"model": {k: v for k, v in asst.state_dict().items() if k not in frozen},
                         "opt": opt.state_dict(), "rng": g.get_state(), "step": step + 1, "history": history}, ckpt)
         if eval_data is not None and ((step + 1) % cfg.eval_every == 0 or last):
             asst.eval()
