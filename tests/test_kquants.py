@@ -99,7 +99,7 @@ def test_from_gguf_refuses_values_a_fixup_changed():
     w = gguf_values("Q5_0", raw)
     assert PackedLinear.from_gguf("Q5_0", raw, 64, expect=w) is not None
     assert PackedLinear.from_gguf("Q5_0", raw, 64, expect=w.flip(0)) is None
-    with pytest.raises(ValueError, match="Q4_K rows of 64 values"):
+    with pytest.raises(ValueError, match="Q4_K holds rows of whole 256-value blocks, got 64 values"):
         kquants.parse_gguf("Q4_K", raw, 64)
 
 

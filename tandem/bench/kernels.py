@@ -111,7 +111,8 @@ def linear_gbps(fmt: str, reps: int = 20):
 SHAPES = [
     ("smollm2-135m", "q/o", 576, 576, "Q4_1"), ("smollm2-135m", "gate/up", 1536, 576, "Q4_1"),
     ("smollm2-135m", "down", 576, 1536, "Q4_1"), ("smollm2-135m", "head 49k", 49152, 576, "Q8_0"),
-    ("gemma3-270m", "q", 1024, 640, "Q4_K"), ("gemma3-270m", "gate/up", 2048, 640, "Q4_K"),
+    ("gemma3-270m", "q", 1024, 640, "Q5_0"), ("gemma3-270m", "gate/up", 2048, 640, "Q5_0"),
+    ("gemma3-270m", "down", 640, 2048, "Q4_K"),
     ("gemma3-270m", "head 262k", 262144, 640, "Q8_0"),
     ("qwen2.5-0.5b", "q/o", 896, 896, "Q5_0"), ("qwen2.5-0.5b", "gate/up", 4864, 896, "Q5_0"),
     ("qwen2.5-0.5b", "head 151k", 151936, 896, "Q8_0"),
@@ -136,16 +137,23 @@ def random_gguf(qtype: str, N: int, K: int, seed: int = 0) -> "PackedLinear":
     return klinear.PackedLinear(K, N, fmt, {f"vnni{i}": t for i, t in enumerate(kquants.pack(fmt, f))})
 
 
-def shape_costs(reps: int, cold_bytes: float = 128e6):
+def shape_costs(reps: int, cpu_time: bool, cold_bytes: float = 128e6):
     """Per SHAPES entry: ms of a 1-row GEMM and the k-row / 1-row cost for k = 2, 4, 8, weights cycled through
-    enough copies to exceed the caches."""
+    enough copies to exceed the caches; the row counts take turns and each keeps its fastest sweep (a shared
+    machine's interference only adds time). cpu_time: the process's CPU time on one thread, which waiting for a
+    busy machine's cores does not inflate."""
+    clock = time.process_time if cpu_time else time.perf_counter
     for model, name, N, K, qtype in SHAPES:
         lin = random_gguf(qtype, N, K)
         mods = [lin] + [random_gguf(qtype, N, K, seed=i) for i in range(1, max(1, int(cold_bytes / lin.weight_bytes)))]
-        t = {}
-        for M in (1, 2, 4, 8):
-            x = torch.randn(M, K)
-            t[M] = med(lambda: [m(x) for m in mods], reps) / len(mods)
+        xs = {M: torch.randn(M, K) for M in (1, 2, 4, 8)}
+        t = {M: float("inf") for M in xs}
+        for _ in range(reps):
+            for M, x in xs.items():
+                t0 = clock()
+                for m in mods:
+                    m(x)
+                t[M] = min(t[M], (clock() - t0) / len(mods))
         print(f"[shape] {model:13s} {name:9s} {N:6d}x{K:<5d} {qtype:5s} 1 row {t[1] * 1e3:7.3f} ms "
               f"({lin.weight_bytes / t[1] / 1e9:5.1f} GB/s)  " + "  ".join(f"k={M}: {t[M] / t[1]:.2f}x" for M in (2, 4, 8)),
               flush=True)
@@ -161,10 +169,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--linears", action="store_true", help="also per-linear GB/s")
     ap.add_argument("--shapes", action="store_true", help="only the per-shape k-row costs of the real models' linears")
+    ap.add_argument("--cpu-time", action="store_true", help="--shapes on one thread, timed in CPU seconds (for a "
+                    "loaded machine; TANDEM_VNNI_NARROW_MIN=n: narrow tiles from n rows on in every format)")
     a = ap.parse_args(argv)
     if a.shapes:
-        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-        return shape_costs(a.reps)
+        if a.cpu_time:
+            torch.set_num_threads(1)
+        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {'CPU' if a.cpu_time else 'wall'} time")
+        return shape_costs(a.reps, a.cpu_time)
     ks = (1, 2, 4, 8)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fast kernels: "
           f"{'yes' if kernels.linear.ext() is not None else 'no'}")

@@ -17,7 +17,7 @@ from tandem.kernels._ext import has_vnni
 
 
 def default_weight_format() -> str:
-    """native where the CPU has AVX-512 VNNI (a GGUF's Q8_0/Q5_0/Q4_K/Q6_K tensors as stored, every other weight
+    """native where the CPU has AVX-512 VNNI (a GGUF's tensors of every supported type as stored, every other weight
     q8_0x8: int8 x int8 dot products, as llama.cpp), else q8_0 (fp32 activations; the VNNI formats would take the
     slow torch path)."""
     return "native" if has_vnni() else "q8_0"
@@ -120,7 +120,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-p-min", type=float, default=d.spec.p_min,
                    help="stop drafting when top-1 prob < p_min (default: the drafter's recommended p_min, else 0)")
     p.add_argument("--weight-format", default=d.weight_format,
-                   help="native (a GGUF's Q8_0/Q5_0/Q4_K/Q6_K tensors kept as stored, every other weight q8_0x8; "
+                   help="native (a GGUF's tensors kept as stored: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q2_K..Q6_K, IQ4_NL/XS, "
+                        "BF16/F16/F32; every other weight q8_0x8; "
                         "the default on a CPU with AVX-512 VNNI), q8_0x8 (Q8_0 blocks, int8 activations: VNNI dot "
                         "products), q8_0 (the same blocks, fp32 activations; the default elsewhere), bf16, fp32 "
                         "(exact reference)")

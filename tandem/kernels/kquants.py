@@ -73,7 +73,9 @@ def parse_gguf(qtype: str, raw: np.ndarray, K: int) -> dict[str, torch.Tensor]:
     N = raw.shape[0]
     if raw.dtype != np.uint8:  # gguf-py hands F16 / F32 tensors over as their values: the same bytes
         raw = np.ascontiguousarray(raw).view(np.uint8).reshape(N, -1)
-    if K % qk or raw.shape[1] != K // qk * nbytes:
+    if K % qk:
+        raise ValueError(f"{qtype} holds rows of whole {qk}-value blocks, got {K} values")
+    if raw.shape[1] != K // qk * nbytes:
         raise ValueError(f"{qtype} rows of {K} values need {K // qk * nbytes} bytes, got {raw.shape[1]}")
     b = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.uint8)).view(N, K // qk, nbytes)
     if qk == 1:  # float types: the values themselves

@@ -40,10 +40,14 @@ constexpr int MR_MAX = 4;   // rows per wide register tile: 4 x 4 int32 accumula
 constexpr int MR_NARROW = 8;  // rows per narrow tile (16 columns: 8 int32 + 8 fp32 accumulators in registers)
 constexpr int MBLK = 48;    // rows per parallel work item (multiple of MR_MAX and MR_NARROW)
 
-// Row counts from which a work item runs narrow tiles (one decoded weight vector feeds up to 8 rows), else wide.
+// Row count from which a work item of format F runs narrow tiles (one decoded weight vector feeds up to 8 rows),
+// else wide ones. Measured (tandem.bench.kernels --shapes, k=8 / 1 row): narrow pays for the formats with a min
+// (Q4_K 1.8-1.9x -> 1.5-1.6x), not for those with an offset (Q5_0 1.9x -> 2.3-2.9x, Q8_0 heads, Q6_K), whose
+// per-row offset work it repeats per 16 columns. TANDEM_VNNI_NARROW_MIN=n overrides it for every format (bench).
+template <class F>
 static int narrow_min() {
-  static const int n = [] { const char* e = std::getenv("TANDEM_VNNI_NARROW_MIN"); return e ? std::atoi(e) : 5; }();
-  return n;
+  static const int n = [] { const char* e = std::getenv("TANDEM_VNNI_NARROW_MIN"); return e ? std::atoi(e) : 0; }();
+  return n > 0 ? n : F::HAS_B ? 5 : 1 << 30;
 }
 
 struct QRows {  // activation rows quantized per 32-block
@@ -200,7 +204,7 @@ struct Seg {
   const int64_t* panels;                // panel_of(s) = panels[s], or s when null
 };
 
-// Rows [m0, m1) against one panel: narrow 8-row tiles from narrow_min() rows on, else wide MR_MAX-row tiles (the
+// Rows [m0, m1) against one panel: narrow 8-row tiles from narrow_min<F>() rows on, else wide MR_MAX-row tiles (the
 // same per-element arithmetic either way).
 template <class F>
 static void panel_rows(const QRows& r, int64_t m0, int64_t m1, int64_t K, const Seg& g, int64_t s) {
@@ -215,7 +219,7 @@ static void panel_rows(const QRows& r, int64_t m0, int64_t m1, int64_t K, const 
   for (int64_t m = m0, mr; m < m1; m += mr) {
     const XRows x{q + m * K, dx + m * KB, sx + m * 2 * KB, K, KB};
     float* ym = g.y + m * g.ldy + s * NB;
-    if (m1 - m >= narrow_min()) {
+    if (m1 - m >= narrow_min<F>()) {
       mr = std::min<int64_t>(MR_NARROW, m1 - m);
       switch (mr) {
         case 8: tile_narrow<F, 8>(x, f, ym, g.ldy, ncols); break;
