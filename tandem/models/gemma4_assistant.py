@@ -360,39 +360,30 @@ class Model(CausalLM):
         return self.model.norm(h)
 
     @torch.inference_mode()
-    def greedy_step(self, x: torch.Tensor, positions: torch.Tensor, cache, slots: torch.Tensor,
-                    kv_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One argmax draft step for every row: (tokens [B, T], their probability under the full-vocab softmax
-        [B, T], projected hidden [B, T, Db]). Same answer as argmax/softmax of forward()'s logits, without building
-        the [V] vector when the sparse head is used (other tokens carry the fill logit, counted in closed form)."""
-        y = self.trunk(x, positions, cache, slots, kv_positions)
-        projected = self.post_projection(y)
-        if self.masked_embedding is None:
-            top, tok = torch.softmax(self.lm_head(y).float(), -1).max(-1)
-            return tok, top, projected
-        ids, sel = self.masked_embedding.select(y, self.lm_head)  # [B, T, n]
-        m = sel.max(-1, keepdim=True).values
-        n_fill = self.args.vocab_size - sel.shape[-1]
-        denom = torch.exp(sel - m).sum(-1) + n_fill * torch.exp(sel.amin(-1) - 1.0 - m[..., 0])
-        # ties: the full vector's argmax is the lowest token id among the maxima
-        tok = torch.where(sel == m, ids, torch.full_like(ids, self.args.vocab_size)).min(-1).values
-        return tok, 1.0 / denom, projected
-
     def top_step(self, x: torch.Tensor, positions: torch.Tensor, cache, slots: torch.Tensor,
-                 kv_positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """greedy_step's k most likely tokens per row (a draft tree's children): (tokens [B, T, k], their
-        full-vocab softmax probabilities [B, T, k], projected hidden [B, T, Db])."""
+                 kv_positions: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The k most likely draft tokens per row (1: greedy drafting; more: a tree's children) as forward() ranks
+        them, without its [V] vector: (tokens [B, T, k], full-vocab probabilities [B, T, k], projected [B, T, Db])."""
         y = self.trunk(x, positions, cache, slots, kv_positions)
         projected = self.post_projection(y)
         if self.masked_embedding is None:
-            probs, tok = torch.softmax(self.lm_head(y).float(), -1).topk(k, -1)
+            p = torch.softmax(self.lm_head(y).float(), -1)
+            probs, tok = p.max(-1, keepdim=True) if k == 1 else p.topk(k, -1)
             return tok, probs, projected
         ids, sel = self.masked_embedding.select(y, self.lm_head)  # [B, T, n]
         m = sel.max(-1, keepdim=True).values
         n_fill = self.args.vocab_size - sel.shape[-1]
-        denom = torch.exp(sel - m).sum(-1) + n_fill * torch.exp(sel.amin(-1) - 1.0 - m[..., 0])
+        denom = (torch.exp(sel - m).sum(-1) + n_fill * torch.exp(sel.amin(-1) - 1.0 - m[..., 0]))[..., None]
+        if k == 1:  # ties: the full vector's argmax is the lowest token id among the maxima
+            return torch.where(sel == m, ids, self.args.vocab_size).min(-1, keepdim=True).values, 1.0 / denom, projected
         vals, j = sel.topk(min(k, sel.shape[-1]), -1)
-        return ids.gather(-1, j), torch.exp(vals - m) / denom[..., None], projected
+        return ids.gather(-1, j), torch.exp(vals - m) / denom, projected
+
+    def greedy_step(self, x: torch.Tensor, positions: torch.Tensor, cache, slots: torch.Tensor,
+                    kv_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """top_step at k = 1: (tokens [B, T], probabilities [B, T], projected hidden [B, T, Db])."""
+        tok, p, projected = self.top_step(x, positions, cache, slots, kv_positions)
+        return tok[..., 0], p[..., 0], projected
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         if self.masked_embedding is not None:
