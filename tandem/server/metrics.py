@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from collections import defaultdict
+
+from tandem.engine import memory
 
 PREFIX = "tandem:"
 # the only endpoint labels: a raw path (user input) would make one series per distinct URL, without bound
@@ -17,15 +18,6 @@ def endpoint_label(path: str) -> str:
     if path in ENDPOINTS:
         return path
     return "/v1/models/{model}" if _MODEL_PATH.match(path) else "other"
-
-
-def resident_bytes() -> int | None:
-    """This process's resident set size (Linux /proc), for the soak tool's leak check."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _esc(v: str) -> str:
@@ -133,7 +125,7 @@ class Metrics:
                     metric(key, "gauge", help_, [(m, int(v))])
             if prefix is not None:
                 _prefix_metrics(metric, m, prefix)
-        rss = resident_bytes()
+        rss = memory.rss_bytes()
         if rss is not None:
             lines.append("# HELP process_resident_memory_bytes Resident memory size in bytes.")
             lines.append("# TYPE process_resident_memory_bytes gauge")
