@@ -6,7 +6,7 @@ import re
 import threading
 from collections import defaultdict
 
-from tandem.engine import memory
+from tandem.engine.memory import rss_bytes
 
 PREFIX = "tandem:"
 # the only endpoint labels: a raw path (user input) would make one series per distinct URL, without bound
@@ -125,7 +125,7 @@ class Metrics:
                     metric(key, "gauge", help_, [(m, int(v))])
             if prefix is not None:
                 _prefix_metrics(metric, m, prefix)
-        rss = memory.rss_bytes()
+        rss = rss_bytes()
         if rss is not None:
             lines.append("# HELP process_resident_memory_bytes Resident memory size in bytes.")
             lines.append("# TYPE process_resident_memory_bytes gauge")
