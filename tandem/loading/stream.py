@@ -132,6 +132,8 @@ def _packed(f, g: str, config: dict, lin: nn.Module, fmt: str):
     bias = lin.bias if lin.bias is not None and lin.bias.device.type != "meta" else None
     qtype, raw, K = f.qtype(g), f.raw(g), lin.in_features
     if fmt == "native" and has_vnni():
+        if qtype in FLOAT_TYPES and not f.arch().has_fixup(g):  # float layouts are not 64-row panels: one piece
+            return PackedLinear.from_gguf(qtype, raw, K, bias=bias)
         if qtype in kquants.GGUF_TYPES and not f.arch().has_fixup(g):
             try:
                 with warnings.catch_warnings():  # torch views the read-only mapped rows; parsing copies them
