@@ -30,13 +30,16 @@ def test_prompts_jsonl_with_categories(tmp_path):
     g = tmp_path / "objs.json"
     g.write_text(json.dumps([{"prompt": "x", "id": 3}]))
     assert load_prompts(str(g)) == {"objs": ["x"]}
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"prompt": "y", "category": "c"}\n')  # JSONL of one line is also one JSON object
+    assert load_prompts(str(one)) == {"c": ["y"]}
 
 
 @pytest.mark.parametrize("text,where", [
     ('{"prompt": "a"}\n{"text": "b"}\n', "line 2"),  # JSONL line without a prompt
     ('{"prompt": "a"}\nnot json\n', "line 2: not JSON"),
     (json.dumps(["a", 3]), "item 1"),
-    (json.dumps({"prompt": "a"}), "expected a non-empty JSON list"),
+    (json.dumps({"text": "a"}), "line 1"),  # a one-line JSONL file is read as JSONL
     (json.dumps([]), "expected a non-empty JSON list"),
     ("", "expected a non-empty JSON list"),
 ])
@@ -161,3 +164,20 @@ def test_spec_bench_chat_arms_side_by_side(tmp_path, capsys):
     assert "spec_warm" in out.err and "x llama" in out.err
     assert main(args + ["--raw"]) == 2
     assert "chat[0] is chat messages" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_spec_bench_tree_against_chain(tmp_path, capsys):
+    """--spec-tree adds the `chain` arm (the same drafter drafting chains) to the same run: tree_vs_chain, nodes per
+    round and trees verified per arm, every arm's output identical to plain."""
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "def add(a, b):", "category": "code"}\n')
+    assert main(["bench", "--spec", "--model", _smol(), "--drafter", _smol(), "--spec-chain", "draft", "--prompts",
+                 str(f), "--max-tokens", "12", "--spec-tree", "6", "--raw", "--threads", "1",
+                 "--weight-format", SMOL_FMT]) == 0
+    out = capsys.readouterr()
+    res = json.loads(out.out.strip().splitlines()[-1])
+    assert set(res["arms"]) == {"plain", "spec", "chain"} and res["identical_outputs"] == "1/1"
+    tree, chain = res["arms"]["spec"], res["arms"]["chain"]
+    assert tree["trees"] > 0 and chain["trees"] == 0 and tree["nodes_per_round"] >= chain["nodes_per_round"] > 0
+    assert res["tree_vs_chain"] > 0 and "nodes" in out.err

@@ -3,6 +3,8 @@ tokens AND the cache contents (K/V, quantized codes, MLA latents, recurrent stat
 prefills everything from scratch, for every cache kind and drafter kind (drafts equal too: no stale drafter state);
 eviction under a tiny budget recomputes; two slots sharing a prefix never see each other's later tokens; opt-out."""
 
+import sys
+
 import pytest
 import torch
 
@@ -157,6 +159,22 @@ def test_nextn_drafter_gets_every_prompt_row(tmp_path, monkeypatch, fmt):
     eng = check_drafter(target, monkeypatch, lambda: load_drafter(None, target=target, weight_format="fp32"),
                         SpecConfig(n_max=3), cache_type_k="f32")
     assert eng.prefix.needs_hidden and eng.prefix.anywhere == bool(fmt)
+
+
+@needs_ext
+def test_eagle3_drafter(tmp_path, monkeypatch):
+    """EAGLE-3 reads the target's aux rows (three layers' residual streams) of every prompt row: the blocks carry
+    them and begin() rebuilds the head's own cache from them; drafts equal a fresh prefill's."""
+    from tandem.models import llama
+    from tandem.spec import load_drafter
+    from tests.test_eagle3 import HF_CFG, V, _randomize, write_head
+    target = prepare(_randomize(llama.Model(llama.ModelArgs.from_dict({**HF_CFG, "model_type": "llama"})), 0).eval(),
+                     "q8_0")
+    write_head(tmp_path / "head")
+    make = lambda: load_drafter(str(tmp_path / "head"), target=target, mtp_weight_format="fp32")  # noqa: E731
+    monkeypatch.setattr(sys.modules[__name__], "TURNS", [[t % V for t in turn] for turn in TURNS])
+    eng = check_drafter(target, monkeypatch, make, SpecConfig(n_max=3))
+    assert eng.prefix.needs_hidden and eng.prefix.anywhere
 
 
 @needs_ext

@@ -92,7 +92,11 @@ def load_prompts(path: str) -> dict[str, list]:
         raise ConfigError(f"--prompts {path}: cannot read it ({e.strerror})") from None
     try:
         items = json.loads(text)
-        where = [f"item {i}" for i in range(len(items))] if isinstance(items, list) else []
+        if isinstance(items, dict):  # JSONL of a single line
+            items = [items]
+            where = ["line 1"]
+        else:
+            where = [f"item {i}" for i in range(len(items))] if isinstance(items, list) else []
     except json.JSONDecodeError:
         items, where = [], []
         for n, line in enumerate(text.splitlines(), 1):

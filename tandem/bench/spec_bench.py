@@ -4,6 +4,7 @@ in one invocation, outputs checked against plain decoding on every prompt.
 Arms: `spec` the engine's default chain with an EMPTY n-gram suffix cache (what one `tandem generate` sees),
 `spec_warm` the same with the suffix cache learnt from the earlier prompts (a server), each member of a chain alone
 (`ngram`, the model drafter's kind; empty suffix cache), `fixed` (--compare-fixed: length n_max every round),
+`chain` (with --spec-tree: the same drafters drafting chains, against which the trees are measured),
 `plain`, and `llama_cpp` (--compare llama.cpp: llama-cpp-python's greedy eval loop on the same GGUF, prompt token
 ids, thread count and stop rule). On a model whose file carries a chat template the prompts go through it as chat
 messages and generation stops at EOS; --raw (plain completion) and --ignore-eos keep the old regime, labelled in the
@@ -91,6 +92,7 @@ class _Arm:
         st = self.stats
         d = {prefix + "accept_rate": round(st.acceptance_rate, 4), prefix + "mean_acceptance_length":
              round(st.mean_len, 3), prefix + "mean_k": round(st.drafted / st.rounds, 3) if st.rounds else 0.0,
+             prefix + "nodes_per_round": round(st.nodes_per_draft, 3), prefix + "trees": st.trees,
              prefix + "tok_s": self.tok_s}
         if len(st.by_drafter) > 1:  # a chain: which member won the rounds, and how its drafts fared
             d[prefix + "by_drafter"] = {k: dict(v) for k, v in st.by_drafter.items()}
@@ -108,6 +110,8 @@ def spec_arms(eng, spec_on: SpecConfig, compare_fixed: bool) -> dict[str, tuple[
         arms.update({m: (dataclasses.replace(spec_on, chain=(m,), method="auto"), "cold") for m in members})
     if spec_on.adaptive and compare_fixed:
         arms["fixed"] = (dataclasses.replace(spec_on, adaptive=False), "cold")
+    if spec_on.tree:  # the same drafters drafting chains: what the tree is measured against
+        arms["chain"] = (dataclasses.replace(spec_on, tree=False), "cold")
     return arms
 
 
@@ -220,6 +224,8 @@ def _summary(arms: dict[str, _Arm]) -> dict:
             continue
         d.update(arm.spec_dict(f"{name}_") if name != "llama_cpp" else {f"{name}_tok_s": arm.tok_s})
         d[f"{name}_speedup"] = round(arm.tok_s / base, 3) if base else 0.0
+    if "chain" in arms:
+        d["tree_vs_chain"] = round(spec.tok_s / arms["chain"].tok_s, 3) if arms["chain"].tok_s else 0.0
     if "fixed" in arms:
         d["adaptive_vs_fixed"] = round(spec.tok_s / arms["fixed"].tok_s, 3) if arms["fixed"].tok_s else 0.0
     return d
@@ -236,6 +242,7 @@ def _arm_table(total: dict[str, _Arm]) -> dict:
             row["vs_llama_cpp"] = round(arm.tok_s / ref, 3)
         if st.rounds:
             row.update(accept_rate=round(st.acceptance_rate, 4), mean_acceptance_length=round(st.mean_len, 3),
+                       nodes_per_round=round(st.nodes_per_draft, 3), trees=st.trees,
                        acceptance_per_position=[round(x, 4) for x in st.acceptance_by_position])
         out[name] = row
     return {"arms": out}
@@ -244,13 +251,15 @@ def _arm_table(total: dict[str, _Arm]) -> dict:
 def _print_table(res: dict, names: list[str]) -> None:
     print(f"\n{res['model']} | {res['regime']} | {res['n_requests']} prompts | spec == plain on "
           f"{res['identical_outputs']}", file=sys.stderr)
-    print(f"{'arm':<12} {'tok/s':>8} {'x plain':>8} {'x llama':>8} {'accept':>7} {'mean len':>8}  per position",
+    print(f"{'arm':<12} {'tok/s':>8} {'x plain':>8} {'x llama':>8} {'accept':>7} {'mean len':>8} {'nodes':>6}  "
+          "per position",
           file=sys.stderr)
     for name in names:
         r = res["arms"][name]
         pos = " ".join(f"{x:.2f}" for x in r.get("acceptance_per_position", [])[:8])
         print(f"{name:<12} {r['tok_s']:>8.2f} {r['vs_plain']:>8.3f} {r.get('vs_llama_cpp', float('nan')):>8.3f} "
-              f"{r.get('accept_rate', float('nan')):>7.3f} {r.get('mean_acceptance_length', float('nan')):>8.3f}  "
+              f"{r.get('accept_rate', float('nan')):>7.3f} {r.get('mean_acceptance_length', float('nan')):>8.3f} "
+              f"{r.get('nodes_per_round', float('nan')):>6.2f}  "
               f"{pos}", file=sys.stderr, flush=True)
 
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from tandem.kernels._ext import ext, has_vnni, unavailable_reason
 from tandem.kernels.attention import attend_cpu
+from tandem.kernels.hugepages import to_huge_pages
 from tandem.kernels.linear import FORMATS, PackedEmbedding, PackedLinear, base_format, check_format
 from tandem.kernels.quant_attention import attend_quant
 from tandem.kernels.reference import attend_reference
@@ -34,7 +35,7 @@ def prepare(model: nn.Module, weight_format: str = "bf16") -> nn.Module:
     weight_format="fp32" keeps the original fp32 weights, run in fixed-shape row blocks (row-invariant too).
     weight_format="native": a linear whose weight came from GGUF blocks the VNNI kernels hold as stored
     (`model.gguf_blocks`, verified against the loaded values) keeps them; every other weight gets base_format.
-    Sets `model.kernel_format` (what exactness() reads).
+    Sets `model.kernel_format` (what exactness() reads). Packed weights go to huge pages (kernels.hugepages).
     """
     check_format(weight_format)
     blocks = _native_blocks(model) if weight_format == "native" else {}
@@ -44,7 +45,7 @@ def prepare(model: nn.Module, weight_format: str = "bf16") -> nn.Module:
             if isinstance(child, nn.Linear):
                 key = id(child.weight)
                 if key not in packed:
-                    packed[key] = _pack(child, weight_format, blocks.get(key))
+                    packed[key] = to_huge_pages(_pack(child, weight_format, blocks.get(key)))  # one at a time
                 setattr(parent, name, packed[key])
     model.__dict__.pop("gguf_blocks", None)  # the raw rows are packed (or not wanted): let the file's pages go
     if weight_format != "fp32":
@@ -56,7 +57,7 @@ def prepare(model: nn.Module, weight_format: str = "bf16") -> nn.Module:
         if callable(getattr(m, "pack_weights", None)):
             m.pack_weights(base_format(weight_format))
     model.kernel_format = weight_format
-    return model
+    return to_huge_pages(model)  # what pack_weights made
 
 
 def _native_blocks(model: nn.Module) -> dict[int, tuple[str, object]]:

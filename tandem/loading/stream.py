@@ -92,7 +92,7 @@ def load_streaming(f, config: dict, model: nn.Module, names: dict[str, str], wei
         targets = sorted(by_file[g])
         lins = [n for n in targets if n.endswith(".weight") and isinstance(_owner(model, n), nn.Linear)]
         if lins and weight_format != "fp32":
-            packed = _packed(f, g, config, _owner(model, lins[0]), weight_format)
+            packed = kernels.to_huge_pages(_packed(f, g, config, _owner(model, lins[0]), weight_format))
             for n in targets:
                 mod_name = n.rpartition(".")[0]
                 emb = _owner(model, n)
