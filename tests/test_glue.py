@@ -1,5 +1,5 @@
 """The per-token path outside the GEMMs (issue #14 levers 2, 3, 8): the fused C++ glue (RMSNorm with a residual,
-q/k norm + RoPE in place, K/V cache writes) agrees with the torch ops it replaces and is row-invariant at any
+or after the residual add, SiLU-gated products, q/k norm + RoPE in place, K/V cache writes) agrees with the torch ops it replaces and is row-invariant at any
 thread count; greedy sampling skips process_logits yet picks the same token; an engine builds and warms its
 kernels at load, so the first request's prompt timing is its own."""
 
@@ -45,6 +45,43 @@ def test_fused_norm_matches_torch_and_is_row_invariant(unit_offset, with_scale):
                 assert torch.equal(norm(x, residual=res), alone)
         finally:
             torch.set_num_threads(threads)
+
+
+@needs_ext
+@pytest.mark.parametrize("unit_offset", [True, False])
+def test_add_then_norm_is_the_add_and_the_norm_bitwise(unit_offset):
+    """The pre-norm block's residual add + next norm in one call: h is torch's x + y bit for bit, the norm is the
+    fused norm of h bit for bit; a row alone is the same at any thread count."""
+    norm = _norm(200, unit_offset)
+    x, y = torch.randn(9, 200) * 3, torch.randn(9, 200)
+    with torch.no_grad():
+        h_ref, n_ref = norm.after_add(x, y)  # unpacked: the torch ops
+        torch.testing.assert_close(n_ref, norm(x + y))
+        norm.pack_weights("q8_0")
+        h, n = norm.after_add(x, y)
+        assert torch.equal(h, x + y) and torch.equal(n, norm(x + y))
+        threads = torch.get_num_threads()
+        try:
+            for t in (1, 3):
+                torch.set_num_threads(t)
+                assert torch.equal(n, torch.cat([norm.after_add(x[i:i + 1], y[i:i + 1])[1] for i in range(9)]))
+        finally:
+            torch.set_num_threads(threads)
+
+
+@needs_ext
+@pytest.mark.parametrize("inter", [1536, 200, 40000])  # whole vector steps, a tail, above torch's grain size
+def test_silu_mul_matches_torch_and_is_row_invariant(inter):
+    from tandem.models.layers import GLUMLP, activation
+    mlp = GLUMLP(8, inter, activation("silu"))
+    assert mlp.silu and not GLUMLP(8, inter, activation("gelu_pytorch_tanh")).silu
+    gate, up = torch.randn(5, inter) * 4, torch.randn(5, inter)
+    from tandem.kernels._ext import ext
+    out = ext().silu_mul(gate, up)
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6)
+    for i in range(5):
+        assert torch.equal(out[i:i + 1], ext().silu_mul(gate[i:i + 1].contiguous(), up[i:i + 1].contiguous()))
+        assert torch.equal(out[i], torch.nn.functional.silu(gate[i]) * up[i])  # the row's own silu call
 
 
 @needs_ext

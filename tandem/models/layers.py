@@ -92,6 +92,14 @@ class RMSNorm(nn.Module):
         out = out.type_as(x)
         return out if residual is None else residual + out
 
+    def after_add(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, norm(h)) with h = x + y: the pre-norm block's residual add and the next norm in one C++ call."""
+        m = glue(x, y) if self.fused else None
+        if m is None or x.shape != y.shape:
+            h = x + y
+            return h, self(h)
+        return tuple(m.add_rms_norm(x.contiguous(), y.contiguous(), self.weight, float(self.unit_offset), self.eps))
+
 
 class Attention(nn.Module):
     """GQA attention of layer `layer_idx` over the KV cache: optional QKV / output bias, q/k RMSNorm (before RoPE),
@@ -163,13 +171,15 @@ class GLUMLP(nn.Module):
     def __init__(self, hidden: int, inter: int, act: Callable[[torch.Tensor], torch.Tensor], bias: bool = False):
         super().__init__()
         self.act = act
+        self.silu = getattr(act, "args", None) == (F.silu,)  # SwiGLU: silu(gate) * up in one C++ call
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linears(x, self.gate_proj, self.up_proj)
-        return self.down_proj(self.act(gate) * up)
+        m = glue(gate, up) if self.silu else None
+        return self.down_proj(self.act(gate) * up if m is None else m.silu_mul(gate.contiguous(), up.contiguous()))
 
 
 class DecoderLayer(nn.Module):
@@ -182,5 +192,6 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps, unit_offset=False)
 
     def forward(self, x, cos_sin, positions, cache, slots):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, positions, cache, slots)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.after_add(x, self.self_attn(self.input_layernorm(x), cos_sin, positions,
+                                                                           cache, slots))
+        return x + self.mlp(h)

@@ -26,6 +26,9 @@ void kv_store(torch::Tensor x, int64_t bits, torch::Tensor signs, torch::Tensor 
 
 torch::Tensor rms_norm(torch::Tensor x, std::optional<torch::Tensor> w, double offset, double eps,
                        std::optional<torch::Tensor> residual);
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor y, std::optional<torch::Tensor> w,
+                                        double offset, double eps);
+torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up);
 void norm_rope_(torch::Tensor x, std::optional<torch::Tensor> w, double offset, double eps, bool norm,
                 torch::Tensor cos, torch::Tensor sin);
 void kv_write(torch::Tensor buf, torch::Tensor x, torch::Tensor slots, torch::Tensor positions);
@@ -57,6 +60,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kv_quantize", &kv_quantize, nogil);
   m.def("kv_store", &kv_store, nogil);
   m.def("rms_norm", &rms_norm, nogil);
+  m.def("add_rms_norm", &add_rms_norm, nogil);
+  m.def("silu_mul", &silu_mul, nogil);
   m.def("norm_rope_", &norm_rope_, nogil);
   m.def("kv_write", &kv_write, nogil);
   m.def("argmax_rows", &argmax_rows, nogil);

@@ -1,5 +1,6 @@
 // The small per-layer ops between the GEMMs of a decode step (Tandem), one call each instead of 5-30 torch ops:
-// RMSNorm (optionally plus a residual), q/k RMSNorm + RoPE in place, K/V cache writes.
+// RMSNorm (optionally plus a residual, or after one), SiLU-gated products, q/k RMSNorm + RoPE in place, K/V cache
+// writes.
 //
 // Row-invariant by construction: every row (token, or token x head) is computed alone by the same code, a fixed
 // fp32 order (16 partial sums, then summed in lane order); nothing depends on the row count or the thread split.
@@ -72,6 +73,43 @@ torch::Tensor rms_norm(torch::Tensor x, std::optional<torch::Tensor> w, double o
     for (int64_t m = b; m < e; ++m)
       norm_row(xp + m * D, wp, (float)offset, (float)eps, rp ? rp + m * D : nullptr, op + m * D, D);
   });
+  return out;
+}
+
+// h = x + y (the residual add: fp32 adds, torch's bits), n = RMSNorm(h) * (offset + w): [h, n] in one call
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor y, std::optional<torch::Tensor> w,
+                                        double offset, double eps) {
+  check_f32(x, "x");
+  check_f32(y, "y");
+  TORCH_CHECK(x.sizes() == y.sizes(), "add_rms_norm: x shape ", x.sizes(), " != y shape ", y.sizes());
+  const int64_t D = x.size(-1), M = D ? x.numel() / D : 0;
+  const float* wp = weight_ptr(w, D);
+  auto h = torch::empty_like(x), n = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *yp = y.data_ptr<float>();
+  float *hp = h.data_ptr<float>(), *np = n.data_ptr<float>();
+  at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      for (int64_t i = 0; i < D; ++i) hp[m * D + i] = xp[m * D + i] + yp[m * D + i];
+      norm_row(hp + m * D, wp, (float)offset, (float)eps, nullptr, np + m * D, D);
+    }
+  });
+  return {h, n};
+}
+
+// silu(gate) * up [M, I], row by row: every row goes through the same at::silu call of I elements whatever M is
+// (torch's vector loop splits a flat tensor by its size), so a row's bits do not depend on its neighbours
+torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
+  check_f32(gate, "gate");
+  check_f32(up, "up");
+  TORCH_CHECK(gate.sizes() == up.sizes(), "silu_mul: gate shape ", gate.sizes(), " != up shape ", up.sizes());
+  const int64_t I = gate.size(-1), M = I ? gate.numel() / I : 0;
+  auto out = torch::empty_like(gate);
+  auto g2 = gate.view({M, I}), u2 = up.view({M, I}), o2 = out.view({M, I});
+  for (int64_t m = 0; m < M; ++m) {
+    auto o = o2[m];
+    at::silu_out(o, g2[m]);
+    o.mul_(u2[m]);
+  }
   return out;
 }
 
