@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "vnni_formats.h"
@@ -40,14 +41,14 @@ constexpr int MR_MAX = 4;   // rows per wide register tile: 4 x 4 int32 accumula
 constexpr int MR_NARROW = 8;  // rows per narrow tile (16 columns: 8 int32 + 8 fp32 accumulators in registers)
 constexpr int MBLK = 48;    // rows per parallel work item (multiple of MR_MAX and MR_NARROW)
 
-// Row count from which a work item of format F runs narrow tiles (one decoded weight vector feeds up to 8 rows),
-// else wide ones. Measured (tandem.bench.kernels --shapes, k=8 / 1 row): narrow pays for the formats with a min
-// (Q4_K 1.8-1.9x -> 1.5-1.6x), not for those with an offset (Q5_0 1.9x -> 2.3-2.9x, Q8_0 heads, Q6_K), whose
-// per-row offset work it repeats per 16 columns. TANDEM_VNNI_NARROW_MIN=n overrides it for every format (bench).
+// Row count from which a work item runs narrow tiles (one decoded weight vector feeds up to 8 rows), else wide ones.
+// Measured (one thread, k=8 / 1 row, activations as embedded broadcasts): wide -> narrow Q6_K 2.7x -> 2.3-2.4x, Q5_0
+// 2.1x -> 1.6-1.8x, Q4_K about the same; not Q8_0, which decodes nothing (its heads: 1.0-1.3x -> 1.4-1.7x).
+// TANDEM_VNNI_NARROW_MIN=n overrides it for every format (bench).
 template <class F>
 static int narrow_min() {
   static const int n = [] { const char* e = std::getenv("TANDEM_VNNI_NARROW_MIN"); return e ? std::atoi(e) : 0; }();
-  return n > 0 ? n : F::HAS_B ? 5 : 1 << 30;
+  return n > 0 ? n : std::is_same<F, Q8>::value ? 1 << 30 : 5;
 }
 
 struct QRows {  // activation rows quantized per 32-block
@@ -97,6 +98,12 @@ struct XRows {  // the tile's rows: row i at q + i*K, d + i*KB, s + i*2*KB
   const int8_t* q; const float* d; const int32_t* s; int64_t K, KB;
 };
 
+// acc += u8 w . s8 {x, x, x, x} per lane, x read straight from memory as the instruction's broadcast operand
+static inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int32_t* x) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
+  return acc;
+}
+
 static inline __m512 load(const float* a, int j) { return _mm512_load_ps(a + 16 * j); }
 static inline void store(float* a, int j, __m512 v) { _mm512_store_ps(a + 16 * j, v); }
 
@@ -142,12 +149,10 @@ static void tile_narrow(const XRows& x, const F& f, float* y, int64_t ldy, int n
         for (int gp = h * GH / 2; gp < (h + 1) * GH / 2; ++gp) {
           __m512i wa, wb;
           f.w(kb, gp, j, wa, wb);
-          for (int i = 0; i < MR; ++i) {
-            int32_t xa, xb;
-            std::memcpy(&xa, x.q + i * x.K + kb * 32 + gp * 8, 4);
-            std::memcpy(&xb, x.q + i * x.K + kb * 32 + gp * 8 + 4, 4);
-            isum[i] = _mm512_dpbusd_epi32(isum[i], wa, _mm512_set1_epi32(xa));
-            isum[i] = _mm512_dpbusd_epi32(isum[i], wb, _mm512_set1_epi32(xb));
+          for (int i = 0; i < MR; ++i) {  // the activations' 4 bytes as an embedded broadcast operand ({1to16})
+            const int32_t* xp = reinterpret_cast<const int32_t*>(x.q + i * x.K + kb * 32 + gp * 8);
+            isum[i] = dpbusd_bcast(isum[i], wa, xp);
+            isum[i] = dpbusd_bcast(isum[i], wb, xp + 1);
           }
         }
         __m512 a, b;
@@ -176,11 +181,9 @@ static void tile(const XRows& x, const F& f, float* y, int64_t ldy, int ncols) {
           __m512i wa, wb;
           f.w(kb, gp, j, wa, wb);
           for (int i = 0; i < MR; ++i) {
-            int32_t xa, xb;
-            std::memcpy(&xa, x.q + i * x.K + kb * 32 + gp * 8, 4);
-            std::memcpy(&xb, x.q + i * x.K + kb * 32 + gp * 8 + 4, 4);
-            isum[i][j] = _mm512_dpbusd_epi32(isum[i][j], wa, _mm512_set1_epi32(xa));
-            isum[i][j] = _mm512_dpbusd_epi32(isum[i][j], wb, _mm512_set1_epi32(xb));
+            const int32_t* xp = reinterpret_cast<const int32_t*>(x.q + i * x.K + kb * 32 + gp * 8);
+            isum[i][j] = dpbusd_bcast(isum[i][j], wa, xp);
+            isum[i][j] = dpbusd_bcast(isum[i][j], wb, xp + 1);
           }
         }
       }
