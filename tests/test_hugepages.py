@@ -1,6 +1,9 @@
 """Packed weights in transparent huge pages (tandem.kernels.hugepages): placed tensors keep their values and the
 kernels' results bitwise, shared (tied) weights stay one tensor, placing is idempotent, small tensors stay, the
-pages the kernel backs them with are huge, and TANDEM_NO_HUGEPAGES=1 turns it off."""
+pages the kernel backs them with are huge, and TANDEM_NO_HUGEPAGES=1 or a data limit turns it off."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,3 +84,11 @@ def test_turned_off_or_small_or_elsewhere(monkeypatch):
         p = a.place(u)
         assert p is not u and torch.equal(p, u) and a.holds(p) and a.place(p) is p
         assert hugepages.REGION >= p.numel() * 4
+
+
+def test_off_under_a_data_limit():
+    """Under ulimit -d the copies would count twice against the limit while the heap keeps freed transients: off."""
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_DATA, (8 << 30, 8 << 30)); "
+            "from tandem.kernels.hugepages import Arena; print(Arena().libc is None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr

@@ -2,21 +2,25 @@
 1 GB model crosses ~250k pages per token, each a TLB miss; in 2 MiB pages the same decode is ~10 % faster.
 
 `Arena.place` copies a large CPU tensor into an anonymous region advised MADV_HUGEPAGE (2 MiB-aligned, bump
-allocated). The region is reserved PROT_NONE and made writable as it fills, so only the bytes placed count against
-a data limit (RLIMIT_DATA) and a tensor's transient double is one tensor, never the model. `to_huge_pages(module)`
+allocated). The region is reserved PROT_NONE and made writable as it fills; tensors are placed as the loader makes
+them, so the transient double is one tensor, never the model. `to_huge_pages(module)`
 places the packed linears' weights of a module (idempotent; shared tensors stay shared). A no-op off Linux,
-off CPU, where THP is 'never', or with TANDEM_NO_HUGEPAGES=1.
+off CPU, where THP is 'never', under a data limit (ulimit -d), or with TANDEM_NO_HUGEPAGES=1.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import mmap
 import os
+import resource
 
 import torch
 import torch.nn as nn
+
+log = logging.getLogger("tandem.kernels")
 
 HUGE = 2 << 20
 REGION = 256 << 20  # address space reserved at a time (PROT_NONE: no memory, no data limit)
@@ -46,13 +50,20 @@ def thp_available() -> bool:
         return False
 
 
+def _data_limited() -> bool:
+    """A data limit (ulimit -d) is set: a copy of each tensor would briefly count twice against it (the heap keeps the
+    freed transients mapped), so weights stay where the loader put them."""
+    soft = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    return soft != resource.RLIM_INFINITY
+
+
 class Arena:
     """Bump allocator over 2 MiB-aligned PROT_NONE reservations, committed (read-write, MADV_HUGEPAGE) as it fills.
     Never freed: weights live as long as the process."""
 
     def __init__(self):
         off = os.environ.get("TANDEM_NO_HUGEPAGES", "") not in ("", "0")
-        self.libc = _libc() if thp_available() and not off else None
+        self.libc = _libc() if thp_available() and not off and not _data_limited() else None
         self.ranges: list[tuple[int, int]] = []  # [start, end) of every reservation
         self.base = self.top = self.committed = self.end = 0
 
@@ -85,12 +96,19 @@ class Arena:
 
     def place(self, t: torch.Tensor) -> torch.Tensor:
         """t's values in the arena (a new tensor of t's dtype and shape), or t itself when it is small, not a
-        contiguous CPU tensor, already placed, or THP is unavailable."""
+        contiguous CPU tensor, already placed, or THP is unavailable; when memory runs out (a data limit) the arena
+        stops, with a warning, and every later tensor stays too."""
         n = t.numel() * t.element_size()
         if (self.libc is None or n < MIN_BYTES or t.device.type != "cpu" or not t.is_contiguous()
                 or t.requires_grad or self.holds(t)):
             return t
-        buf = (ctypes.c_char * n).from_address(self._alloc(n))
+        try:
+            addr = self._alloc(n)
+        except MemoryError as e:  # a data limit (ulimit -d) or a full machine: the weights stay where they are
+            log.warning("weights stay in 4 KiB pages from here on (%s)", e)
+            self.libc = None
+            return t
+        buf = (ctypes.c_char * n).from_address(addr)
         out = torch.frombuffer(buf, dtype=torch.uint8).view(t.dtype).view(t.shape)
         out.copy_(t)
         return out
