@@ -393,4 +393,6 @@ def test_soak_one_minute(server):
     assert rep["t0_requests_checked"] > 0 and rep["t0_identical"] == rep["t0_requests_checked"], rep["t0_mismatches"]
     assert rep["slots_free"] and rep["requests"] >= 4 and rep["completion_tokens"] > 0
     assert rep["rss_start"] and rep["rss_warm"] and rep["rss_end"]
+    budget, (warm, end) = rep["prefix_cache_budget"], rep["prefix_cache_bytes"]  # RSS is counted without them
+    assert budget and 0 <= warm <= budget and 0 <= end <= budget
     assert rep["by_kind"].get("bad", 0) > 0 and rep["ok"]

@@ -8,7 +8,8 @@ a client that goes away mid-request (non-streaming timeout, or a stream closed a
 (must be a 4xx). Checks: 0 5xx for valid requests, every bad request a 4xx, every T=0 output identical to the same
 request sent alone at the end with `cache_prompt: false` (from scratch), all slots free at the end (/health), and the
 server's RSS (/metrics
-process_resident_memory_bytes) at start, after warm-up and at the end (growth after warm-up under --max-rss-growth).
+process_resident_memory_bytes) less the prefix cache's bytes (which grow to their budget by design, checked
+separately) at start, after warm-up and at the end (growth after warm-up under --max-rss-growth).
 Standard library only, like loadtest.
 """
 
@@ -51,11 +52,20 @@ class Client:
             return e.code, e.read().decode("utf-8", "replace")
 
     def rss(self) -> int | None:
+        return self.metric("process_resident_memory_bytes")
+
+    def metric(self, name: str) -> int | None:
+        """A gauge of /metrics (the first series of that name), or None."""
         _, text = self.call("/metrics")
         for line in str(text).splitlines():
-            if line.startswith("process_resident_memory_bytes "):
-                return int(float(line.split()[1]))
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return int(float(line.split()[-1]))
         return None
+
+    def held(self) -> tuple[int | None, int]:
+        """(RSS less the prefix cache's bytes, the prefix cache's bytes): the cache grows to its budget by design."""
+        rss, pc = self.rss(), self.metric("tandem:prefix_cache_bytes") or 0
+        return (None if rss is None else rss - pc), pc
 
 
 def _read_stream(r, stop_after: int | None) -> dict:
@@ -203,17 +213,18 @@ def run_soak(url: str, minutes: float, clients: int = 8, api_key: str | None = N
     prompts = prompts or _prompts()[:8]
     soak = Soak(c, prompts, max_tokens, seed)
     t_start = time.time()
-    rss_start, end = c.rss(), t_start + 60 * minutes
+    (rss_start, _), end = c.held(), t_start + 60 * minutes
     threads = [threading.Thread(target=soak.client_loop, args=(end, seed * 1000 + i), daemon=True)
                for i in range(clients)]
     for t in threads:
         t.start()
     time.sleep(max(0.0, min(60 * minutes * warmup_frac, end - time.time())))
-    rss_warm = c.rss()
+    rss_warm, pc_warm = c.held()
     for t in threads:
         t.join()
     health = wait_idle(c)
-    rss_end = c.rss()
+    rss_end, pc_end = c.held()
+    budget = c.metric("tandem:prefix_cache_budget_bytes")
     mismatches = soak.check_alone()
     growth = (rss_end - rss_warm) / rss_warm if rss_warm and rss_end else None
     report = {"minutes": round((time.time() - t_start) / 60, 2), "requests": sum(soak.kinds.values()),
@@ -221,9 +232,10 @@ def run_soak(url: str, minutes: float, clients: int = 8, api_key: str | None = N
               "server_errors": len(soak.server_errors), "bad_not_4xx": len(soak.bad_not_4xx),
               "rss_start": rss_start, "rss_warm": rss_warm, "rss_end": rss_end,
               "rss_growth_after_warmup": None if growth is None else round(growth, 4),
+              "prefix_cache_bytes": [pc_warm, pc_end], "prefix_cache_budget": budget,
               "t0_requests_checked": len(soak.t0), "t0_identical": len(soak.t0) - len(mismatches),
               "slots_free": health.get("slots_processing") == 0 and health.get("requests_waiting") == 0,
               "first_errors": (soak.server_errors + soak.bad_not_4xx)[:5], "t0_mismatches": mismatches[:5]}
     report["ok"] = (not soak.server_errors and not soak.bad_not_4xx and not mismatches and report["slots_free"]
-                    and (growth is None or growth < max_rss_growth))
+                    and (growth is None or growth < max_rss_growth) and (budget is None or pc_end <= budget))
     return report
