@@ -20,7 +20,7 @@ import heapq
 import torch
 
 from tandem.sampling import process_logits, sample
-from tandem.spec.drafter import Draft, DraftContext, Drafter, PromptState, register_kind
+from tandem.spec.drafter import Draft, DraftContext, Drafter, PromptState, propose_split, register_kind
 
 
 @register_kind("assistant", model_types=("gemma4_assistant",), help="Gemma 4 assistant (reads the target's KV)")
@@ -53,15 +53,7 @@ class MTPAssistantDrafter(Drafter):
     @torch.inference_mode()
     def propose(self, batch: list[DraftContext]) -> list[Draft]:
         trees = [b for b, c in enumerate(batch) if c.k_max > 0 and c.nodes > c.k_max and not c.sample_drafts]
-        if not trees:
-            return self._propose_chains(batch)
-        chains = [b for b in range(len(batch)) if b not in trees]
-        out: list[Draft | None] = [None] * len(batch)
-        for b, d in zip(chains, self._propose_chains([batch[b] for b in chains]) if chains else []):
-            out[b] = d
-        for b, d in zip(trees, self._propose_trees([batch[b] for b in trees])):
-            out[b] = d
-        return out
+        return propose_split(batch, trees, self._propose_chains, self._propose_trees)
 
     def _propose_trees(self, batch: list[DraftContext]) -> list[Draft]:
         """EAGLE-2 trees for every context, one assistant forward per depth over all frontier nodes."""

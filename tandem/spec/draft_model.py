@@ -26,7 +26,7 @@ import torch
 from tandem.errors import ModelLoadError
 from tandem.kvcache.cache import TreeRows
 from tandem.sampling import process_logits, sample
-from tandem.spec.drafter import Draft, DraftContext, Drafter, PromptState, register_kind
+from tandem.spec.drafter import Draft, DraftContext, Drafter, PromptState, propose_split, register_kind
 
 PREFILL_CHUNK = 512
 
@@ -147,15 +147,7 @@ class DraftModelDrafter(Drafter):
         trees = [b for b, c in enumerate(batch) if c.k_max > 0 and c.nodes > c.k_max and not c.sample_drafts
                  and self.cache.supports_tree and c.position + 1 + 4 * c.k_max < self.cache.max_len]
         with _threads(self.threads):
-            if not trees:
-                return self._propose(batch)
-            out = [None] * len(batch)
-            chains = [b for b in range(len(batch)) if b not in trees]
-            for b, d in zip(chains, self._propose([batch[b] for b in chains]) if chains else []):
-                out[b] = d
-            for b, d in zip(trees, self._propose_trees([batch[b] for b in trees])):
-                out[b] = d
-            return out
+            return propose_split(batch, trees, self._propose, self._propose_trees)
 
     def _propose_trees(self, batch: list[DraftContext]) -> list[Draft]:
         """EAGLE-2 trees: the fed tokens, then one forward per depth over every slot's frontier nodes."""

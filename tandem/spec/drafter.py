@@ -168,6 +168,19 @@ class Drafter:
         """Forget the slot's state."""
 
 
+def propose_split(batch: list[DraftContext], trees: list[int], chains_fn, trees_fn) -> list[Draft]:
+    """Drafts for `batch` where the contexts at indices `trees` draft trees (trees_fn) and the rest chains
+    (chains_fn), each function called once on its sub-batch; results back in batch order."""
+    if not trees:
+        return chains_fn(batch)
+    chains = [b for b in range(len(batch)) if b not in trees]
+    out: list[Draft | None] = [None] * len(batch)
+    for idx, fn in ((chains, chains_fn), (trees, trees_fn)):
+        for b, d in zip(idx, fn([batch[b] for b in idx]) if idx else []):
+            out[b] = d
+    return out
+
+
 # -- kinds ----------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
