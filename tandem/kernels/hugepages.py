@@ -65,7 +65,7 @@ class Arena:
         off = os.environ.get("TANDEM_NO_HUGEPAGES", "") not in ("", "0")
         self.libc = _libc() if thp_available() and not off and not _data_limited() else None
         self.ranges: list[tuple[int, int]] = []  # [start, end) of every reservation
-        self.base = self.top = self.committed = self.end = 0
+        self.top = self.committed = self.end = 0
 
     def holds(self, t: torch.Tensor) -> bool:
         p = t.data_ptr()
@@ -77,9 +77,9 @@ class Arena:
         if addr in (None, _FAILED):
             raise MemoryError(f"reserving {size >> 20} MiB of address space for weights: "
                               f"{os.strerror(ctypes.get_errno())}")
-        self.base = self.top = self.committed = -(-addr // HUGE) * HUGE
-        self.end = self.base + size
-        self.ranges.append((self.base, self.end))
+        self.top = self.committed = -(-addr // HUGE) * HUGE
+        self.end = self.top + size
+        self.ranges.append((self.top, self.end))
 
     def _alloc(self, nbytes: int) -> int:
         if self.top + nbytes > self.end:
