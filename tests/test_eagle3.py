@@ -248,11 +248,12 @@ def test_drafts_equal_reference_forward(pair, tmp_path):
     ours.aux_layers = ()
 
 
-@pytest.mark.parametrize("chain", [False, True], ids=["eagle3", "ngram_then_eagle3"])
-def test_greedy_spec_equals_plain(pair, tmp_path, chain):
+@pytest.mark.parametrize("chain,fmt", [(False, "fp32"), (True, "fp32"), (False, "bf16")],
+                         ids=["eagle3", "ngram_then_eagle3", "eagle3_packed_bf16"])
+def test_greedy_spec_equals_plain(pair, tmp_path, chain, fmt):
     _, ours = pair
     write_head(tmp_path / "head")
-    d = load_drafter(str(tmp_path / "head"), target=ours, mtp_weight_format="fp32")
+    d = load_drafter(str(tmp_path / "head"), target=ours, mtp_weight_format=fmt)  # bf16: fc packed too
     drafter = ChainDrafter({"ngram": NgramDrafter.build(), "eagle3": d}) if chain else d
     plain = Engine(ours, max_len=64)
     eng = Engine(ours, max_len=64, drafter=drafter, spec=SpecConfig(n_max=3))

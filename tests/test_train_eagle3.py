@@ -30,7 +30,8 @@ def test_training_time_test_is_runtime_drafting(pair, tmp_path):
         assert [int(g[i]) for g in got] == rh.drafts(seq[1:i + 2], aux[:i + 1], S), i
 
 
-def test_teacher_shards_stream_and_training_raises_acceptance(pair, tmp_path, monkeypatch):
+@pytest.mark.parametrize("autocast", [None, "bf16"])
+def test_teacher_shards_stream_and_training_raises_acceptance(pair, tmp_path, monkeypatch, autocast):
     _, ours = pair
     import tandem.train.eagle3 as te
     monkeypatch.setattr(te, "SHARD", 4)
@@ -55,7 +56,7 @@ def test_teacher_shards_stream_and_training_raises_acceptance(pair, tmp_path, mo
     to_draft[head.to_target(torch.arange(len(vocab)))] = torch.arange(len(vocab))
     before = eval_acceptance(head.eval(), ours.embed, ShardData(held), 3)
     cfg = TrainConfig(steps=60, batch=4, draft_steps=3, lr=3e-3, warmup=5, eval_every=60, ckpt_every=30,
-                      loss_top_k=8)
+                      loss_top_k=8, autocast=autocast)
     rep = train(head.train(), ours.embed, data, ShardData(held), cfg, tmp_path / "work", log=lambda *_: None,
                 losses=lambda *a: ttt_losses(*a, to_draft=to_draft), evaluate=eval_acceptance)
     ours.aux_layers = ()

@@ -118,7 +118,7 @@ class Eagle3(nn.Module):
 
     def fuse(self, aux: torch.Tensor) -> torch.Tensor:
         """The target's aux hidden states [.., n_aux * Dt] -> the head's hidden [.., D]."""
-        return self.fc(aux.to(self.fc.weight.dtype))
+        return self.fc(aux.to(self.norm.weight.dtype))  # norms keep the model's dtype; fc may be packed
 
     def forward(self, emb: torch.Tensor, h: torch.Tensor, positions: torch.Tensor, cache,
                 slots: torch.Tensor) -> torch.Tensor:

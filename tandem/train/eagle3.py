@@ -70,13 +70,23 @@ def chat_windows(a, tokenizer, template, log=print):
     held, train = train[:n_held], train[n_held:]
     render = lambda c: tokenizer.encode(template.render(c.messages, add_generation_prompt=False),  # noqa: E731
                                         add_special_tokens=False)
-    ask = lambda c: tokenizer.encode(template.render([{"role": "user", "content": c.first_user[:2000]}]),  # noqa: E731
-                                     add_special_tokens=False)[:a.seq_len // 2]
+    ask = lambda c: tokenizer.encode(template.render([{"role": "user", "content": c.first_user}]),  # noqa: E731
+                                     add_special_tokens=False)
     tr = _pack(map(render, train), a.seq_len, a.n_chat)
     he = _pack(map(render, held), a.seq_len, a.n_eval)
-    gen_tr = [ask(c) for c in train[-a.n_gen:]] if a.n_gen else []
-    gen_he = [ask(c) for c in held[-a.n_eval:]]
-    return tr, he, gen_tr, gen_he
+    return tr, he, _prompts(map(ask, reversed(train)), a.n_gen, a.seq_len), _prompts(map(ask, held), a.n_eval,
+                                                                                      a.seq_len)
+
+
+def _prompts(rendered, n: int, seq_len: int) -> list[list[int]]:
+    """The first n whole rendered prompts (generation header included) that leave half the window to answer."""
+    out = []
+    for ids in rendered if n else ():
+        if len(ids) <= seq_len // 2:
+            out.append(ids)
+            if len(out) == n:
+                break
+    return out
 
 
 def build_windows(a, target, tokenizer, template, corpus, work: Path, log=print) -> dict[str, Windows]:
@@ -313,7 +323,8 @@ def cmd_train_eagle3(a) -> int:
     to_draft = torch.full((target.args.vocab_size,), -1, dtype=torch.long)
     to_draft[head.to_target(torch.arange(len(vocab)))] = torch.arange(len(vocab))
     tcfg = TrainConfig(steps=a.steps, batch=a.batch, draft_steps=a.draft_steps, lr=a.lr, seed=a.seed,
-                       eval_every=a.eval_every, ckpt_every=min(200, a.eval_every), loss_top_k=a.top_k)
+                       eval_every=a.eval_every, ckpt_every=min(200, a.eval_every), loss_top_k=a.top_k,
+                       autocast=None if a.train_dtype == "fp32" else a.train_dtype)
     report = train(head, target.embed, ShardData(files["train"]), ShardData(files["heldout"]), tcfg, work,
                    resume=not a.no_resume, losses=partial(ttt_losses, to_draft=to_draft), evaluate=eval_acceptance)
     hist = json.loads((work / "train_history.json").read_text())
