@@ -7,8 +7,12 @@
   from the paper and those loaders, its decoder layer made of transformers' Llama attention / MLP / RMSNorm.
 - An exported head loads back bitwise and carries exactly the names and shapes vLLM's loader expects.
 - T = 0: spec == plain (alone and chained after ngram); T > 0: the 2nd token's distribution is the target's.
+- Trees (EAGLE-2 style, speculative.tree): T = 0 spec == plain (generate and the scheduler, tree and chain
+  requests in the same steps); every node's probability is the reference's along its path, the first child its
+  argmax, and chain rounds after tree rounds draft the reference's chain (the head's cache is the accepted text).
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -140,6 +144,17 @@ class RefHead:
             emb, h = torch.cat([emb, self.embed[out[-1]][None]]), torch.cat([h, last[None]])
         return out
 
+    @torch.no_grad()
+    def dist(self, tokens: list[int], aux: torch.Tensor, path: list[int]) -> torch.Tensor:
+        """The head's next-token distribution over target ids [V] after t_1..t_p (aux [p, 3D]) and the draft tokens
+        `path` (target ids), each path row reading the previous row's output."""
+        emb, h = self.embed[torch.tensor(tokens)], aux @ self.t["fc.weight"].T
+        for t in path:
+            last = self.layer(emb, h)[-1]
+            emb, h = torch.cat([emb, self.embed[t][None]]), torch.cat([h, last[None]])
+        q = torch.softmax(self.norms["norm"](self.layer(emb, h)[-1]) @ self.t["lm_head.weight"].T, -1)  # [VD]
+        return torch.zeros(V).index_put_((torch.arange(VD) + self.t["d2t"],), q)
+
 
 def hf_aux(ref, seq: list[int]) -> torch.Tensor:
     """transformers' hidden_states[j] (the input of layer j) for j in AUX, concatenated [T, 3D]."""
@@ -264,6 +279,94 @@ def test_greedy_spec_equals_plain(pair, tmp_path, chain, fmt):
         assert toks == plain.complete(p, sp)[0]
         drafted += fin.stats.spec.drafted
     assert drafted > 0
+    ours.aux_layers = ()
+
+
+def _recording(d, calls: list, chain_on_odd_rounds: bool = False):
+    """Wrap d.propose: record each call's contexts as (tree?, chain?) flags; optionally make every odd round of a
+    request a chain (nodes 0), so chain rounds follow tree rounds."""
+    orig = d.propose
+
+    def propose(batch):
+        if chain_on_odd_rounds:
+            batch = [dataclasses.replace(c, nodes=0) if c.round % 2 else c for c in batch]
+        calls.append([(c.nodes > c.k_max, 0 < c.k_max and c.nodes <= c.k_max) for c in batch])
+        return orig(batch)
+    d.propose = propose
+
+
+def test_tree_greedy_equals_plain(pair, tmp_path):
+    """Draft trees (speculative.tree): T = 0 spec == plain through Engine.generate and the batch scheduler, tree and
+    chain requests (and a plain one) drafted in the same propose calls."""
+    _, ours = pair
+    write_head(tmp_path / "head")
+    d = load_drafter(str(tmp_path / "head"), target=ours, mtp_weight_format="fp32")
+    eng = Engine(ours, max_len=64, n_slots=3, drafter=d, spec=SpecConfig(n_max=3, tree=8))
+    sp = SamplingParams(max_tokens=14, ignore_eos=True)
+    ps = prompts(6, 5)
+    plain = [eng.complete(p, sp, spec=SpecConfig(enabled=False))[0] for p in ps]
+    trees = nodes = depth = 0
+    for p, want in zip(ps, plain):
+        toks, fin = eng.complete(p, sp)
+        assert toks == want
+        st = fin.stats.spec
+        trees, nodes, depth = trees + st.trees, nodes + st.drafted, depth + sum(st.drafted_at)
+    assert trees > 0 and nodes > depth, (trees, nodes, depth)  # more nodes verified than depths reached
+    calls: list = []
+    _recording(d, calls)
+    specs = [SpecConfig(n_max=3, tree=8), SpecConfig(n_max=2), SpecConfig(enabled=False)]
+    with BatchScheduler(eng) as sch:
+        hs = [sch.submit(p, sp, specs[i % 3], loop=False) for i, p in enumerate(ps)]
+        assert [[e.id for e in h if isinstance(e, Token) and e.id >= 0] for h in hs] == plain
+    assert any(any(t for t, _ in c) and any(ch for _, ch in c) for c in calls), "no step mixed trees and chains"
+    ours.aux_layers = ()
+
+
+def test_tree_nodes_equal_reference(pair, tmp_path):
+    """Every tree node's probability == the reference head's along the node's path (its parent's path: rows of the
+    path's tokens, each reading its predecessor's output), each node's first child its argmax; chain rounds right
+    after tree rounds draft the reference's chain for the accepted text (accept left the head's cache as a fresh
+    run of it). Engine.generate and the batch scheduler (3 slots); the output == plain decoding."""
+    ref, ours = pair
+    t = write_head(tmp_path / "head")
+    d = load_drafter(str(tmp_path / "head"), target=ours, mtp_weight_format="fp32")
+    eng = Engine(ours, max_len=64, n_slots=3, drafter=d, spec=SpecConfig(n_max=3, tree=8))
+    rh = RefHead(t, ours.model.embed_tokens.weight.detach())
+    sp = SamplingParams(max_tokens=14, ignore_eos=True)
+    ps = prompts(3, 6)
+    plain = [eng.complete(p, sp, spec=SpecConfig(enabled=False))[0] for p in ps]
+    _recording(d, [], chain_on_odd_rounds=True)
+    events = []
+    set_tracer(events.append)
+    try:
+        for i, p in enumerate(ps):
+            assert eng.complete(p, sp, request_id=f"r{i}")[0] == plain[i]
+        with BatchScheduler(eng) as sch:
+            hs = [sch.submit(p, sp, request_id=f"b{i}", loop=False) for i, p in enumerate(ps)]
+            assert [[e.id for e in h if isinstance(e, Token) and e.id >= 0] for h in hs] == plain
+    finally:
+        set_tracer(None)
+    nodes = after_tree = 0
+    for i, p in enumerate(ps):
+        seq = p + plain[i]
+        aux = hf_aux(ref, seq)
+        prev = {}
+        for e in (e for e in events if e["event"] == "draft" and e["req"][1:] == str(i)):
+            pos, toks, parents = e["pos"], e["tokens"], e.get("parents")
+            if parents is None:  # a chain
+                assert toks == rh.drafts(seq[1:pos + 1], aux[:pos], len(toks)), (e["req"], pos)
+                after_tree += bool(prev.get(e["req"])) and len(toks) > 1
+            for j, (tok, par) in enumerate(zip(toks, parents or [])):
+                path = []
+                while par >= 0:
+                    path, par = [toks[par]] + path, parents[par]
+                q = rh.dist(seq[1:pos + 1], aux[:pos], path)
+                assert abs(float(q[tok]) - e["probs"][j]) < 1e-4, (e["req"], pos, j)
+                if parents.index(parents[j]) == j:  # the first child: the reference's argmax
+                    assert tok == int(q.argmax()), (e["req"], pos, j)
+                nodes += 1
+            prev[e["req"]] = parents is not None
+    assert nodes >= 30 and after_tree >= 4, (nodes, after_tree)
     ours.aux_layers = ()
 
 

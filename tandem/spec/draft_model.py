@@ -4,29 +4,29 @@ The engine sizes the cache (make_cache: slots, context, cache types). begin() pr
 propose() runs the draft steps for all slots together: step 1 feeds, per slot, the accepted tokens it has not run
 yet plus the last emitted token x (ragged rows, padded with position -1); step i feeds d_{i-1}. Drafts are the
 argmax (deterministic, probs None) or, when the method samples drafts, draws from the processed distribution
-(probs = q, for p/q rejection). accept() rolls the cache back to the longest prefix of what it ran that the target accepted (the verified tokens
-decide, not the drafter's memory); an accepted token it has not run (the last draft of a fully accepted round) is
-run with the next propose's first step. `threads` (--draft-threads): torch's intra-op thread count while the draft
-model runs (the C++ kernels' at::parallel_for follows it), restored after; None: the engine's.
+(probs = q, for p/q rejection). accept() rolls the cache back to the longest prefix of what it ran that the
+target accepted (the verified tokens decide, not the drafter's memory); an accepted token it has not run (the last
+draft of a fully accepted round) is run with the next propose's first step. `threads` (--draft-threads): torch's
+intra-op thread count while the draft model runs (the C++ kernels' at::parallel_for follows it), restored after;
+None: the engine's.
 A tree (DraftContext.nodes > k_max), EAGLE-2 style: after the fed tokens, each step runs the W frontier nodes of
 every slot in one forward on the own cache, stored after the fed tokens and attending to their ancestors only
-(tandem.kvcache.cache.TreeRows, positions = depth), and ranks their top-W children by cumulative probability; the
-draft is the `nodes` best nodes. accept() compacts the nodes it ran along the accepted path in place (the cache
-again holds only accepted tokens), the rest of the path waiting for the next propose as above.
+(tandem.kvcache.cache.TreeRows, positions = depth), and ranks their top-W children by cumulative probability
+(tandem.spec.drafter.grow_trees); the draft is the `nodes` best nodes. accept() compacts the nodes it ran along the
+accepted path in place (the cache again holds only accepted tokens), the rest of the path waiting for the next
+propose as above.
 """
 
 from __future__ import annotations
-
-import heapq
 
 from contextlib import contextmanager
 
 import torch
 
 from tandem.errors import ModelLoadError
-from tandem.kvcache.cache import TreeRows
 from tandem.sampling import process_logits, sample
-from tandem.spec.drafter import Draft, DraftContext, Drafter, PromptState, propose_split, register_kind
+from tandem.spec.drafter import (Draft, DraftContext, Drafter, PromptState, grow_trees, propose_split, register_kind,
+                                 tree_rows)
 
 PREFILL_CHUNK = 512
 
@@ -159,71 +159,27 @@ class DraftModelDrafter(Drafter):
             self._round[c.slot], self._fed[c.slot] = (start, list(feeds[b])), len(feeds[b])
             self._tree[c.slot] = {}
         logits = self._forward(batch, feeds)  # [B, V]: after x
-        width = {b: max(2, min(4, -(-c.nodes // c.k_max))) for b, c in enumerate(batch)}
-        nodes: list[list[tuple[int, int, float, float]]] = [[] for _ in batch]  # (token, parent, prob, cum)
-        entry: list[dict[int, int]] = [{-1: -1} for _ in batch]  # node -> its cache entry once run
+        entry: list[dict[int, int]] = [{-1: -1} for _ in batch]  # node -> its region entry once run (-1: x)
         region: list[list[tuple[int, int]]] = [[] for _ in batch]  # run entries: (position, parent entry index)
-        front = {b: [(-1, 1.0, 0)] for b in range(len(batch))}  # (node, cum, depth) whose children come next
-        for step in range(max(c.k_max for c in batch)):
-            cand = {}
-            for i, b in enumerate(front):
-                probs = torch.softmax(logits[i], -1)
-                for node, cum, depth in front[b]:
-                    row = probs[node_rows[b].index(node)] if step else probs
-                    top, tok = row.topk(width[b])
-                    for p, t in zip(top.tolist(), tok.tolist()):
-                        if p >= batch[b].p_floor and depth < batch[b].k_max:
-                            nodes[b].append((t, node, p, cum * p))
-                            cand.setdefault(b, []).append((len(nodes[b]) - 1, cum * p, depth + 1))
-            front = {b: heapq.nlargest(width[b], cs, key=lambda f: f[1]) for b, cs in cand.items()}
-            front = {b: [f for f in fs if f[2] < batch[b].k_max] for b, fs in front.items()}
-            front = {b: fs for b, fs in front.items() if fs}
-            if not front:
-                break
-            node_rows = {b: [f[0] for f in fs] for b, fs in front.items()}
-            logits = self._forward_nodes(batch, front, nodes, entry, region)  # [B', W, V]
-        out = []
-        for b, c in enumerate(batch):
-            keep = sorted(sorted(range(len(nodes[b])), key=lambda i: (-nodes[b][i][3], i))[:c.nodes])
-            new = {-1: -1, **{old: i for i, old in enumerate(keep)}}
-            out.append(Draft.tree([nodes[b][i][0] for i in keep], [new[nodes[b][i][1]] for i in keep],
-                                  [nodes[b][i][2] for i in keep], self.device))
-        return out
+        return grow_trees(batch, logits, lambda front, nodes: self._forward_nodes(batch, front, nodes, entry, region),
+                          self.device)
 
     def _forward_nodes(self, batch, front, nodes, entry, region) -> torch.Tensor:
         """Run the frontier nodes of each slot (rows [B', W]) at the slot's next entries, each attending to the
         entries before the round's tree region and its run ancestors in it; returns their logits [B', W, V]."""
-        items = list(front.items())
-        B, T = len(items), max(len(fs) for _, fs in items)
-        M = max(len(region[b]) + len(fs) for b, fs in items)
-        tokens = torch.zeros(B, T, dtype=torch.long)
-        positions = torch.full((B, T), -1, dtype=torch.long)
-        index = torch.full((B, T), -1, dtype=torch.long)
-        pos = torch.full((B, M), -1, dtype=torch.long)
-        mask = torch.zeros(B, T, M, dtype=torch.bool)
-        base = []
-        for r, (b, fs) in enumerate(items):
-            c = batch[b]
-            s0 = self._round[c.slot][0] + self._fed[c.slot]  # the tree region starts after the fed tokens
-            base.append(s0)
-            for t, (node, _, depth) in enumerate(fs):
-                par = entry[b][nodes[b][node][1]]  # the parent's entry index in the region (-1: x)
-                u = len(region[b])
-                region[b].append((c.position + depth, par))
-                entry[b][node] = u
-                self._tree[c.slot][(self._tree_key(b, node, nodes, entry, batch), nodes[b][node][0])] = s0 + u
-                tokens[r, t], positions[r, t], index[r, t] = nodes[b][node][0], c.position + depth, s0 + u
-                a = u
-                while a >= 0:  # itself and its ancestors
-                    mask[r, t, a] = True
-                    a = region[b][a][1]
-            pos[r, :len(region[b])] = torch.tensor([p for p, _ in region[b]])
-            self.cache.set_length(c.slot, s0 + len(region[b]))
+        bs = list(front)
+        base = [self._round[batch[b].slot][0] + self._fed[batch[b].slot] for b in bs]  # the region: after the fed
+        tokens, positions, tree = tree_rows(front, nodes, entry, region, base, [batch[b].position for b in bs])
+        for r, b in enumerate(bs):
+            slot = batch[b].slot
+            for node, _, _ in front[b]:
+                key = (self._tree_key(b, node, nodes, entry, batch), nodes[b][node][0])
+                self._tree[slot][key] = base[r] + entry[b][node]
+            self.cache.set_length(slot, base[r] + len(region[b]))
         dev = self.device
-        tree = TreeRows(index, torch.tensor(base), pos, mask).to(dev)
-        with self.cache.tree_rows(tree):
+        with self.cache.tree_rows(tree.to(dev)):
             out = self.model(tokens.to(dev), positions.to(dev), self.cache,
-                             torch.tensor([batch[b].slot for b, _ in items], device=dev), logit_rows=slice(0, 0))
+                             torch.tensor([batch[b].slot for b in bs], device=dev), logit_rows=slice(0, 0))
         return self.model.logits(out.hidden).float()  # [B', T, V]
 
     def _tree_key(self, b, node, nodes, entry, batch) -> int:

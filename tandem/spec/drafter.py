@@ -37,6 +37,8 @@ load_drafter(None) uses it when the predicate holds. describe() names a drafter 
 
 from __future__ import annotations
 
+import heapq
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -44,6 +46,7 @@ import torch
 
 from tandem.config import SamplingParams, SpecConfig
 from tandem.errors import ConfigError, ModelLoadError
+from tandem.kvcache.cache import TreeRows
 
 
 @dataclass
@@ -180,6 +183,67 @@ def propose_split(batch: list[DraftContext], trees: list[int], chains_fn, trees_
             out[b] = d
     return out
 
+
+
+def grow_trees(batch: list[DraftContext], logits: torch.Tensor, run_front, device, ids=None) -> list[Draft]:
+    """EAGLE-2 trees for `batch` (contexts with nodes > k_max); logits [B, V] fp32: each root's children. Per depth,
+    the top-W children (W = max(2, min(4, ceil(nodes / k_max)))) of every frontier node with probability >= p_floor;
+    the W best by cumulative probability at depth < k_max form the next frontier, which run_front(front, nodes) runs
+    (front {b: [(node, cum, depth)]}, nodes[b][i] = (token, parent node | -1, prob, cum)) and returns its logits
+    [B', W, V] in front's order. The draft: the `nodes` best nodes (ties by index). ids: the token ids of vocabulary
+    indices (a reduced draft vocabulary), None: the indices."""
+    width = {b: max(2, min(4, -(-c.nodes // c.k_max))) for b, c in enumerate(batch)}
+    nodes: list[list[tuple[int, int, float, float]]] = [[] for _ in batch]
+    front = {b: [(-1, 1.0, 0)] for b in range(len(batch))}  # (node, cum, depth) whose children come next
+    for step in range(max(c.k_max for c in batch)):
+        cand = {}
+        for i, b in enumerate(front):
+            probs = torch.softmax(logits[i], -1)  # [V] at the roots, then [W, V]
+            for r, (node, cum, depth) in enumerate(front[b]):
+                top, tok = (probs[r] if step else probs).topk(width[b])
+                for p, t in zip(top.tolist(), (tok if ids is None else ids(tok)).tolist()):
+                    if p >= batch[b].p_floor and depth < batch[b].k_max:
+                        nodes[b].append((t, node, p, cum * p))
+                        cand.setdefault(b, []).append((len(nodes[b]) - 1, cum * p, depth + 1))
+        front = {b: heapq.nlargest(width[b], cs, key=lambda f: f[1]) for b, cs in cand.items()}
+        front = {b: [f for f in fs if f[2] < batch[b].k_max] for b, fs in front.items()}
+        front = {b: fs for b, fs in front.items() if fs}
+        if not front:
+            break
+        logits = run_front(front, nodes)  # [B', W, V]
+    out = []
+    for b, c in enumerate(batch):
+        keep = sorted(sorted(range(len(nodes[b])), key=lambda i: (-nodes[b][i][3], i))[:c.nodes])
+        new = {-1: -1, **{old: i for i, old in enumerate(keep)}}
+        out.append(Draft.tree([nodes[b][i][0] for i in keep], [new[nodes[b][i][1]] for i in keep],
+                              [nodes[b][i][2] for i in keep], device))
+    return out
+
+
+def tree_rows(front, nodes, entry, region, base: list[int], first: list[int]):
+    """The rows of one grow_trees frontier forward on a drafter's own cache: batch row r's nodes (front's order) go
+    to region entries base[r] + u (entry[b][node] = u from now on; the root's is -1) at position first[r] + depth,
+    each seeing its run ancestors and itself (region[b]: (position, parent entry) per run entry). Returns tokens
+    and positions [B', W] long (padding: position -1) and the TreeRows, on the CPU."""
+    items = list(front.items())
+    B, T = len(items), max(len(fs) for _, fs in items)
+    M = max(len(region[b]) + len(fs) for b, fs in items)
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.full((B, T), -1, dtype=torch.long)
+    index = torch.full((B, T), -1, dtype=torch.long)
+    pos = torch.full((B, M), -1, dtype=torch.long)
+    mask = torch.zeros(B, T, M, dtype=torch.bool)
+    for r, (b, fs) in enumerate(items):
+        for t, (node, _, depth) in enumerate(fs):
+            u, par = len(region[b]), entry[b][nodes[b][node][1]]
+            region[b].append((first[r] + depth, par))
+            entry[b][node] = u
+            tokens[r, t], positions[r, t], index[r, t] = nodes[b][node][0], first[r] + depth, base[r] + u
+            while u >= 0:  # itself and its ancestors
+                mask[r, t, u] = True
+                u = region[b][u][1]
+        pos[r, :len(region[b])] = torch.tensor([p for p, _ in region[b]])
+    return tokens, positions, TreeRows(index, torch.tensor(base), pos, mask)
 
 # -- kinds ----------------------------------------------------------------------------------------------------------
 

@@ -11,6 +11,10 @@ position of the hidden state it reads). So, with x the last emitted token at pos
                           (toks[i], fc(a[i])) at p..p+a: the cache holds exactly the accepted prefix
 Draft ids map to target ids through d2t; drafts are argmax (probs None) or, when the method samples drafts, draws
 from the processed distribution over the target vocabulary (zero outside the draft vocabulary).
+A tree (DraftContext.nodes > k_max, EAGLE-2 style: tandem.spec.drafter.grow_trees): the root's children come from
+row p-1's output; a node at depth j runs as row p+j-1 = (d_j, its PARENT's output) at entry _n + u of a tree region
+after the accepted rows, seeing them and its ancestors only (TreeRows); one head forward per depth for all slots.
+accept() needs no compaction: it drops the region with the draft rows and reruns the accepted path with fc(a).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch
 from tandem.errors import ModelLoadError
 from tandem.models.eagle3 import Eagle3
 from tandem.sampling import process_logits, sample
-from tandem.spec.drafter import Draft, DraftContext, Drafter, PromptState, register_kind
+from tandem.spec.drafter import (Draft, DraftContext, Drafter, PromptState, grow_trees, propose_split, register_kind,
+                                 tree_rows)
 from tandem.spec.nextn import weight_format_of
 
 BEGIN_CHUNK = 512  # prompt rows per head forward in begin()
@@ -93,7 +98,7 @@ class Eagle3Drafter(Drafter):
     @torch.inference_mode()
     def accept(self, slot: int, tokens: list[int], hidden: torch.Tensor) -> None:
         assert slot not in self._wait, "eagle3 drafter: accept before the first propose"
-        self.cache.rollback(slot, self._n[slot])  # draft rows out: back to the accepted prefix
+        self.cache.rollback(slot, self._n[slot])  # draft rows (a chain's or a tree's region) out: accepted prefix
         self._run([(slot, self._n[slot], list(tokens), self.head.fuse(hidden))])
 
     def end(self, slot: int) -> None:
@@ -128,6 +133,42 @@ class Eagle3Drafter(Drafter):
             self._run(waiting)
         for c in batch:
             assert self._n[c.slot] == c.position, (self._n[c.slot], c.position)
+        # trees are argmax drafts on a cache with the tree kernel and room for the region (<= 4 rows per depth)
+        trees = [b for b, c in enumerate(batch) if c.k_max > 0 and c.nodes > c.k_max and not c.sample_drafts
+                 and self.cache.supports_tree and c.position + 1 + 4 * c.k_max < self.cache.max_len]
+        return propose_split(batch, trees, self._propose_chains, self._propose_trees)
+
+    def _propose_trees(self, batch: list[DraftContext]) -> list[Draft]:
+        """EAGLE-2 trees: the root's children from row p-1's output, then one head forward per depth."""
+        outs = [{-1: self._out[c.slot]} for c in batch]  # node -> its pre-norm output [D] (-1: the root's)
+        entry: list[dict[int, int]] = [{-1: -1} for _ in batch]  # node -> its region entry once run
+        region: list[list[tuple[int, int]]] = [[] for _ in batch]  # run entries: (position, parent entry)
+        logits = self.head.logits(torch.stack([o[-1] for o in outs]))  # [B, Vd]
+        return grow_trees(batch, logits, lambda front, nodes: self._run_nodes(batch, front, nodes, outs, entry, region),
+                          self.device, self.head.to_target)
+
+    def _run_nodes(self, batch, front, nodes, outs, entry, region) -> torch.Tensor:
+        """The frontier nodes of each slot (rows [B', W]) as rows (d_j, the parent's output) at position p+j-1, in the
+        tree region after the slot's _n accepted rows; records their outputs and returns their logits [B', W, Vd]."""
+        bs, dev = list(front), self.device
+        base = [self._n[batch[b].slot] for b in bs]
+        tokens, positions, tree = tree_rows(front, nodes, entry, region, base, [batch[b].position - 1 for b in bs])
+        h = torch.zeros(*tokens.shape, self.head.args.hidden_size, device=dev)  # [B', W, D]
+        for r, b in enumerate(bs):
+            for t, (node, _, _) in enumerate(front[b]):
+                h[r, t] = outs[b][nodes[b][node][1]]
+            self.cache.set_length(batch[b].slot, base[r] + len(region[b]))  # accept() rolls back to _n
+        tokens = tokens.to(dev)
+        with self.cache.tree_rows(tree.to(dev)):
+            out = self.head(self.embed(tokens).to(h.dtype), h, positions.to(dev), self.cache,
+                            torch.tensor([batch[b].slot for b in bs], device=dev))  # [B', W, D]
+        for r, b in enumerate(bs):
+            for t, (node, _, _) in enumerate(front[b]):
+                outs[b][node] = out[r, t]
+        return self.head.logits(out)
+
+    def _propose_chains(self, batch: list[DraftContext]) -> list[Draft]:
+        """Chains: d_1 from row p-1's output, then one head forward per step for every live slot."""
         toks: list[list[int]] = [[] for _ in batch]
         probs: list[list[torch.Tensor]] = [[] for _ in batch]
         conf: list[list[float]] = [[] for _ in batch]
