@@ -107,3 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+if __name__ == "__main__":  # python -m tandem.cli, as python -m tandem
+    raise SystemExit(main())

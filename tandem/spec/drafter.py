@@ -184,7 +184,6 @@ def propose_split(batch: list[DraftContext], trees: list[int], chains_fn, trees_
     return out
 
 
-
 def grow_trees(batch: list[DraftContext], logits: torch.Tensor, run_front, device, ids=None) -> list[Draft]:
     """EAGLE-2 trees for `batch` (contexts with nodes > k_max); logits [B, V] fp32: each root's children. Per depth,
     the top-W children (W = max(2, min(4, ceil(nodes / k_max)))) of every frontier node with probability >= p_floor;
@@ -244,6 +243,7 @@ def tree_rows(front, nodes, entry, region, base: list[int], first: list[int]):
                 u = region[b][u][1]
         pos[r, :len(region[b])] = torch.tensor([p for p, _ in region[b]])
     return tokens, positions, TreeRows(index, torch.tensor(base), pos, mask)
+
 
 # -- kinds ----------------------------------------------------------------------------------------------------------
 
