@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     x.set_defaults(func=cmd_export)
 
     a = ap.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)  # what a report records as the command
     try:
         return a.func(a) or 0
     except TandemError as e:

@@ -2,6 +2,8 @@
 drafting (the reference EAGLE-3 forward of tests/test_eagle3.py), teacher shards stream back, and a short training
 run raises the held-out acceptance."""
 
+import json
+
 import pytest
 import torch
 
@@ -44,6 +46,7 @@ def test_teacher_shards_stream_and_training_raises_acceptance(pair, tmp_path, mo
     files = teacher_shards(ours, train_w, tmp_path, "train", 8, 3)
     held = teacher_shards(ours, held_w, tmp_path, "heldout", 8, 3)
     assert len(files) == 4 and teacher_shards(ours, train_w, tmp_path, "train", 8, 3) == files  # resumed: kept
+    assert te.timing(tmp_path)["teacher_train"]["tokens"] == 16 * T  # measured once, not again when resumed
     data = ShardData(files)
     b = data.subset(torch.tensor([0, 13]))
     assert len(data) == 16 and b.tokens.tolist() == [train_w.ids[0], train_w.ids[13]]
@@ -64,3 +67,23 @@ def test_teacher_shards_stream_and_training_raises_acceptance(pair, tmp_path, mo
     assert after["rows_exact"] > 0 and before["rows_exact"] == after["rows_exact"]
     assert after["mean_acceptance_length"] > before["mean_acceptance_length"] + 0.2, (before, after)
     assert rep["final"]["loss"] < rep["loss_first"]
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_a_real_model(tmp_path, capsys):
+    """`tandem train-eagle3` on SmolLM2 (code/docs windows, a few steps): the public-layout head, its report and
+    TRAINING.md are written, the stage times are measured, and the head loads as its target's drafter."""
+    from tandem import loading
+    from tandem.cli import main
+    from tandem.spec import load_drafter
+
+    out = tmp_path / "head"
+    assert main(["train-eagle3", "--target", "smollm2-135m-instruct", "--weight-format", "native", "--out", str(out),
+                 "--seq-len", "64", "--n-text", "4", "--n-gen", "0", "--n-eval", "2", "--draft-vocab", "512",
+                 "--intermediate", "128", "--steps", "4", "--batch", "2", "--eval-every", "2", "--threads", "1"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["data"]["teacher_tokens"] == (4 + 2) * 64 and rep["data"]["teacher_s"] > 0
+    assert rep["command"].startswith("tandem train-eagle3") and "Held-out acceptance" in (out / "TRAINING.md").read_text()
+    target = loading.load("smollm2-135m-instruct").model
+    d = load_drafter(str(out), target=target)
+    assert d.kind == "eagle3" and d.head.args.draft_vocab_size == 512

@@ -101,8 +101,7 @@ def run_report(a, loaded, corpus, t_start: float) -> dict:
     import torch
 
     return {
-        "command": "tandem " + " ".join(shlex.quote(x) for x in sys.argv[1:]) if sys.argv[0].endswith("tandem")
-        else " ".join(shlex.quote(x) for x in sys.argv),
+        "command": "tandem " + " ".join(shlex.quote(x) for x in getattr(a, "argv", sys.argv[1:])),
         "target": str(loaded.path), "data_sources": a.data or ["stdlib"], "corpus": corpus.describe(),
         "prompts_file": a.prompts, "init_from": getattr(a, "init_from", None),
         "teacher_sequences": {"text": a.n_text, "generated": a.n_gen, "held_out_generated": a.n_eval,

@@ -109,7 +109,23 @@ def build_windows(a, target, tokenizer, template, corpus, work: Path, log=print)
             out[split].source += ["regenerated"] * len(ps)
     log(f"windows: {({k: len(w.ids) for k, w in out.items()})} x {a.seq_len} tokens in {time.time() - t0:.0f}s")
     path.write_text(json.dumps({k: vars(w) for k, w in out.items()}))
+    _add_time(work, "windows", 0, time.time() - t0)
     return out
+
+
+def _add_time(work: Path, stage: str, tokens: int, seconds: float) -> None:
+    """Accumulate a stage's measured tokens and seconds in work/timing.json (a resumed run adds to it)."""
+    f = work / "timing.json"
+    t = json.loads(f.read_text()) if f.exists() else {}
+    old = t.get(stage, {"tokens": 0, "seconds": 0.0})
+    t[stage] = {"tokens": old["tokens"] + tokens, "seconds": round(old["seconds"] + seconds, 1)}
+    f.write_text(json.dumps(t, indent=1))
+
+
+def timing(work: Path) -> dict:
+    """Measured stage times of the run so far, over all its sessions: windows (regeneration), teacher_<split>."""
+    f = work / "timing.json"
+    return json.loads(f.read_text()) if f.exists() else {}
 
 
 @torch.inference_mode()
@@ -124,7 +140,7 @@ def teacher_shards(target, w: Windows, work: Path, split: str, top_k: int, batch
         files.append(f)
         if f.exists():
             continue
-        parts = {"tokens": [], "aux": [], "top_ids": [], "top_logp": []}
+        parts, t_shard = {"tokens": [], "aux": [], "top_ids": [], "top_logp": []}, time.time()
         for b in range(s, min(s + SHARD, len(w.ids)), batch):
             seqs = w.ids[b:min(b + batch, s + SHARD, len(w.ids))]
             B, T = len(seqs), len(seqs[0])
@@ -141,6 +157,7 @@ def teacher_shards(target, w: Windows, work: Path, split: str, top_k: int, batch
         t = {k: (torch.cat(v) if k in ("tokens", "aux") else torch.stack(v)).contiguous() for k, v in parts.items()}
         t["start"] = torch.tensor(w.start[s:s + SHARD], dtype=torch.long)
         save_file(t, str(f))
+        _add_time(work, f"teacher_{split}", int(t["tokens"].numel()), time.time() - t_shard)
     if done:
         log(f"teacher {split}: {done} tokens in {time.time() - t0:.0f}s ({done / (time.time() - t0):.0f} tokens/s)")
     return files
@@ -281,7 +298,8 @@ def training_md(report: dict) -> str:
              f"({d['train_by_source']}), held out {d['heldout_windows']} ({d['heldout_by_source']})",
              f"- ShareGPT: {d.get('sharegpt')}", f"- draft vocabulary {d['draft_vocab']} tokens, covering "
              f"{100 * d['vocab_coverage']:.1f} % of the training tokens", f"- teacher: {d['teacher_tokens']} tokens "
-             f"at {d['teacher_tokens_per_s']} tokens/s (top-{d['top_k']}, aux hidden states bf16)", "",
+             f"at {d['teacher_tokens_per_s']} tokens/s, {d.get('teacher_s')} s (top-{d['top_k']}, aux hidden states "
+             f"bf16); windows with the target's regenerated answers: {d.get('windows_s')} s", "",
              "## Training", "", f"- {report['config']['steps']} steps x batch {report['config']['batch']}, "
              f"{report['config']['draft_steps']} unrolled steps, {report['wall_s']} s "
              f"({report['steps_per_s']} steps/s); total wall {report['total_wall_s']} s", "",
@@ -315,9 +333,7 @@ def cmd_train_eagle3(a) -> int:
     corpus = Corpus.from_sources(a.data or ["stdlib"])
     wins = build_windows(a, target, tok, template_for(loaded, tok), corpus, work)
     vocab, coverage = draft_vocab(wins["train"], a.draft_vocab, target.args.vocab_size)
-    t0 = time.time()
     files = {k: teacher_shards(target, w, work, k, a.top_k, a.teacher_batch) for k, w in wins.items()}
-    teacher_s = time.time() - t0
     head = new_head(target, vocab, a.intermediate or 2 * target.args.hidden_size, a.seed).train()
     head.requires_grad_(True)
     to_draft = torch.full((target.args.vocab_size,), -1, dtype=torch.long)
@@ -329,6 +345,9 @@ def cmd_train_eagle3(a) -> int:
                    resume=not a.no_resume, losses=partial(ttt_losses, to_draft=to_draft), evaluate=eval_acceptance)
     hist = json.loads((work / "train_history.json").read_text())
     n_tok = sum(len(w.ids) * a.seq_len for w in wins.values())
+    tm = timing(work)
+    t_tok = sum(v["tokens"] for k, v in tm.items() if k.startswith("teacher_"))
+    teacher_s = sum(v["seconds"] for k, v in tm.items() if k.startswith("teacher_"))
     report.update(run_report(a, loaded, corpus, t_start), aux_layers=list(head.aux_layers),
                   steps_per_s=round(a.steps / max(report["wall_s"], 1e-9), 3),
                   history_eval=[{"step": h["step"], "eval": h["eval"]} for h in hist if "eval" in h])
@@ -337,7 +356,8 @@ def cmd_train_eagle3(a) -> int:
                       "train_by_source": dict(Counter(wins["train"].source)),
                       "heldout_by_source": dict(Counter(wins["heldout"].source)), "draft_vocab": len(vocab),
                       "vocab_coverage": round(coverage, 4), "teacher_tokens": n_tok, "top_k": a.top_k,
-                      "teacher_tokens_per_s": round(n_tok / max(teacher_s, 1e-9), 1)}
+                      "teacher_s": teacher_s, "teacher_tokens_per_s": round(t_tok / max(teacher_s, 1e-9), 1),
+                      "windows_s": tm.get("windows", {}).get("seconds")}
     extra = {"tandem": {"target": target_fingerprint(target, Path(str(loaded.path)).name),
                         "eval": report.get("eval")}}
     save_eagle3(head.eval(), target.args.num_hidden_layers, out, extra=extra)
