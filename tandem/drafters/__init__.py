@@ -13,7 +13,10 @@ SHIPPED_DIR = Path(__file__).parent
 # by default (--no-spec turns them off); only drafters that make their target faster belong here.
 GEMMA_3_270M_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # embedded gemma-3-270m
 # gemma-3-270m/: bench (greedy, n_max 3) acceptance 0.39, mean length 2.16, 1.46x plain speed (TRAINING.md)
-KNOWN: dict[str, set[str]] = {"gemma-3-270m": {GEMMA_3_270M_SHA256}}
+QWEN25_CODER_15B_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"  # the embedded default
+# qwen2.5-coder-1.5b-instruct/: EAGLE-3 head (train-eagle3, TRAINING.md); chat bench figures in the README
+KNOWN: dict[str, set[str]] = {"gemma-3-270m": {GEMMA_3_270M_SHA256},
+                              "qwen2.5-coder-1.5b-instruct": {QWEN25_CODER_15B_SHA256}}
 _MAX_HASH_BYTES = 2 << 30  # don't hash multi-GB targets just to look for a drafter
 
 
