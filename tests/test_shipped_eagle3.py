@@ -1,6 +1,6 @@
-"""The EAGLE-3 head we ship for the default model (Qwen2.5-Coder-1.5B-Instruct Q4_K_M): found by the default's sha256,
-in the public layout vLLM and SGLang load, small enough for the repository; on the real model (when it is in the
-cache: CI does not download it) lossless and accepting far more than chance."""
+"""The EAGLE-3 heads we ship for the default model (Qwen2.5-Coder-1.5B-Instruct Q4_K_M) and the 0.5B: found by their
+target's sha256, in the public layout vLLM and SGLang load, small enough for the repository; the default's, on the
+real model (when it is in the cache: CI does not download it), lossless and accepting far more than chance."""
 
 import json
 from pathlib import Path
@@ -15,14 +15,16 @@ NAME = "qwen2.5-coder-1.5b-instruct"
 HEAD = SHIPPED_DIR / NAME
 
 
-def test_shipped_head_is_known_for_the_default_and_loads():
-    assert EMBEDDED[DEFAULT].sha256 in KNOWN[NAME]
-    assert (HEAD / "model.safetensors").stat().st_size <= 64_000_000
-    cfg = json.loads((HEAD / "config.json").read_text())
-    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["tandem"]["target"]["hidden_size"] == 1536
-    head = load_eagle3(HEAD, 28, 1536, 151936)  # the 1.5B's layers, hidden size, vocabulary
-    assert head.aux_layers == (2, 14, 25) and head.args.draft_vocab_size == len(head.d2t)
-    assert (HEAD / "TRAINING.md").is_file()
+@pytest.mark.parametrize("name,layers,hidden", [(NAME, 28, 1536), ("qwen2.5-coder-0.5b-instruct", 24, 896)])
+def test_shipped_head_is_known_for_its_target_and_loads(name, layers, hidden):
+    d = SHIPPED_DIR / name
+    assert EMBEDDED[name].sha256 in KNOWN[name]
+    assert (d / "model.safetensors").stat().st_size <= 64_000_000
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["tandem"]["target"]["hidden_size"] == hidden
+    head = load_eagle3(d, layers, hidden, 151936)  # the target's layers, hidden size, vocabulary
+    assert head.aux_layers == (2, layers // 2, layers - 3) and head.args.draft_vocab_size == len(head.d2t)
+    assert (d / "TRAINING.md").is_file()
 
 
 def _default_gguf() -> Path | None:

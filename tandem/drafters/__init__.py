@@ -14,9 +14,11 @@ SHIPPED_DIR = Path(__file__).parent
 GEMMA_3_270M_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # embedded gemma-3-270m
 # gemma-3-270m/: bench (greedy, n_max 3) acceptance 0.39, mean length 2.16, 1.46x plain speed (TRAINING.md)
 QWEN25_CODER_15B_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"  # the embedded default
-# qwen2.5-coder-1.5b-instruct/: EAGLE-3 head (train-eagle3, TRAINING.md); chat bench figures in the README
+QWEN25_CODER_05B_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"  # --model ...-0.5b-...
+# qwen2.5-coder-{1.5b,0.5b}-instruct/: EAGLE-3 heads (train-eagle3, TRAINING.md); chat bench figures in the README
 KNOWN: dict[str, set[str]] = {"gemma-3-270m": {GEMMA_3_270M_SHA256},
-                              "qwen2.5-coder-1.5b-instruct": {QWEN25_CODER_15B_SHA256}}
+                              "qwen2.5-coder-1.5b-instruct": {QWEN25_CODER_15B_SHA256},
+                              "qwen2.5-coder-0.5b-instruct": {QWEN25_CODER_05B_SHA256}}
 _MAX_HASH_BYTES = 2 << 30  # don't hash multi-GB targets just to look for a drafter
 
 
