@@ -113,19 +113,18 @@ def build_windows(a, target, tokenizer, template, corpus, work: Path, log=print)
     return out
 
 
-def _add_time(work: Path, stage: str, tokens: int, seconds: float) -> None:
-    """Accumulate a stage's measured tokens and seconds in work/timing.json (a resumed run adds to it)."""
-    f = work / "timing.json"
-    t = json.loads(f.read_text()) if f.exists() else {}
-    old = t.get(stage, {"tokens": 0, "seconds": 0.0})
-    t[stage] = {"tokens": old["tokens"] + tokens, "seconds": round(old["seconds"] + seconds, 1)}
-    f.write_text(json.dumps(t, indent=1))
-
-
 def timing(work: Path) -> dict:
     """Measured stage times of the run so far, over all its sessions: windows (regeneration), teacher_<split>."""
     f = work / "timing.json"
     return json.loads(f.read_text()) if f.exists() else {}
+
+
+def _add_time(work: Path, stage: str, tokens: int, seconds: float) -> None:
+    """Accumulate a stage's measured tokens and seconds in work/timing.json (a resumed run adds to it)."""
+    t = timing(work)
+    old = t.get(stage, {"tokens": 0, "seconds": 0.0})
+    t[stage] = {"tokens": old["tokens"] + tokens, "seconds": round(old["seconds"] + seconds, 1)}
+    (work / "timing.json").write_text(json.dumps(t, indent=1))
 
 
 @torch.inference_mode()
